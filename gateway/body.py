@@ -1,0 +1,184 @@
+"""Read an images request body (JSON, multipart or urlencoded) into fields and uploads.
+
+Limits are enforced while reading: the whole body, each file, each text field, and the number of
+files. Past any of them the reading stops and the client gets 413 (or 400), so an oversized upload
+is never held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+
+from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.images import sniff_image_type
+from gateway.normalize import MAX_REFERENCES, REFERENCE_FIELDS, Upload
+from gateway.streams import TooLarge, read_capped
+
+FILE_FIELDS = ("image", "image[]", "mask", "mask[]")
+MAX_FIELD_BYTES = 1024 * 1024
+LIST_FIELD_SUFFIX = "[]"
+
+
+@dataclass(frozen=True, slots=True)
+class BodyLimits:
+    max_body_bytes: int
+    max_image_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    fields: dict[str, Any]
+    uploads: list[Upload]
+    form: bool  # the fields are text (multipart or urlencoded), not typed JSON
+
+
+async def read_body(request: web.Request, limits: BodyLimits) -> Body:
+    """The request's fields and uploaded files; raises a 4xx GatewayError for anything malformed."""
+    if request.content_length is not None and request.content_length > limits.max_body_bytes:
+        raise _too_large(limits.max_body_bytes)
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        return Body(*await _read_multipart(request, limits), form=True)
+    raw = await _read_all(request.content, limits.max_body_bytes)
+    if ctype == "application/json" or ctype.endswith("+json"):
+        return Body(_json_fields(raw), [], form=False)
+    if ctype == "application/x-www-form-urlencoded":
+        if raw.lstrip().startswith(b"{"):
+            return Body(_json_fields(raw), [], form=False)  # curl -d '{...}' without -H
+        return Body(_form_fields(raw), [], form=True)
+    raise UnsupportedMediaType(
+        f"Content-Type {ctype or '(none)'} is not supported; send application/json or "
+        "multipart/form-data.",
+        param="Content-Type",
+    )
+
+
+async def _read_all(stream: StreamReader, limit: int) -> bytes:
+    try:
+        return await read_capped(stream, limit)
+    except TooLarge:
+        raise _too_large(limit) from None
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
+
+
+def _json_fields(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise InvalidRequest("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        value = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not UTF-8 text.", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest("The JSON body is nested too deeply.", code="invalid_json") from None
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"The request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("The JSON body must be an object.", code="invalid_json")
+    return value
+
+
+def _form_fields(raw: bytes) -> dict[str, Any]:
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise InvalidRequest("The form body is not UTF-8 text.", code="invalid_form") from None
+    fields: dict[str, Any] = {}
+    for name, value in pairs:
+        _add_field(fields, name, value)
+    return fields
+
+
+def _add_field(fields: dict[str, Any], name: str, value: str) -> None:
+    base = name.removesuffix(LIST_FIELD_SUFFIX)
+    if base in REFERENCE_FIELDS:
+        fields.setdefault(base, []).append(value)
+        return
+    if name in fields:
+        raise InvalidRequest(f"The field {name} was sent more than once.", param=name)
+    fields[name] = value
+
+
+async def _read_multipart(
+    request: web.Request, limits: BodyLimits
+) -> tuple[dict[str, Any], list[Upload]]:
+    fields: dict[str, Any] = {}
+    uploads: list[Upload] = []
+    try:
+        reader = await request.multipart()
+        while True:
+            part = await reader.next()
+            if part is None:
+                break
+            if isinstance(part, MultipartReader):
+                raise InvalidRequest(
+                    "Nested multipart bodies are not supported.", code="invalid_multipart"
+                )
+            name = part.name or ""
+            if name in FILE_FIELDS or part.filename is not None:
+                uploads.append(
+                    await _read_file(part, name, f"image[{len(uploads)}]", request, limits)
+                )
+                if len(uploads) > MAX_REFERENCES + 1:  # +1: a mask is refused later, by name
+                    raise InvalidRequest(
+                        f"At most {MAX_REFERENCES} reference images are allowed.", param="image[]"
+                    )
+            else:
+                data = await _read_part(
+                    part, MAX_FIELD_BYTES, f"the field {name!r}", request, limits
+                )
+                try:
+                    _add_field(fields, name, data.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise InvalidRequest(
+                        f"The field {name!r} is not UTF-8 text.", param=name
+                    ) from None
+    except (ValueError, AssertionError, RuntimeError, LookupError) as exc:
+        raise InvalidRequest(
+            f"The multipart body is malformed ({exc or type(exc).__name__}).",
+            code="invalid_multipart",
+        ) from None
+    return fields, uploads
+
+
+async def _read_file(
+    part: BodyPartReader, name: str, param: str, request: web.Request, limits: BodyLimits
+) -> Upload:
+    if name not in FILE_FIELDS:
+        raise InvalidRequest(
+            f"Unexpected file part {name!r}; reference images go in 'image' or 'image[]'.",
+            param=name,
+        )
+    data = await _read_part(part, limits.max_image_bytes, f"the image {param}", request, limits)
+    if name.startswith("mask"):
+        return Upload(field="mask", filename=part.filename, mime="", data=b"")
+    mime = sniff_image_type(data)
+    if mime is None:
+        raise InvalidRequest(
+            f"{param} is not a PNG, JPEG, WebP or GIF image (judged by its content).", param=param
+        )
+    return Upload(field=name, filename=part.filename, mime=mime, data=data)
+
+
+async def _read_part(
+    part: BodyPartReader, limit: int, what: str, request: web.Request, limits: BodyLimits
+) -> bytes:
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := await part.read_chunk():
+        total += len(chunk)
+        if total > limit:
+            raise PayloadTooLarge(f"{what[0].upper()}{what[1:]} is larger than {limit} bytes.")
+        if request.content.total_bytes > limits.max_body_bytes:
+            raise _too_large(limits.max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)

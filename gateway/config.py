@@ -1,0 +1,515 @@
+"""Settings: the TOML file parsed once into frozen dataclasses, or refused naming each bad key.
+
+Pure except for ``load_settings``, which reads the file and the central key (from an environment
+variable or a file, typically a systemd credential). Every problem is collected, so one run of
+``image-gateway check-config`` lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from gateway.money import MoneyError, cny_to_units
+from gateway.normalize import QUALITIES, UPSTREAM_MODEL
+from gateway.periods import PERIOD_KINDS, PeriodKind
+
+DEFAULT_KEY_ENV = "IMAGE_GATEWAY_UPSTREAM_KEY"
+DEFAULT_PRICES_CNY = {"low": "0.10", "medium": "0.20", "high": "0.40", "auto": "0.20"}
+DEFAULT_ALIASES = dict.fromkeys(
+    ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
+)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; ``problems`` name each offending key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    timezone: str = "UTC"
+    max_body_bytes: int = 128 * MIB
+    max_image_bytes: int = 20 * MIB
+    drain_s: float = 240.0
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    base_url: str
+    api_key: Secret
+    timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    file_hosts: tuple[str, ...] = ()
+    max_attempts: int = 2
+    retry_after_cap_s: float = 10.0
+    download_max_bytes: int = 50 * MIB
+    download_timeout_s: float = 60.0
+    proxy_results: bool = False
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access: str = "-"
+    prompts: bool = False
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    keys_sha256: tuple[str, ...]
+    budget: int
+    period: PeriodKind = "monthly"
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    default_response_format: Literal["url", "b64_json"] = "url"
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    poll_cache_ttl_s: float = 2.0
+    settle_interval_s: float = 5.0
+    settle_max_interval_s: float = 120.0
+    max_pending_age_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    keep_hours: float = 24.0
+    retry_dedupe_minutes: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    port: int = 0
+    require_admin: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig
+    upstream: UpstreamConfig
+    database: Path
+    log: LogConfig
+    prices: Mapping[str, int]
+    teams: Mapping[str, TeamConfig]
+    admin_keys_sha256: tuple[str, ...] = ()
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    model_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+
+    def reloaded(self, new: Settings) -> tuple[Settings, list[str]]:
+        """``new``, except what a running process cannot change (kept from ``self``, and named)."""
+        kept = [
+            name
+            for name, old_value, new_value in (
+                ("server", self.server, new.server),
+                ("upstream", self.upstream, new.upstream),
+                ("storage.database", self.database, new.database),
+                ("log.access", self.log.access, new.log.access),
+                ("metrics", self.metrics, new.metrics),
+            )
+            if old_value != new_value
+        ]
+        merged = replace(
+            new,
+            server=self.server,
+            upstream=self.upstream,
+            database=self.database,
+            log=replace(new.log, access=self.log.access),
+            metrics=self.metrics,
+        )
+        return merged, kept
+
+
+def load_settings(
+    path: str | Path, env: Mapping[str, str] | None = None, *, require_central_key: bool = True
+) -> Settings:
+    """Read and validate a TOML config file; raise ConfigError listing every problem.
+
+    ``require_central_key=False`` is for offline tools (the usage report) that never call the
+    upstream and should not need the key.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path} is not valid TOML: {exc}"]) from None
+    return parse_settings(
+        data,
+        base_dir=path.resolve().parent,
+        env=os.environ if env is None else env,
+        require_central_key=require_central_key,
+    )
+
+
+def parse_settings(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    env: Mapping[str, str],
+    require_central_key: bool = True,
+) -> Settings:
+    root = _Table(data, "", [])
+    server = _server(root.table("server"))
+    upstream = _upstream(root.table("upstream"), base_dir, env, require_central_key)
+    storage = root.table("storage")
+    database = _resolve(storage.get("database", str, "gateway.db", _non_empty), base_dir)
+    log_table = root.table("log")
+    access = log_table.get("access", str, "-", _non_empty)
+    log = LogConfig(
+        access=access if access == "-" else str(_resolve(access, base_dir)),
+        prompts=log_table.get("prompts", bool, False),
+    )
+    prices = _prices(root.table("prices"))
+    teams = _teams(root.table("teams"))
+    admin = root.table("admin")
+    admin_keys = _key_hashes(admin, "keys_sha256", required=False)
+    models = root.table("models")
+    aliases = _aliases(models)
+    settings = Settings(
+        server=server,
+        upstream=upstream,
+        database=database,
+        log=log,
+        prices=prices,
+        teams=teams,
+        admin_keys_sha256=admin_keys,
+        tasks=_tasks(root.table("tasks")),
+        idempotency=_idempotency(root.table("idempotency")),
+        metrics=_metrics(root.table("metrics")),
+        model_aliases=aliases,
+    )
+    for table in (storage, log_table, admin, models):
+        table.finish()
+    root.finish()
+    _check_unique_keys(settings, root.errors)
+    if root.errors:
+        raise ConfigError(root.errors)
+    return settings
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read, to refuse the rest."""
+
+    def __init__(self, data: object, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        self.seen: set[str] = set()
+        if not isinstance(data, dict):
+            errors.append(f"{path} must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, check: Any = None) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            self.errors.append(f"{self.name(key)} must be {wanted}, got {type(value).__name__}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.errors.append(f"{self.name(key)} {problem}")
+                return default
+        return value
+
+    def table(self, key: str) -> _Table:
+        self.seen.add(key)
+        return _Table(self.data.get(key, {}), self.name(key), self.errors)
+
+    def finish(self) -> None:
+        for key in sorted(set(self.data) - self.seen):
+            self.errors.append(f"{self.name(key)} is not a known setting")
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _response_format(value: str) -> str | None:
+    return None if value in ("url", "b64_json") else "must be url or b64_json"
+
+
+def _period(value: str) -> str | None:
+    return None if value in PERIOD_KINDS else "must be monthly, daily or total"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _server(t: _Table) -> ServerConfig:
+    def zone(value: str) -> str | None:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            return "is not an IANA time zone (such as UTC or Asia/Shanghai)"
+        return None
+
+    config = ServerConfig(
+        host=t.get("host", str, "127.0.0.1", _non_empty),
+        port=t.get("port", int, 8080, _port),
+        timezone=t.get("timezone", str, "UTC", zone),
+        max_body_bytes=int(t.get("max_body_mb", float, 128.0, _positive) * MIB),
+        max_image_bytes=int(t.get("max_image_mb", float, 20.0, _positive) * MIB),
+        drain_s=t.get(
+            "drain_s", float, 240.0, lambda v: None if v >= 0 else "must not be negative"
+        ),
+    )
+    t.finish()
+    return config
+
+
+def _upstream(
+    t: _Table, base_dir: Path, env: Mapping[str, str], require_key: bool
+) -> UpstreamConfig:
+    def url(value: str) -> str | None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "must be an http(s) URL with a host, such as https://jp.icodeeasy.cc"
+        if parts.path not in ("", "/") or parts.query:
+            return "must be the host only; the gateway keeps the request's own path"
+        return None
+
+    base_url = t.get("base_url", str, "https://jp.icodeeasy.cc", url).rstrip("/")
+    key_env = t.get("api_key_env", str, None, _non_empty)
+    key_file = t.get("api_key_file", str, None, _non_empty)
+    hosts = t.get("file_hosts", list, [])
+    if not all(isinstance(h, str) and h for h in hosts):
+        t.errors.append(f"{t.name('file_hosts')} must be a list of host names")
+        hosts = []
+    config = UpstreamConfig(
+        base_url=base_url,
+        api_key=_central_key(t, key_env, key_file, base_dir, env) if require_key else Secret(""),
+        timeout_s=t.get("timeout_s", float, 300.0, _positive),
+        connect_timeout_s=t.get("connect_timeout_s", float, 10.0, _positive),
+        file_hosts=tuple(h.lower() for h in hosts),
+        max_attempts=t.get(
+            "max_attempts", int, 2, lambda v: None if 1 <= v <= 5 else "must be 1..5"
+        ),
+        retry_after_cap_s=t.get("retry_after_cap_s", float, 10.0, _positive),
+        download_max_bytes=int(t.get("download_max_mb", float, 50.0, _positive) * MIB),
+        download_timeout_s=t.get("download_timeout_s", float, 60.0, _positive),
+        proxy_results=t.get("proxy_results", bool, False),
+    )
+    t.finish()
+    return config
+
+
+def _central_key(
+    t: _Table, key_env: str | None, key_file: str | None, base_dir: Path, env: Mapping[str, str]
+) -> Secret:
+    if key_env and key_file:
+        t.errors.append(f"{t.name('api_key_env')} and {t.name('api_key_file')}: set only one")
+        return Secret("")
+    if key_file:
+        path = _resolve(_expand_env(key_file, env), base_dir)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            t.errors.append(f"{t.name('api_key_file')}: cannot read {path}: {exc}")
+            return Secret("")
+        source = t.name("api_key_file")
+    else:
+        name = key_env or DEFAULT_KEY_ENV
+        value = env.get(name, "").strip()
+        source = f"{t.name('api_key_env')} (environment variable {name})"
+        if not value:
+            t.errors.append(f"{source}: the central key is missing")
+            return Secret("")
+    if not value.startswith("sk_") or any(ch.isspace() for ch in value):
+        t.errors.append(f"{source}: the central key must be the upstream's sk_... key")
+        return Secret("")
+    return Secret(value)
+
+
+def _expand_env(value: str, env: Mapping[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m[1] or m[2], m[0]), value)
+
+
+def _prices(t: _Table) -> dict[str, int]:
+    prices = {}
+    for quality in QUALITIES:
+        value = t.get(quality, (float, str), DEFAULT_PRICES_CNY[quality])
+        prices[quality] = _units(t, quality, value)
+    t.finish()
+    return prices
+
+
+def _units(t: _Table, key: str, value: object) -> int:
+    try:
+        units = cny_to_units(value)
+    except MoneyError as exc:
+        t.errors.append(f"{t.name(key)}: {exc}")
+        return 0
+    if units < 0:
+        t.errors.append(f"{t.name(key)} must not be negative")
+        return 0
+    return units
+
+
+def _teams(t: _Table) -> dict[str, TeamConfig]:
+    teams = {}
+    for name in t.data:
+        team = t.table(name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            t.errors.append(f"{team.path}: team names are 1-64 letters, digits, _ . -")
+        period = team.get("period", str, "monthly", _period)
+        fmt = team.get("default_response_format", str, "url", _response_format)
+        teams[name] = TeamConfig(
+            name=name,
+            keys_sha256=_key_hashes(team, "keys_sha256", required=True),
+            budget=_units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0)),
+            period=period,
+            rpm=team.get("rpm", int, None, _at_least_one),
+            max_concurrent=team.get("max_concurrent", int, None, _at_least_one),
+            default_response_format=fmt,
+        )
+        if "budget_cny" not in team.data:
+            t.errors.append(f"{team.name('budget_cny')} is required")
+        team.finish()
+    return teams
+
+
+def _key_hashes(t: _Table, key: str, *, required: bool) -> tuple[str, ...]:
+    values = t.get(key, list, [])
+    if required and not values:
+        t.errors.append(f"{t.name(key)} must list at least one key hash")
+    good = []
+    for index, value in enumerate(values):
+        if isinstance(value, str) and SHA256_HEX.fullmatch(value):
+            good.append(value)
+        else:
+            t.errors.append(
+                f"{t.name(key)}[{index}] must be 64 lowercase hex characters "
+                "(the sha256 of a key; `image-gateway new-key` prints one)"
+            )
+    return tuple(good)
+
+
+def _aliases(t: _Table) -> dict[str, str]:
+    aliases = t.get("aliases", dict, DEFAULT_ALIASES)
+    for name, target in aliases.items():
+        if target != UPSTREAM_MODEL:
+            t.errors.append(f"{t.name('aliases')}.{name} must map to {UPSTREAM_MODEL!r}")
+    return {**aliases}
+
+
+def _tasks(t: _Table) -> TasksConfig:
+    config = TasksConfig(
+        poll_cache_ttl_s=t.get("poll_cache_ttl_s", float, 2.0, _positive),
+        settle_interval_s=t.get("settle_interval_s", float, 5.0, _positive),
+        settle_max_interval_s=t.get("settle_max_interval_s", float, 120.0, _positive),
+        max_pending_age_s=t.get("max_pending_age_s", float, 6 * 3600.0, _positive),
+    )
+    t.finish()
+    return config
+
+
+def _idempotency(t: _Table) -> IdempotencyConfig:
+    config = IdempotencyConfig(
+        keep_hours=t.get(
+            "keep_hours", float, 24.0, lambda v: None if v >= 24 else "must be at least 24"
+        ),
+        retry_dedupe_minutes=t.get("retry_dedupe_minutes", float, 10.0, _positive),
+    )
+    t.finish()
+    return config
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    config = MetricsConfig(
+        enabled=t.get("enabled", bool, True),
+        port=t.get("port", int, 0, _port),
+        require_admin=t.get("require_admin", bool, False),
+    )
+    t.finish()
+    return config
+
+
+def _check_unique_keys(settings: Settings, errors: list[str]) -> None:
+    owner: dict[str, str] = {}
+    for team in settings.teams.values():
+        for digest in team.keys_sha256:
+            if digest in owner:
+                errors.append(
+                    f"teams.{team.name}.keys_sha256: key hash {digest[:12]}... is also used by "
+                    f"teams.{owner[digest]}"
+                )
+            owner[digest] = team.name
+    for digest in settings.admin_keys_sha256:
+        if digest in owner:
+            errors.append(f"admin.keys_sha256: key hash {digest[:12]}... is also a team key")

@@ -1,0 +1,258 @@
+"""Route handlers: authenticate, read, normalize, then hand over to the services.
+
+Handlers hold no business rules of their own; they orchestrate and fill the access-log record.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+from aiohttp import web
+
+from gateway.accesslog import result_id
+from gateway.body import BodyLimits, read_body
+from gateway.config import TeamConfig
+from gateway.errors import InvalidRequest, PermissionDenied, Unauthorized
+from gateway.generation import Job, Outcome
+from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
+from gateway.idempotency import check_key
+from gateway.keys import (
+    CLOCK,
+    CONFIG,
+    DB,
+    GENERATIONS,
+    IDEMPOTENCY,
+    LEDGER_ID,
+    LIMITER,
+    RECORD,
+    TASKS,
+    UPSTREAM,
+    USAGE_OF,
+)
+from gateway.live import Snapshot
+from gateway.money import units_to_cny
+from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
+from gateway.periods import period_at
+from gateway.results import as_b64_json
+from gateway.usage import usage_report
+from gateway.wire import fingerprint
+
+ASYNC_VALUES = ("1", "true", "yes")
+RETRY_HEADER = "x-stainless-retry-count"
+
+
+async def create_image(request: web.Request) -> web.Response:
+    """POST /v1/images/generations and /v1/images/edits (and the same without /v1)."""
+    app = request.app
+    record = request[RECORD]
+    endpoint: Endpoint = "edits" if request.path.endswith("/edits") else "generations"
+    async_value = request.query.get("async")
+    mode = "async" if async_value is not None and async_value.lower() in ASYNC_VALUES else "sync"
+    record.update(endpoint=endpoint, mode=mode)
+    snapshot = app[CONFIG].current
+    team = _team(request, snapshot)
+    retry_count = _retry_count(request, record)
+    idempotency_key = check_key(request.headers.get(IDEMPOTENCY_HEADER))
+    settings = snapshot.settings
+    with app[LIMITER].admit(team):
+        limits = BodyLimits(settings.server.max_body_bytes, settings.server.max_image_bytes)
+        body = await read_body(request, limits)
+        image_request = normalize(
+            body.fields,
+            body.uploads,
+            endpoint=endpoint,
+            rules=snapshot.rules_for(team.name),
+            form=body.form,
+        )
+        del body  # the normalized request keeps what it needs; the rest can go
+        _describe(record, image_request, settings.log.prompts)
+        now = app[CLOCK]()
+        period = period_at(team.period, now, settings.server.tz)
+        request[USAGE_OF] = (team, period)
+        job = Job(
+            request_id=request[LEDGER_ID],
+            team=team,
+            request=image_request,
+            path=request.path,
+            query={"async": async_value} if mode == "async" and async_value else {},
+            mode=mode,
+            fingerprint=fingerprint(image_request, async_mode=mode == "async"),
+            prices=settings.prices,
+            period=period,
+            now=now,
+        )
+        record["ledger_id"] = job.request_id
+        outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
+    return await _respond(request, outcome, image_request)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """GET /v1/images/tasks/{task_id}: the owner's view of an async task."""
+    record = request[RECORD]
+    record.update(endpoint="tasks", mode="poll")
+    team = _team(request, request.app[CONFIG].current)
+    task_id = request.match_info["task_id"]
+    record["task_id"] = task_id
+    answer = await request.app[TASKS].poll(team.name, task_id)
+    record["upstream_id"] = task_id
+    if isinstance(answer.get("result_url"), str):
+        record["result_ids"] = [result_id(answer["result_url"])]
+    return _json(answer)
+
+
+async def list_models(request: web.Request) -> web.Response:
+    request[RECORD]["endpoint"] = "models"
+    snapshot = request.app[CONFIG].current
+    _team(request, snapshot)
+    names = [UPSTREAM_MODEL, *sorted(snapshot.settings.model_aliases)]
+    return _json(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "image-gateway"}
+                for name in names
+            ],
+        }
+    )
+
+
+async def healthz(request: web.Request) -> web.Response:
+    request[RECORD]["endpoint"] = "health"
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: config loaded, database writable, central key present."""
+    request[RECORD]["endpoint"] = "health"
+    settings = request.app[CONFIG].current.settings
+    checks: dict[str, str] = {"config": "ok"}
+    try:
+        await request.app[DB].check_writable()
+        checks["database"] = "ok"
+    except Exception as exc:
+        checks["database"] = f"error: {type(exc).__name__}"
+    checks["central_key"] = "ok" if settings.upstream.api_key.reveal() else "missing"
+    ready = all(value == "ok" for value in checks.values())
+    return _json(
+        {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
+    )
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """GET /admin/usage[?team=NAME]: the usage report, for holders of an admin key."""
+    request[RECORD]["endpoint"] = "admin"
+    snapshot = request.app[CONFIG].current
+    require_admin(request, snapshot)
+    team = request.query.get("team")
+    if team is not None and team not in snapshot.settings.teams:
+        raise InvalidRequest(f"Unknown team {team!r}.", param="team")
+    report = await usage_report(request.app[DB], snapshot.settings, request.app[CLOCK](), only=team)
+    return _json(report)
+
+
+def require_admin(request: web.Request, snapshot: Snapshot) -> None:
+    key = snapshot.admin_keys.require(request.headers.get("Authorization"))
+    if key != "admin":
+        raise PermissionDenied("An admin key is required.")
+
+
+def _team(request: web.Request, snapshot: Snapshot) -> TeamConfig:
+    try:
+        name = snapshot.team_keys.require(request.headers.get("Authorization"))
+    except Unauthorized:
+        request[RECORD]["team"] = None
+        raise
+    request[RECORD]["team"] = name
+    return snapshot.settings.teams[name]
+
+
+def _retry_count(request: web.Request, record: dict[str, Any]) -> int:
+    raw = request.headers.get(RETRY_HEADER)
+    count = int(raw) if raw is not None and raw.isdigit() and len(raw) < 6 else 0
+    record["retry_count"] = count
+    return count
+
+
+def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> None:
+    record.update(
+        model=req.model,
+        requested_model=req.requested_model,
+        n=req.n,
+        size=req.size,
+        resolution=req.resolution,
+        quality=req.quality,
+        refs=len(req.references),
+        ignored_params=list(req.ignored),
+    )
+    if log_prompts:
+        record["prompt"] = req.prompt
+
+
+async def _dispatch(
+    request: web.Request, job: Job, key: str | None, retry_count: int, settings: Any
+) -> Outcome:
+    app = request.app
+    generations = app[GENERATIONS]
+
+    async def fresh() -> Outcome:
+        if retry_count >= 1:
+            window_s = settings.idempotency.retry_dedupe_minutes * 60
+            since = job.now.timestamp() - window_s
+            attached = await generations.attach(job.team.name, job.fingerprint, since)
+            if attached is not None:
+                return attached
+        return await generations.run(job)
+
+    if key is None:
+        return await fresh()
+    request[RECORD]["idempotency"] = "new"
+    outcome = await app[IDEMPOTENCY].run(job.team.name, key, job.fingerprint, job.request_id, fresh)
+    if outcome.extra.get("Idempotent-Replayed"):
+        request[RECORD]["idempotency"] = "replayed"
+    return outcome
+
+
+async def _respond(request: web.Request, outcome: Outcome, req: ImageRequest) -> web.Response:
+    record = request[RECORD]
+    own = outcome.request_id == record.get("ledger_id") and outcome.dedupe_of is None
+    record.update(
+        upstream_status=outcome.upstream_status,
+        upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,
+        cost_cny=units_to_cny(outcome.cost) if own else 0.0,
+        reserved_cny=units_to_cny(outcome.reserved) if own else 0.0,
+        images=outcome.images if own else 0,
+        upstream_id=outcome.upstream_id,
+        task_id=outcome.task_id,
+        attempts=outcome.attempts or None,
+        dedupe_of=outcome.dedupe_of if outcome.dedupe_of != record.get("ledger_id") else None,
+    )
+    headers = dict(outcome.extra)
+    if req.ignored:
+        headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
+    if outcome.dedupe_of is not None:
+        headers["X-Gateway-Deduplicated"] = outcome.dedupe_of
+    if outcome.error is not None:
+        error = copy.copy(outcome.error)  # a deduplicated retry shares its original's error
+        error.headers = {**headers, **error.headers}
+        raise error
+    payload = outcome.payload or {}
+    record["result_ids"] = [
+        result_id(item["url"])
+        for item in payload.get("data", [])
+        if isinstance(item.get("url"), str)
+    ] or None
+    if outcome.status == 200 and req.response_format == "b64_json":
+        payload, warning = await as_b64_json(payload, request.app[UPSTREAM])
+        headers.update(warning)
+    return _json(payload, outcome.status, headers)
+
+
+def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=json.dumps(payload, ensure_ascii=False).encode(),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )

@@ -1,0 +1,129 @@
+"""The one middleware every request passes: request id, error rendering, timing, log, metrics.
+
+Errors of every origin (ours, the upstream's, aiohttp's router, bugs) leave here as the same
+OpenAI-shaped JSON. The response is sent before the access-log line is written, so logging
+never adds to a client's latency.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from gateway.accesslog import new_record, timestamp
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+)
+from gateway.keys import ACCESS_LOG, CONFIG, DB, LEDGER_ID, METRICS, RECORD, USAGE_OF
+from gateway.money import units_to_cny
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(
+        body=json.dumps(error.body()).encode(),
+        status=error.status,
+        content_type="application/json",
+        headers=error.response_headers(),
+    )
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    offered = request.headers.get("X-Request-ID", "")
+    own_id = new_request_id()
+    request_id = offered if CLIENT_REQUEST_ID.fullmatch(offered) else own_id
+    request[LEDGER_ID] = own_id  # unique even when a client reuses its X-Request-ID
+    record = new_record(request.method, request.path, request_id, request.headers.get("User-Agent"))
+    request[RECORD] = record
+    metrics = request.app[METRICS]
+    metrics.in_flight.inc()
+    try:
+        response = await _handle(request, handler, record)
+        upstream_ms = record["upstream_ms"] or 0.0
+        gateway_ms = max(0.0, (time.perf_counter() - started) * 1000 - upstream_ms)
+        response.headers["X-Request-ID"] = request_id
+        response.headers["Server-Timing"] = (
+            f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
+        )
+        record["gateway_ms"] = round(gateway_ms, 3)
+        if not response.prepared:
+            try:
+                await response.prepare(request)
+                await response.write_eof()
+            except (ConnectionError, RuntimeError):
+                record["error_type"] = record["error_type"] or "client_disconnected"
+    finally:
+        metrics.in_flight.dec()
+    record["status"] = response.status
+    record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
+    record["ts"] = timestamp(time.time())
+    await _note_budget(request, record)
+    metrics.requests.labels(
+        record["team"] or "-", record["endpoint"] or "-", str(response.status)
+    ).inc()
+    request.app[ACCESS_LOG].write(record)
+    return response
+
+
+async def _handle(request: web.Request, handler: Handler, record: dict) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        error: GatewayError = exc
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            return exc
+        error = _from_http_exception(request, exc)
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        error = InternalError("The gateway failed unexpectedly; the error was logged.")
+    record["error_type"] = error.type
+    record["error_code"] = error.code
+    return error_response(error)
+
+
+def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound(f"Unknown route: {request.method} {request.path}")
+    if exc.status == 405:
+        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is too large.")
+    error = GatewayError(exc.reason or "HTTP error")
+    error.status = exc.status
+    error.type = "invalid_request_error" if exc.status < 500 else "server_error"
+    return error
+
+
+async def _note_budget(request: web.Request, record: dict) -> None:
+    """After the response: what the team has left, for the log line and the gauge."""
+    usage_of = request.get(USAGE_OF)
+    if usage_of is None:
+        return
+    team, period = usage_of
+    if request.app[CONFIG].current.settings.teams.get(team.name) is None:
+        return
+    usage = await request.app[DB].usage(team.name, period.key)
+    remaining = units_to_cny(team.budget - usage.committed)
+    record["budget_remaining_cny"] = remaining
+    request.app[METRICS].budget_remaining.labels(team.name).set(remaining)

@@ -1,0 +1,72 @@
+"""What a request costs and how a refusal explains itself; pure, money in integer units."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+
+from gateway.config import TeamConfig
+from gateway.errors import BudgetExceeded
+from gateway.ledger import Hold, Settlement, Usage
+from gateway.money import format_cny
+from gateway.normalize import ImageRequest
+from gateway.periods import Period
+
+
+def unit_price(prices: Mapping[str, int], quality: str) -> int:
+    return prices[quality]
+
+
+def hold_for(
+    *,
+    request_id: str,
+    team: TeamConfig,
+    request: ImageRequest,
+    prices: Mapping[str, int],
+    period: Period,
+    now: datetime,
+    mode: str,
+    fingerprint: str,
+) -> Hold:
+    """The exact amount to reserve: ``n`` images at the request's quality tier."""
+    return Hold(
+        request_id=request_id,
+        team=team.name,
+        period=period.key,
+        created_at=now.timestamp(),
+        endpoint=request.endpoint,
+        mode="async" if mode == "async" else "sync",
+        quality=request.quality,
+        n=request.n,
+        unit_price=unit_price(prices, request.quality),
+        budget=team.budget,
+        fingerprint=fingerprint,
+    )
+
+
+def capture(hold: Hold, images: int, upstream_id: str | None, result: str | None) -> Settlement:
+    """Charge for the images actually returned (never more than were reserved)."""
+    served = max(0, min(images, hold.n))
+    return Settlement(
+        "captured",
+        served * hold.unit_price,
+        images=served,
+        upstream_id=upstream_id,
+        reason=None if served == hold.n else f"{served} of {hold.n} images returned",
+        result=result,
+    )
+
+
+def budget_refusal(team: TeamConfig, period: Period, usage: Usage, cost: int) -> BudgetExceeded:
+    resets = f"It resets at {period.end.isoformat()}." if period.end else "It never resets."
+    remaining = max(0, team.budget - usage.committed)
+    return BudgetExceeded(
+        f"Team '{team.name}' has not enough budget left for this request in its {period.kind} "
+        f"period: budget {format_cny(team.budget)}, spent {format_cny(usage.spent)}, "
+        f"reserved {format_cny(usage.reserved)}, uncertain {format_cny(usage.uncertain)}, "
+        f"remaining {format_cny(remaining)}; this request costs {format_cny(cost)}. {resets}"
+    )
+
+
+def remaining(team: TeamConfig, usage: Usage) -> int:
+    return team.budget - usage.committed

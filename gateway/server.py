@@ -1,0 +1,88 @@
+"""Running the app as a service: listen, tell systemd, reload on SIGHUP, drain on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.app import create_app, create_metrics_app
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.keys import ACCESS_LOG, CONFIG
+from gateway.sdnotify import monotonic_usec, notify
+
+log = logging.getLogger("gateway")
+
+
+async def serve(
+    settings: Settings,
+    *,
+    config_path: Path | None = None,
+    on_ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app, shutdown_timeout=settings.server.drain_s, access_log=None, handle_signals=False
+    )
+    await runner.setup()
+    metrics_runner: web.AppRunner | None = None
+    try:
+        site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        await site.start()
+        url = _url(runner)
+        if settings.metrics.enabled and settings.metrics.port:
+            metrics_runner = web.AppRunner(
+                create_metrics_app(app), access_log=None, handle_signals=False
+            )
+            await metrics_runner.setup()
+            await web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload(app, config_path))
+        log.info("listening on %s (%d teams)", url, len(settings.teams))
+        notify("READY=1", f"STATUS=listening on {url}")
+        if on_ready is not None:
+            on_ready(url)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests for up to %ss", settings.server.drain_s)
+        notify("STOPPING=1", "STATUS=draining")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    finally:
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
+        await runner.cleanup()
+    log.info("stopped cleanly")
+
+
+def reload(app: web.Application, config_path: Path | None) -> None:
+    """Re-read the config; apply it whole for new requests, or keep the running one and say why."""
+    app[ACCESS_LOG].reopen()
+    if config_path is None:
+        log.info("SIGHUP: access log reopened (no config file to reload)")
+        return
+    notify("RELOADING=1", monotonic_usec())
+    try:
+        new = load_settings(config_path)
+    except ConfigError as exc:
+        log.error(
+            "reload refused, the running config stays in force:\n  %s", "\n  ".join(exc.problems)
+        )
+    else:
+        needs_restart = app[CONFIG].reload(new)
+        log.info("config reloaded from %s (%d teams)", config_path, len(new.teams))
+        if needs_restart:
+            log.warning("changes to %s take effect only after a restart", ", ".join(needs_restart))
+    notify("READY=1")
+
+
+def _url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    return f"http://{host}:{port}" if ":" not in host else f"http://[{host}]:{port}"

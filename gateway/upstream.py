@@ -1,0 +1,324 @@
+"""The one owner of the upstream ``ClientSession``: sending, classifying answers, and downloads.
+
+Every failure is sorted by one question: could the upstream have generated (and charged for) the
+image? A connection that was never made, or a request the upstream refused to start, is safe to
+retry and costs nothing. Anything after the request bytes left is *uncertain*: it is never
+retried here, and its hold is never released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import aiohttp
+
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamFailure, UpstreamRejected
+from gateway.streams import TooLarge, read_capped
+from gateway.wire import UpstreamBody
+
+log = logging.getLogger("gateway.upstream")
+
+SMALL_BODY = 256 * 1024
+MAX_REDIRECTS = 3
+RETRYABLE_REFUSALS = (429, 503)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A successful JSON answer from the upstream."""
+
+    status: int
+    payload: dict[str, Any]
+    raw: bytes
+    upstream_ms: float
+    attempts: int
+
+
+@dataclass(slots=True)
+class _SendState:
+    """Filled in by the trace hooks: did any byte of this request leave the gateway?"""
+
+    sent: bool = False
+    attempts: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        *,
+        backoff_s: float = 0.25,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+    ) -> None:
+        self._config = config
+        self._session = session
+        self._backoff_s = backoff_s
+        self._sleep = sleep
+        self._auth = {"Authorization": f"Bearer {config.api_key.reveal()}"}
+        self._allowed_hosts = frozenset({config.host, *config.file_hosts})
+
+    @staticmethod
+    def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+        trace = aiohttp.TraceConfig()
+        trace.on_request_headers_sent.append(_mark_sent)
+        timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        return aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            trace_configs=[trace],
+            auto_decompress=True,
+            raise_for_status=False,
+        )
+
+    async def submit(self, path: str, body: UpstreamBody, query: dict[str, str]) -> Reply:
+        """POST a generation; retry only what provably never started."""
+        url = self._config.base_url + path
+        state = _SendState()
+        attempt = 0
+        while True:
+            attempt += 1
+            state.attempts = attempt
+            state.sent = False
+            try:
+                reply = await self._post_once(url, body, query, state)
+            except _NotSent as exc:
+                if attempt < self._config.max_attempts:
+                    await self._sleep(self._jitter(attempt))
+                    continue
+                raise UpstreamFailure(
+                    f"The upstream could not be reached ({exc}); nothing was sent or charged.",
+                    code="upstream_unreachable",
+                    uncertain=False,
+                ) from None
+            except _RefusedToStart as exc:
+                wait = exc.retry_after
+                if (
+                    attempt < self._config.max_attempts
+                    and wait is not None
+                    and wait <= self._config.retry_after_cap_s
+                ):
+                    await self._sleep(wait + random.uniform(0, 0.1))
+                    continue
+                raise exc.error from None
+            return reply
+
+    async def get_task(self, task_id: str) -> Reply:
+        """Ask the upstream about one async task (GET; harmless to repeat)."""
+        url = f"{self._config.base_url}/v1/images/tasks/{task_id}"
+        state = _SendState()
+        try:
+            async with self._session.get(url, headers=self._auth, trace_request_ctx=state) as resp:
+                raw = await resp.read()
+                return _classify(resp.status, resp.headers, raw, state, expect="task")
+        except _RefusedToStart as exc:
+            raise exc.error from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise UpstreamFailure(
+                f"The upstream did not answer the task query ({_describe(exc)}).",
+                code="upstream_unreachable",
+                uncertain=False,
+            ) from None
+
+    async def fetch_image(self, url: str) -> bytes:
+        """Download a result image, following redirects only to the upstream's own hosts."""
+        max_bytes = self._config.download_max_bytes
+        timeout = aiohttp.ClientTimeout(total=self._config.download_timeout_s)
+        for _ in range(MAX_REDIRECTS + 1):
+            self._check_download_url(url)
+            try:
+                async with self._session.get(url, allow_redirects=False, timeout=timeout) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        url = urljoin(url, resp.headers.get("Location", ""))
+                        continue
+                    if resp.status != 200:
+                        raise DownloadError(f"the image host answered HTTP {resp.status}")
+                    if (resp.content_length or 0) > max_bytes:
+                        raise DownloadError(f"the image is larger than {max_bytes} bytes")
+                    return await read_capped(resp.content, max_bytes)
+            except TooLarge:
+                raise DownloadError(f"the image is larger than {max_bytes} bytes") from None
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                raise DownloadError(f"the image download failed ({_describe(exc)})") from None
+        raise DownloadError("too many redirects")
+
+    def _check_download_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        allowed_schemes = {"https", urlsplit(self._config.base_url).scheme}
+        if parts.scheme not in allowed_schemes or (parts.hostname or "") not in self._allowed_hosts:
+            raise DownloadError(
+                f"refusing to download from {parts.scheme}://{parts.hostname}: not an upstream host"
+            )
+
+    async def _post_once(
+        self, url: str, body: UpstreamBody, query: dict[str, str], state: _SendState
+    ) -> Reply:
+        headers = {
+            **self._auth,
+            "Content-Type": "application/json",
+            "Content-Length": str(body.length),
+        }
+        data: bytes | AsyncIterator[bytes]
+        data = b"".join(body.chunks()) if body.length <= SMALL_BODY else _stream(body)
+        try:
+            async with self._session.post(
+                url, params=query, data=data, headers=headers, trace_request_ctx=state
+            ) as resp:
+                raw = await resp.read()
+                return _classify(resp.status, resp.headers, raw, state, expect="generation")
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
+            raise _NotSent(_describe(exc)) from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if not state.sent:
+                raise _NotSent(_describe(exc)) from None
+            timed_out = isinstance(exc, TimeoutError)
+            raise UpstreamFailure(
+                (
+                    "The upstream did not answer in time"
+                    if timed_out
+                    else "The connection to the upstream broke after the request was sent "
+                    f"({_describe(exc)})"
+                )
+                + "; the image may have been generated. Do not retry blindly: "
+                "check your usage or the request id with your admin.",
+                status=504 if timed_out else 502,
+                code="upstream_timeout" if timed_out else "upstream_connection_lost",
+                uncertain=True,
+            ) from None
+
+    def _jitter(self, attempt: int) -> float:
+        return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class DownloadError(Exception):
+    """A result image could not be fetched (the generation itself succeeded)."""
+
+
+class _NotSent(Exception):
+    pass
+
+
+class _RefusedToStart(Exception):
+    def __init__(self, error: UpstreamRejected, retry_after: float | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry_after = retry_after
+
+
+async def _mark_sent(
+    _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
+) -> None:
+    state = context.trace_request_ctx
+    if isinstance(state, _SendState):
+        state.sent = True
+
+
+async def _stream(body: UpstreamBody) -> AsyncIterator[bytes]:
+    for chunk in body.chunks():
+        yield chunk
+        await asyncio.sleep(0)
+
+
+def _classify(status: int, headers: Any, raw: bytes, state: _SendState, *, expect: str) -> Reply:
+    elapsed = (time.perf_counter() - state.started) * 1000
+    payload = _json_object(raw)
+    if status in (200, 202) and payload is not None and _well_formed(status, payload, expect):
+        return Reply(status, payload, raw, elapsed, state.attempts)
+    if status < 400:
+        raise UpstreamFailure(
+            f"The upstream answered HTTP {status} with a body the gateway cannot read; the image "
+            "may have been generated. Do not retry blindly.",
+            code="upstream_bad_response",
+            uncertain=True,
+        )
+    error = payload.get("error") if payload is not None else None
+    retry_after = _retry_after(headers.get("Retry-After"))
+    if isinstance(error, dict) or status < 500 or (status in RETRYABLE_REFUSALS and retry_after):
+        rejected = _rejected(status, error if isinstance(error, dict) else {})
+    else:
+        raise UpstreamFailure(
+            f"The upstream's edge answered HTTP {status} without an API error; the image may "
+            "have been generated. Do not retry blindly.",
+            status=504 if status == 504 else 502,
+            code="upstream_bad_gateway",
+            uncertain=True,
+        )
+    if status in RETRYABLE_REFUSALS:
+        raise _RefusedToStart(rejected, retry_after)
+    raise rejected
+
+
+def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
+    message = str(
+        error.get("message")
+        or f"The upstream refused the request (HTTP {status}); nothing was generated."
+    )
+    type_ = str(error.get("type") or "upstream_error")
+    code = error.get("code") or ("upstream_refused" if not error else None)
+    param = error.get("param")
+    if status == 401:
+        # The upstream refused the gateway's own key; "your key is wrong" would mislead the team.
+        log.error("upstream refused the central key: %s", message)
+        return UpstreamRejected(
+            502,
+            "upstream_error",
+            "The upstream refused the gateway's credentials; an administrator must fix the "
+            "central key. Nothing was charged.",
+            code="upstream_auth_failed",
+        )
+    return UpstreamRejected(
+        status,
+        type_,
+        message,
+        code=code if isinstance(code, str) else None,
+        param=param if isinstance(param, str) else None,
+    )
+
+
+def _well_formed(status: int, payload: dict[str, Any], expect: str) -> bool:
+    if expect == "task":
+        return isinstance(payload.get("task_id"), str) and isinstance(payload.get("status"), str)
+    if status == 202:
+        return isinstance(payload.get("task_id"), str)
+    data = payload.get("data")
+    return isinstance(data, list) and all(
+        isinstance(item, dict) and isinstance(item.get("url"), str) for item in data
+    )
+
+
+def _json_object(raw: bytes) -> dict[str, Any] | None:
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if seconds >= 0 else None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return f"connection failed: {exc.os_error.strerror or type(exc.os_error).__name__}"
+    return type(exc).__name__

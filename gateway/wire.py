@@ -1,0 +1,84 @@
+"""The bytes sent upstream for an ``ImageRequest``, and the fingerprint that identifies a request.
+
+Uploaded files are base64-encoded while the body is being sent, a slice at a time, so a request
+with sixteen 4 MB uploads never holds a second, encoded copy of them in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from gateway.normalize import ImageRequest, Upload
+
+ENCODE_SLICE = 3 * 256 * 1024  # a multiple of 3, so slices encode without padding
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamBody:
+    """A JSON body of known length that can be produced any number of times (once per attempt)."""
+
+    request: ImageRequest
+    length: int
+
+    def chunks(self) -> Iterator[bytes]:
+        head, refs = _head_and_refs(self.request)
+        yield head
+        if refs:
+            yield b',"image_urls":['
+            for index, ref in enumerate(refs):
+                if index:
+                    yield b","
+                yield from _reference_chunks(ref)
+            yield b"]"
+        yield b"}"
+
+
+def upstream_body(request: ImageRequest) -> UpstreamBody:
+    head, refs = _head_and_refs(request)
+    length = len(head) + 1
+    if refs:
+        length += len(b',"image_urls":[') + len(refs) - 1 + 1
+        length += sum(_reference_length(ref) for ref in refs)
+    return UpstreamBody(request, length)
+
+
+def fingerprint(request: ImageRequest, *, async_mode: bool) -> str:
+    """A digest of everything that decides what is generated and returned, for dedupe."""
+    digest = hashlib.sha256()
+    meta = {
+        **request.upstream_fields(),
+        "endpoint": request.endpoint,
+        "response_format": request.response_format,
+        "async": async_mode,
+    }
+    digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+    for ref in request.references:
+        data = ref.data if isinstance(ref, Upload) else ref.encode()
+        digest.update(b"\x00" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def _head_and_refs(request: ImageRequest) -> tuple[bytes, tuple[str | Upload, ...]]:
+    text = json.dumps(request.upstream_fields(), ensure_ascii=False, separators=(",", ":"))
+    return text[:-1].encode(), request.references
+
+
+def _reference_chunks(ref: str | Upload) -> Iterator[bytes]:
+    if isinstance(ref, str):
+        yield json.dumps(ref).encode()
+        return
+    yield f'"data:{ref.mime};base64,'.encode()
+    view = memoryview(ref.data)
+    for start in range(0, len(view), ENCODE_SLICE):
+        yield base64.b64encode(view[start : start + ENCODE_SLICE])
+    yield b'"'
+
+
+def _reference_length(ref: str | Upload) -> int:
+    if isinstance(ref, str):
+        return len(json.dumps(ref).encode())
+    return len(f'"data:{ref.mime};base64,') + 4 * ((len(ref.data) + 2) // 3) + 1

@@ -1,0 +1,155 @@
+"""Shared fixtures: a simulated upstream and a real gateway, both listening on loopback."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from openai import AsyncOpenAI, OpenAI
+
+from gateway.app import create_app
+from gateway.auth import key_digest
+from gateway.config import Settings, parse_settings
+from gateway.db import Database
+from gateway.keys import DB
+from gateway.simulator import Simulator
+from tests.fakes import FakeClock, FaultPlan
+
+UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
+TEAM_KEYS = {
+    "design": "igw_design_key_for_tests_0000000000",
+    "ops": "igw_ops_key_for_tests_111111111111111",
+}
+ADMIN_KEY = "igw_admin_key_for_tests_22222222222222"
+
+
+@dataclass
+class Upstream:
+    sim: Simulator
+    faults: FaultPlan
+    url: str
+
+
+@dataclass
+class Gateway:
+    url: str
+    app: web.Application
+    server: TestServer
+    settings: Settings
+    clock: FakeClock
+    access_log: Path
+
+    @property
+    def db(self) -> Database:
+        return self.app[DB]
+
+    def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
+
+    def log_lines(self) -> list[dict[str, Any]]:
+        if not self.access_log.exists():
+            return []
+        return [json.loads(line) for line in self.access_log.read_text().splitlines()]
+
+    def openai(self, team: str = "design", *, v1: bool = True, **kwargs: Any) -> OpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return OpenAI(base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs)
+
+    def async_openai(self, team: str = "design", *, v1: bool = True, **kwargs: Any) -> AsyncOpenAI:
+        kwargs.setdefault("max_retries", 0)
+        return AsyncOpenAI(
+            base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs
+        )
+
+
+def base_config(tmp_path: Path, upstream_url: str) -> dict[str, Any]:
+    return {
+        "server": {"host": "127.0.0.1", "port": 0, "drain_s": 5},
+        "upstream": {"base_url": upstream_url, "api_key_env": "TEST_UPSTREAM_KEY", "timeout_s": 10},
+        "storage": {"database": "gateway.db"},
+        "log": {"access": "access.log"},
+        "teams": {
+            "design": {"keys_sha256": [key_digest(TEAM_KEYS["design"])], "budget_cny": 100.0},
+            "ops": {
+                "keys_sha256": [key_digest(TEAM_KEYS["ops"])],
+                "budget_cny": 100.0,
+                "period": "daily",
+            },
+        },
+        "admin": {"keys_sha256": [key_digest(ADMIN_KEY)]},
+    }
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def build_settings(tmp_path: Path, upstream_url: str, **overrides: Any) -> Settings:
+    data = merge(base_config(tmp_path, upstream_url), overrides)
+    return parse_settings(data, base_dir=tmp_path, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
+    sim = Simulator(UPSTREAM_KEY)
+    faults = FaultPlan()
+    server = await aiohttp_server(sim.app(middlewares=[faults.middleware]))
+    return Upstream(sim, faults, str(server.make_url("")).rstrip("/"))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def start_gateway(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+    upstream: Upstream,
+    tmp_path: Path,
+    clock: FakeClock,
+) -> Callable[..., Awaitable[Gateway]]:
+    """Start a gateway (config overrides as keyword tables) in front of the fake upstream."""
+
+    async def start(**overrides: Any) -> Gateway:
+        settings = build_settings(tmp_path, upstream.url, **overrides)
+        app = create_app(settings, clock=clock)
+        server = await aiohttp_server(app)
+        return Gateway(
+            str(server.make_url("")).rstrip("/"),
+            app,
+            server,
+            settings,
+            clock,
+            tmp_path / "access.log",
+        )
+
+    return start
+
+
+@pytest.fixture
+async def gateway(start_gateway: Callable[..., Awaitable[Gateway]]) -> Gateway:
+    return await start_gateway()
+
+
+PNG = (
+    b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x02\x00\x00\x00\x90wS"
+    b"\xde\x00\x00\x00\x0cIDATx\x9cc\xf8\xcf\xc0\x00\x00\x03\x01\x01\x00\xc9\xfe\x92\xef\x00\x00"
+    b"\x00\x00IEND\xaeB`\x82"
+)
+JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00" + b"\x00" * 16
+WEBP = b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 24
+GIF = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"
