@@ -5,8 +5,6 @@ Handlers hold no business rules of their own; they orchestrate and fill the acce
 
 from __future__ import annotations
 
-import copy
-import json
 from typing import Any
 
 from aiohttp import web
@@ -35,6 +33,7 @@ from gateway.live import Snapshot
 from gateway.money import units_to_cny
 from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
 from gateway.periods import period_at
+from gateway.responses import error_response, json_response
 from gateway.results import as_b64_json
 from gateway.usage import usage_report
 from gateway.wire import fingerprint
@@ -99,7 +98,7 @@ async def get_task(request: web.Request) -> web.Response:
     record["upstream_id"] = task_id
     if isinstance(answer.get("result_url"), str):
         record["result_ids"] = [result_id(answer["result_url"])]
-    return _json(answer)
+    return json_response(answer)
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -107,7 +106,7 @@ async def list_models(request: web.Request) -> web.Response:
     snapshot = request.app[CONFIG].current
     _team(request, snapshot)
     names = [UPSTREAM_MODEL, *sorted(snapshot.settings.model_aliases)]
-    return _json(
+    return json_response(
         {
             "object": "list",
             "data": [
@@ -120,7 +119,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     request[RECORD]["endpoint"] = "health"
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -135,7 +134,7 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = f"error: {type(exc).__name__}"
     checks["central_key"] = "ok" if settings.upstream.api_key.reveal() else "missing"
     ready = all(value == "ok" for value in checks.values())
-    return _json(
+    return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
     )
 
@@ -149,7 +148,7 @@ async def admin_usage(request: web.Request) -> web.Response:
     if team is not None and team not in snapshot.settings.teams:
         raise InvalidRequest(f"Unknown team {team!r}.", param="team")
     report = await usage_report(request.app[DB], snapshot.settings, request.app[CLOCK](), only=team)
-    return _json(report)
+    return json_response(report)
 
 
 def require_admin(request: web.Request, snapshot: Snapshot) -> None:
@@ -234,9 +233,7 @@ async def _respond(request: web.Request, outcome: Outcome, req: ImageRequest) ->
     if outcome.dedupe_of is not None:
         headers["X-Gateway-Deduplicated"] = outcome.dedupe_of
     if outcome.error is not None:
-        error = copy.copy(outcome.error)  # a deduplicated retry shares its original's error
-        error.headers = {**headers, **error.headers}
-        raise error
+        return error_response(outcome.error, record, headers)
     payload = outcome.payload or {}
     record["result_ids"] = [
         result_id(item["url"])
@@ -246,13 +243,4 @@ async def _respond(request: web.Request, outcome: Outcome, req: ImageRequest) ->
     if outcome.status == 200 and req.response_format == "b64_json":
         payload, warning = await as_b64_json(payload, request.app[UPSTREAM])
         headers.update(warning)
-    return _json(payload, outcome.status, headers)
-
-
-def _json(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        body=json.dumps(payload, ensure_ascii=False).encode(),
-        status=status,
-        content_type="application/json",
-        headers=headers,
-    )
+    return json_response(payload, outcome.status, headers)

@@ -7,7 +7,6 @@ never adds to a client's latency.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import secrets
@@ -26,6 +25,7 @@ from gateway.errors import (
 )
 from gateway.keys import ACCESS_LOG, CONFIG, DB, LEDGER_ID, METRICS, RECORD, USAGE_OF
 from gateway.money import units_to_cny
+from gateway.responses import error_response
 
 log = logging.getLogger("gateway")
 
@@ -35,15 +35,6 @@ CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 def new_request_id() -> str:
     return "req_" + secrets.token_hex(12)
-
-
-def error_response(error: GatewayError) -> web.Response:
-    return web.Response(
-        body=json.dumps(error.body()).encode(),
-        status=error.status,
-        content_type="application/json",
-        headers=error.response_headers(),
-    )
 
 
 @web.middleware
@@ -97,9 +88,7 @@ async def _handle(request: web.Request, handler: Handler, record: dict) -> web.S
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         error = InternalError("The gateway failed unexpectedly; the error was logged.")
-    record["error_type"] = error.type
-    record["error_code"] = error.code
-    return error_response(error)
+    return error_response(error, record)
 
 
 def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:

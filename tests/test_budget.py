@@ -1,0 +1,299 @@
+"""Team budgets end to end: exact reservations under concurrency, refunds, uncertainty, periods."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sys
+
+import aiohttp
+import openai
+import pytest
+
+from gateway.keys import CONFIG
+from gateway.periods import period_at
+from tests.conftest import ADMIN_KEY, Gateway, Upstream, build_settings
+from tests.fakes import gate, hang, html_error, json_error, respond
+
+PRICES = {"low": 0.1, "medium": 0.2, "high": 0.4, "auto": 0.2}
+
+
+async def generate(http: aiohttp.ClientSession, gateway: Gateway, team: str = "design", **payload):
+    async with http.post(
+        gateway.url + "/v1/images/generations",
+        headers=gateway.headers(team),
+        json={"prompt": "a lighthouse", **payload},
+    ) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def usage(gateway: Gateway, team: str = "design"):
+    settings = gateway.settings
+    period = period_at(settings.teams[team].period, gateway.clock(), settings.server.tz)
+    return await gateway.db.usage(team, period.key), period
+
+
+async def wait_until_done(tasks: list[asyncio.Task], count: int) -> None:
+    """Wait (without sleeping) until ``count`` of ``tasks`` have finished."""
+    pending = set(tasks)
+    while len(tasks) - len(pending) < count:
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def test_fifty_concurrent_requests_against_five_images(
+    start_gateway, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_cny": 1.0}})
+    release = asyncio.Event()
+    for _ in range(5):
+        upstream.faults.add(gate(release))
+    async with aiohttp.ClientSession() as http:
+        tasks = [asyncio.create_task(generate(http, gateway)) for _ in range(50)]
+        await wait_until_done(tasks, 45)  # the refusals come back while five are held upstream
+        assert upstream.faults.seen == 5
+        held, _ = await usage(gateway)
+        assert (held.reserved, held.spent) == (10_000, 0)
+        release.set()
+        results = await asyncio.gather(*tasks)
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [200] * 5 + [402] * 45
+    for status, body, headers in results:
+        if status == 402:
+            assert body["error"]["type"] == "insufficient_quota"
+            assert body["error"]["code"] == "budget_exceeded"
+            assert headers["x-should-retry"] == "false"
+    assert len(upstream.sim.generation_requests()) == 5
+    final, _ = await usage(gateway)
+    assert (final.spent, final.reserved, final.uncertain) == (10_000, 0, 0)
+
+
+async def test_mixed_qualities_and_n_never_overspend(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_cny": 3.0}})
+    rng = random.Random(7)
+    asks = [(rng.choice(list(PRICES)), rng.randint(1, 4)) for _ in range(60)]
+    async with aiohttp.ClientSession() as http:
+        results = await asyncio.gather(*(generate(http, gateway, quality=q, n=n) for q, n in asks))
+    final, _ = await usage(gateway)
+    served = [(q, n) for (q, n), (status, _, _) in zip(asks, results, strict=True) if status == 200]
+    refused = [
+        (q, n) for (q, n), (status, _, _) in zip(asks, results, strict=True) if status == 402
+    ]
+    assert len(served) + len(refused) == len(asks)
+    spent = sum(round(PRICES[q] * 10_000) * n for q, n in served)
+    assert final.spent == spent <= 30_000
+    assert final.reserved == 0
+    for q, n in refused:  # each refusal was right: it would not have fitted even at the end
+        assert final.spent + round(PRICES[q] * 10_000) * n > 30_000
+    assert len(upstream.sim.generation_requests()) == len(served)
+
+
+async def test_402_message_names_everything(start_gateway) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_cny": 0.3}})
+    async with aiohttp.ClientSession() as http:
+        assert (await generate(http, gateway))[0] == 200
+        status, body, _ = await generate(http, gateway, quality="high")
+    assert status == 402
+    message = body["error"]["message"]
+    for part in ("design", "monthly", "budget 0.3000 CNY", "spent 0.2000 CNY", "reserved 0.0000",
+                 "costs 0.4000 CNY", "2026-12-01T00:00:00+00:00"):  # fmt: skip
+        assert part in message, message
+
+
+async def test_sdk_does_not_retry_a_402(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"budget_cny": 0.1}})
+    client = gateway.async_openai(max_retries=2)
+    with pytest.raises(openai.APIStatusError) as excinfo:
+        await client.images.generate(prompt="x")
+    assert excinfo.value.status_code == 402
+    assert upstream.sim.generation_requests() == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        json_error(500, "server_error", "Image generation failed"),
+        json_error(400, "invalid_request_error", "Your request was rejected by the safety system."),
+        json_error(503, "server_error", "busy"),
+    ],
+)
+async def test_upstream_reported_failures_cost_nothing(
+    gateway: Gateway, upstream: Upstream, fault
+) -> None:
+    upstream.faults.add(fault)
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await generate(http, gateway)
+    assert status in (400, 500, 503)
+    assert body["error"]["message"]
+    final, _ = await usage(gateway)
+    assert (final.spent, final.reserved, final.uncertain) == (0, 0, 0)
+    rows = await gateway.db._rows("SELECT state FROM ledger")
+    assert [tuple(r) for r in rows] == [("released",)]
+
+
+async def test_content_refusal_from_the_simulator_costs_nothing(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await generate(http, gateway, prompt="draw [refuse] this")
+    assert status == 400
+    assert "safety" in body["error"]["message"]
+    final, _ = await usage(gateway)
+    assert final.committed == 0
+
+
+@pytest.mark.parametrize("fault", [hang(), html_error(502), html_error(504)])
+async def test_unknown_outcomes_keep_the_hold_as_uncertain(
+    start_gateway, upstream: Upstream, fault
+) -> None:
+    gateway = await start_gateway(upstream={"timeout_s": 0.5})
+    upstream.faults.add(fault)
+    async with aiohttp.ClientSession() as http:
+        status, body, headers = await generate(http, gateway, quality="high")
+    assert status in (502, 504)
+    assert headers["x-should-retry"] == "false"
+    assert body["error"]["type"] == "upstream_error"
+    final, _ = await usage(gateway)
+    assert (final.spent, final.reserved, final.uncertain) == (0, 0, 4000)
+    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
+    assert [tuple(r) for r in rows] == [("uncertain", 4000)]
+
+
+async def test_fewer_images_than_asked_are_charged_as_served(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    upstream.faults.add(
+        respond({"created": 1, "id": "u1", "data": [{"url": "https://x.test/1.png"}]})
+    )
+    async with aiohttp.ClientSession() as http:
+        status, body, _ = await generate(http, gateway, n=3)
+    assert status == 200 and len(body["data"]) == 1
+    final, _ = await usage(gateway)
+    assert (final.spent, final.reserved) == (2000, 0)
+
+
+async def test_spend_survives_a_restart(start_gateway, upstream: Upstream) -> None:
+    first = await start_gateway()
+    async with aiohttp.ClientSession() as http:
+        await generate(http, first, n=2)
+    await first.server.close()
+    second = await start_gateway()
+    final, _ = await usage(second)
+    assert (final.spent, final.reserved) == (4000, 0)
+
+
+async def test_new_period_starts_from_zero_and_keeps_history(gateway: Gateway) -> None:
+    async with aiohttp.ClientSession() as http:
+        await generate(http, gateway, team="ops", quality="high")
+        before, old_period = await usage(gateway, "ops")
+        gateway.clock.advance(days=1)
+        after, new_period = await usage(gateway, "ops")
+        assert new_period.key != old_period.key
+        assert (before.spent, after.spent) == (4000, 0)
+        await generate(http, gateway, team="ops", quality="low")
+    assert (await gateway.db.usage("ops", old_period.key)).spent == 4000
+    assert (await gateway.db.usage("ops", new_period.key)).spent == 1000
+
+
+async def test_reload_changes_budget_for_new_requests(
+    gateway: Gateway, tmp_path, upstream: Upstream
+) -> None:
+    smaller = build_settings(tmp_path, upstream.url, teams={"design": {"budget_cny": 0.2}})
+    async with aiohttp.ClientSession() as http:
+        assert (await generate(http, gateway))[0] == 200
+        gateway.app[CONFIG].reload(smaller)
+        status, body, _ = await generate(http, gateway)
+    assert status == 402
+    assert "budget 0.2000 CNY" in body["error"]["message"]
+
+
+async def test_usage_report_agrees_with_what_the_upstream_served(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        await generate(http, gateway, quality="low", n=2)
+        await generate(http, gateway, quality="high")
+        await generate(http, gateway, prompt="[fail] please")
+        async with http.get(
+            gateway.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as resp:
+            assert resp.status == 200
+            report = await resp.json()
+        async with http.get(gateway.url + "/admin/usage", headers=gateway.headers()) as resp:
+            assert resp.status == 401
+    design = report["teams"]["design"]
+    served = [
+        r.body for r in upstream.sim.generation_requests() if "[fail]" not in r.body["prompt"]
+    ]
+    assert upstream.sim.generated == 2
+    assert sum(body["n"] for body in served) == 3
+    assert design["images"] == {"low": 2, "medium": 0, "high": 1, "auto": 0}
+    assert design["spent_cny"] == pytest.approx(0.6)
+    assert design["reserved_cny"] == 0.0
+    assert design["remaining_cny"] == pytest.approx(99.4)
+    assert design["period_start"] == "2026-11-01T00:00:00+00:00"
+    assert set(report["teams"]) == {"design", "ops"}
+
+
+async def test_rpm_limit(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"rpm": 2}})
+    async with aiohttp.ClientSession() as http:
+        assert (await generate(http, gateway))[0] == 200
+        assert (await generate(http, gateway))[0] == 200
+        status, body, headers = await generate(http, gateway)
+        assert status == 429
+        assert body["error"]["type"] == "rate_limit_error"
+        assert 1 <= int(headers["Retry-After"]) <= 60
+        gateway.clock.advance(seconds=61)
+        assert (await generate(http, gateway))[0] == 200
+    assert len(upstream.sim.generation_requests()) == 3
+    final, _ = await usage(gateway)
+    assert final.spent == 6000
+
+
+async def test_max_concurrent_limit(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
+    release, arrived = asyncio.Event(), asyncio.Event()
+    upstream.faults.add(gate(release, arrived))
+    async with aiohttp.ClientSession() as http:
+        first = asyncio.create_task(generate(http, gateway))
+        await arrived.wait()
+        status, _, headers = await generate(http, gateway)
+        assert status == 429 and headers["Retry-After"] == "1"
+        assert (await generate(http, gateway, team="ops"))[0] == 200  # other teams unaffected
+        release.set()
+        assert (await first)[0] == 200
+        assert (await generate(http, gateway))[0] == 200
+
+
+async def test_usage_cli_json(start_gateway, tmp_path, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"period": "total"}})
+    async with aiohttp.ClientSession() as http:
+        await generate(http, gateway, n=2)
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"""
+[upstream]
+base_url = "{upstream.url}"
+[storage]
+database = "gateway.db"
+[teams.design]
+keys_sha256 = ["{"0" * 64}"]
+budget_cny = 100.0
+period = "total"
+"""
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "usage", "--config", str(config), "--json", "--team", "design",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    team = json.loads(out)["teams"]["design"]
+    assert team["spent_cny"] == pytest.approx(0.4)
+    assert set(team) >= {
+        "budget_cny",
+        "spent_cny",
+        "reserved_cny",
+        "uncertain_cny",
+        "remaining_cny",
+        "images",
+    }

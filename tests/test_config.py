@@ -1,0 +1,205 @@
+"""Config parsing: every key validated at start, every problem named; money and periods."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from gateway.auth import key_digest
+from gateway.config import ConfigError, load_settings, parse_settings
+from gateway.money import MoneyError, cny_to_units, format_cny
+from gateway.periods import period_at
+
+HASH = "a" * 64
+ENV = {"IMAGE_GATEWAY_UPSTREAM_KEY": "sk_live_abc"}
+EXAMPLE = Path(__file__).parent.parent / "config" / "gateway.example.toml"
+
+
+def parse(data: dict, env: dict | None = None, tmp: Path = Path("/tmp")):
+    return parse_settings(data, base_dir=tmp, env=ENV if env is None else env)
+
+
+def problems(data: dict, env: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as excinfo:
+        parse(data, env)
+    return excinfo.value.problems
+
+
+MINIMAL = {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 300.0}}}
+
+
+def test_minimal_config_and_defaults() -> None:
+    settings = parse(MINIMAL)
+    assert settings.upstream.base_url == "https://jp.icodeeasy.cc"
+    assert settings.upstream.api_key.reveal() == "sk_live_abc"
+    assert settings.prices == {"low": 1000, "medium": 2000, "high": 4000, "auto": 2000}
+    assert settings.teams["design"].budget == 3_000_000
+    assert settings.teams["design"].period == "monthly"
+    assert settings.database == Path("/tmp/gateway.db")
+    assert "sk_live_abc" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({**MINIMAL, "server": {"prot": 8080}}, "server.prot is not a known setting"),
+        ({**MINIMAL, "server": {"port": "8080"}}, "server.port must be int"),
+        ({**MINIMAL, "server": {"port": 70000}}, "server.port must be a port"),
+        ({**MINIMAL, "server": {"timezone": "Mars/Olympus"}}, "server.timezone"),
+        ({**MINIMAL, "extra": {}}, "extra is not a known setting"),
+        ({**MINIMAL, "prices": {"medium": 0.12345}}, "prices.medium"),
+        ({**MINIMAL, "prices": {"high": -1}}, "prices.high must not be negative"),
+        ({**MINIMAL, "prices": {"ultra": 1.0}}, "prices.ultra is not a known setting"),
+        ({**MINIMAL, "upstream": {"base_url": "ftp://x"}}, "upstream.base_url"),
+        ({**MINIMAL, "upstream": {"base_url": "https://x/v1"}}, "upstream.base_url"),
+        ({**MINIMAL, "upstream": {"timeout_s": 0}}, "upstream.timeout_s"),
+        (
+            {"teams": {"design": {"keys_sha256": ["ABC"], "budget_cny": 1}}},
+            "teams.design.keys_sha256[0]",
+        ),
+        ({"teams": {"design": {"keys_sha256": [], "budget_cny": 1}}}, "teams.design.keys_sha256"),
+        ({"teams": {"design": {"keys_sha256": [HASH]}}}, "teams.design.budget_cny is required"),
+        (
+            {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "period": "weekly"}}},
+            "teams.design.period",
+        ),
+        (
+            {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "rpm": 0}}},
+            "teams.design.rpm",
+        ),
+        (
+            {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "budjet": 1}}},
+            "teams.design.budjet",
+        ),
+        ({"teams": {"a b": {"keys_sha256": [HASH], "budget_cny": 1}}}, "teams.a b"),
+        (
+            {
+                "teams": {
+                    "a": {"keys_sha256": [HASH], "budget_cny": 1},
+                    "b": {"keys_sha256": [HASH], "budget_cny": 1},
+                }
+            },
+            "teams.b.keys_sha256: key hash aaaaaaaaaaaa... is also used by teams.a",
+        ),
+        ({**MINIMAL, "admin": {"keys_sha256": [HASH]}}, "admin.keys_sha256"),
+        ({**MINIMAL, "models": {"aliases": {"dall-e-3": "gpt-4o"}}}, "models.aliases.dall-e-3"),
+    ],
+)
+def test_problems_name_the_key(data: dict, named: str) -> None:
+    found = problems(data)
+    assert any(named in problem for problem in found), found
+
+
+def test_missing_central_key() -> None:
+    found = problems(MINIMAL, env={})
+    assert any("IMAGE_GATEWAY_UPSTREAM_KEY" in p and "missing" in p for p in found)
+    assert any(
+        "sk_" in p for p in problems(MINIMAL, env={"IMAGE_GATEWAY_UPSTREAM_KEY": "igw_team"})
+    )
+
+
+def test_central_key_from_a_credential_file(tmp_path: Path) -> None:
+    (tmp_path / "upstream-key").write_text("sk_from_file\n")
+    data = {**MINIMAL, "upstream": {"api_key_file": "${CREDENTIALS_DIRECTORY}/upstream-key"}}
+    settings = parse_settings(
+        data, base_dir=Path("/"), env={"CREDENTIALS_DIRECTORY": str(tmp_path)}
+    )
+    assert settings.upstream.api_key.reveal() == "sk_from_file"
+    both = {**MINIMAL, "upstream": {"api_key_file": "k", "api_key_env": "X"}}
+    assert any("set only one" in p for p in problems(both))
+
+
+def test_all_problems_are_reported_together() -> None:
+    found = problems(
+        {"server": {"port": "x", "bogus": 1}, "teams": {"t": {"budget_cny": "abc"}}}, env={}
+    )
+    assert len(found) >= 4
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    settings = load_settings(EXAMPLE, env=ENV)
+    assert settings.teams
+    text = EXAMPLE.read_text()
+    for key in ("host", "port", "timezone", "max_body_mb", "max_image_mb", "drain_s", "base_url",
+                "api_key_env", "api_key_file", "timeout_s", "connect_timeout_s", "file_hosts",
+                "max_attempts", "retry_after_cap_s", "download_max_mb", "download_timeout_s",
+                "proxy_results", "database", "access", "prompts", "keys_sha256", "budget_cny", "period",
+                "rpm", "max_concurrent", "default_response_format", "poll_cache_ttl_s",
+                "settle_interval_s", "settle_max_interval_s", "max_pending_age_s", "keep_hours",
+                "retry_dedupe_minutes", "enabled", "require_admin", "aliases"):  # fmt: skip
+        assert f"{key} =" in text or f"# {key} =" in text, key
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.toml"
+    good.write_text(f'[teams.design]\nkeys_sha256 = ["{HASH}"]\nbudget_cny = 1.5\n')
+    bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[server]\nport = "x"\n[teams.design]\nkeys_sha256 = ["nothex"]\nbudget_cny = 1\n'
+    )
+    env = {"IMAGE_GATEWAY_UPSTREAM_KEY": "sk_x", "PATH": "/usr/bin:/bin"}
+    ok = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(good)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    fail = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config", str(bad)],
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert fail.returncode == 1
+    assert "server.port" in fail.stderr and "teams.design.keys_sha256[0]" in fail.stderr
+
+
+def test_new_key_cli() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "new-key"], capture_output=True, text=True, check=True
+    )
+    key = result.stdout.splitlines()[0]
+    assert key.startswith("igw_") and len(key) >= 4 + 22  # >= 128 bits of base64url
+    assert f'keys_sha256 = ["{key_digest(key)}"]' in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("value", "units"), [(0.1, 1000), ("0.20", 2000), (300, 3_000_000), (0.0001, 1)]
+)
+def test_money(value: object, units: int) -> None:
+    assert cny_to_units(value) == units
+
+
+@pytest.mark.parametrize("value", [0.00001, "abc", float("nan"), True, None])
+def test_money_refuses(value: object) -> None:
+    with pytest.raises(MoneyError):
+        cny_to_units(value)
+
+
+def test_format_cny() -> None:
+    assert format_cny(12_3400) == "12.3400 CNY"
+    assert format_cny(-5) == "-0.0005 CNY"
+
+
+def test_periods_in_utc_and_a_zone() -> None:
+    now = datetime(2026, 12, 31, 20, 0, tzinfo=UTC)
+    monthly = period_at("monthly", now, ZoneInfo("UTC"))
+    assert (monthly.key, monthly.end.isoformat()) == (
+        "monthly:2026-12",
+        "2027-01-01T00:00:00+00:00",
+    )
+    shanghai = period_at(
+        "monthly", now, ZoneInfo("Asia/Shanghai")
+    )  # already 2027-01-01 04:00 there
+    assert shanghai.key == "monthly:2027-01"
+    daily = period_at("daily", now, ZoneInfo("America/New_York"))
+    assert daily.key == "daily:2026-12-31"
+    assert period_at("total", now, ZoneInfo("UTC")).end is None

@@ -1,0 +1,171 @@
+"""Normalization as a pure function: what goes upstream for every accepted shape."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from gateway.config import DEFAULT_ALIASES
+from gateway.errors import InvalidRequest
+from gateway.normalize import RATIOS, Rules, Upload, nearest_ratio, normalize
+from gateway.wire import fingerprint, upstream_body
+from tests.conftest import PNG
+
+RULES = Rules(max_image_bytes=1024 * 1024, model_aliases=DEFAULT_ALIASES)
+
+
+def norm(
+    fields: dict,
+    uploads: list[Upload] | None = None,
+    form: bool = False,
+    endpoint: str = "generations",
+):
+    return normalize(fields, uploads or [], endpoint=endpoint, rules=RULES, form=form)
+
+
+@pytest.mark.parametrize(
+    ("size", "ratio", "resolution"),
+    [
+        ("1536x1024", "3:2", "1k"),
+        ("1024x1536", "2:3", "1k"),
+        ("1792x1024", "16:9", "1k"),
+        ("1024x1792", "9:16", "1k"),
+        ("512x512", "1:1", "1k"),
+        ("256x256", "1:1", "1k"),
+        ("2048x2048", "1:1", "2k"),
+        ("2560x1080", "21:9", "2k"),
+        ("3000x1000", "21:9", "2k"),
+        ("1000x2000", "1:2", "1k"),
+        ("1280x1024", "5:4", "1k"),
+        ("auto", "1:1", "1k"),
+        ("16:9", "16:9", "1k"),
+    ],
+)
+def test_sizes(size: str, ratio: str, resolution: str) -> None:
+    request = norm({"prompt": "x", "size": size})
+    assert (request.size, request.resolution) == (ratio, resolution)
+
+
+def test_explicit_resolution_wins_over_pixel_size() -> None:
+    assert norm({"prompt": "x", "size": "2048x2048", "resolution": "1k"}).resolution == "1k"
+
+
+def test_every_ratio_maps_to_itself() -> None:
+    for ratio in RATIOS:
+        w, h = (int(v) for v in ratio.split(":"))
+        assert nearest_ratio(w * 100, h * 100) == ratio
+
+
+@pytest.mark.parametrize(
+    ("quality", "expected"),
+    [(None, "medium"), ("standard", "medium"), ("hd", "high"), ("low", "low"), ("auto", "auto")],
+)
+def test_quality(quality: str | None, expected: str) -> None:
+    fields = {"prompt": "x"} if quality is None else {"prompt": "x", "quality": quality}
+    assert norm(fields).quality == expected
+
+
+def test_defaults_are_explicit() -> None:
+    request = norm({"prompt": "x"})
+    assert request.upstream_fields() == {
+        "model": "gpt-image-2",
+        "prompt": "x",
+        "n": 1,
+        "size": "1:1",
+        "resolution": "1k",
+        "quality": "medium",
+    }
+
+
+def test_aliases_map_to_gpt_image_2() -> None:
+    request = norm({"prompt": "x", "model": "dall-e-3"})
+    assert (request.model, request.requested_model) == ("gpt-image-2", "dall-e-3")
+
+
+def test_references_merge_in_order_with_uploads_last() -> None:
+    data_url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    upload = Upload("image[]", "a.png", "image/png", PNG)
+    request = norm(
+        {
+            "prompt": "x",
+            "image_input": ["https://b.example/2.png"],
+            "image_urls": ["https://a.example/1.png", data_url],
+            "images": [{"image_url": "https://c.example/3.png"}],
+        },
+        [upload],
+        endpoint="edits",
+    )
+    assert request.references == (
+        "https://a.example/1.png",
+        data_url,
+        "https://b.example/2.png",
+        "https://c.example/3.png",
+        upload,
+    )
+
+
+def test_form_fields_are_text() -> None:
+    request = norm({"prompt": "x", "n": "3", "stream": "false"}, form=True)
+    assert request.n == 3
+    with pytest.raises(InvalidRequest) as excinfo:
+        norm({"prompt": "x", "n": "3"})
+    assert excinfo.value.param == "n"
+    with pytest.raises(InvalidRequest):
+        norm({"prompt": "x", "stream": "true"}, form=True)
+
+
+def test_ignored_params_are_named_sorted() -> None:
+    request = norm({"prompt": "x", "user": "u", "background": "opaque", "response_format": "url"})
+    assert request.ignored == ("background", "user")
+
+
+def test_team_default_response_format() -> None:
+    rules = Rules(1024, DEFAULT_ALIASES, default_response_format="b64_json")
+    assert (
+        normalize({"prompt": "x"}, [], endpoint="generations", rules=rules).response_format
+        == "b64_json"
+    )
+    explicit = normalize(
+        {"prompt": "x", "response_format": "url"}, [], endpoint="generations", rules=rules
+    )
+    assert explicit.response_format == "url"
+
+
+def test_data_url_over_the_image_cap() -> None:
+    rules = Rules(max_image_bytes=10, model_aliases={})
+    big = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    with pytest.raises(InvalidRequest) as excinfo:
+        normalize({"prompt": "x", "image_urls": [big]}, [], endpoint="edits", rules=rules)
+    assert excinfo.value.param == "image_urls[0]"
+
+
+def test_upstream_body_streams_uploads_with_exact_length() -> None:
+    upload = Upload("image", "a.png", "image/png", PNG * 5000)
+    request = norm(
+        {"prompt": 'héllo "quoted"', "image_urls": ["https://a.example/x.png"]}, [upload]
+    )
+    body = upstream_body(request)
+    raw = b"".join(body.chunks())
+    assert len(raw) == body.length
+    decoded = json.loads(raw)
+    assert decoded["prompt"] == 'héllo "quoted"'
+    assert decoded["image_urls"][0] == "https://a.example/x.png"
+    assert (
+        decoded["image_urls"][1] == "data:image/png;base64," + base64.b64encode(PNG * 5000).decode()
+    )
+
+
+def test_fingerprint_tracks_what_is_generated() -> None:
+    base = norm({"prompt": "x"})
+    assert fingerprint(base, async_mode=False) == fingerprint(
+        norm({"prompt": "x", "user": "u"}), async_mode=False
+    )
+    assert fingerprint(base, async_mode=False) != fingerprint(base, async_mode=True)
+    assert fingerprint(base, async_mode=False) != fingerprint(
+        norm({"prompt": "y"}), async_mode=False
+    )
+    one = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG)])
+    two = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG + b"\x00")])
+    assert fingerprint(one, async_mode=False) != fingerprint(two, async_mode=False)
