@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ class Gateway:
     settings: Settings
     clock: FakeClock
     access_log: Path
+    clients: list[OpenAI | AsyncOpenAI] = field(default_factory=list)
 
     @property
     def db(self) -> Database:
@@ -60,7 +61,11 @@ class Gateway:
 
     def openai(self, team: str = "design", *, v1: bool = True, **kwargs: Any) -> OpenAI:
         kwargs.setdefault("max_retries", 0)
-        return OpenAI(base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs)
+        client = OpenAI(
+            base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs
+        )
+        self.clients.append(client)
+        return client
 
     def async_openai(self, team: str = "design", *, v1: bool = True, **kwargs: Any) -> AsyncOpenAI:
         kwargs.setdefault("max_retries", 0)
@@ -104,7 +109,7 @@ def build_settings(tmp_path: Path, upstream_url: str, **overrides: Any) -> Setti
 
 @pytest.fixture
 async def upstream(aiohttp_server: Callable[..., Awaitable[TestServer]]) -> Upstream:
-    sim = Simulator(UPSTREAM_KEY)
+    sim = Simulator(UPSTREAM_KEY, task_delay_s=3600)  # tasks finish when a test says so
     faults = FaultPlan()
     server = await aiohttp_server(sim.app(middlewares=[faults.middleware]))
     return Upstream(sim, faults, str(server.make_url("")).rstrip("/"))
@@ -116,19 +121,20 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def start_gateway(
+async def start_gateway(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     upstream: Upstream,
     tmp_path: Path,
     clock: FakeClock,
-) -> Callable[..., Awaitable[Gateway]]:
+) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Start a gateway (config overrides as keyword tables) in front of the fake upstream."""
+    started: list[Gateway] = []
 
-    async def start(**overrides: Any) -> Gateway:
+    async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
         settings = build_settings(tmp_path, upstream.url, **overrides)
-        app = create_app(settings, clock=clock)
+        app = create_app(settings, clock=with_clock or clock)
         server = await aiohttp_server(app)
-        return Gateway(
+        gateway = Gateway(
             str(server.make_url("")).rstrip("/"),
             app,
             server,
@@ -136,8 +142,16 @@ def start_gateway(
             clock,
             tmp_path / "access.log",
         )
+        started.append(gateway)
+        return gateway
 
-    return start
+    yield start
+    for gateway in started:
+        for client in gateway.clients:
+            if isinstance(client, AsyncOpenAI):
+                await client.close()
+            else:
+                client.close()
 
 
 @pytest.fixture

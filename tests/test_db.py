@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sqlite3
 import tempfile
 from pathlib import Path
@@ -115,10 +116,11 @@ async def _run_batches(batches: list[list[tuple[str, int, int]]]) -> None:
         db = await Database.open(Path(tmp) / "ledger.db")
         holds: list[Hold] = []
         settled: set[str] = set()
+        ids = itertools.count()
 
         async def apply(op: str, a: int, b: int) -> None:
             if op == "reserve":
-                candidate = hold(f"r{len(holds)}-{a}-{b}-{id(object())}", n=a, unit_price=b)
+                candidate = hold(f"r{next(ids)}", n=a, unit_price=b)
                 try:
                     await db.reserve(candidate)
                 except BudgetRefused:
