@@ -142,6 +142,8 @@ class RateLimited(GatewayError):
 class UpstreamRejected(GatewayError):
     """The upstream answered with its own JSON error: nothing was generated, nothing is charged."""
 
+    attempts = 1
+
     def __init__(
         self,
         status: int,
@@ -165,6 +167,7 @@ class UpstreamFailure(GatewayError):
     """
 
     type = "upstream_error"
+    attempts = 1
 
     def __init__(self, message: str, *, status: int = 502, code: str, uncertain: bool) -> None:
         super().__init__(message, code=code)

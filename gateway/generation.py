@@ -181,6 +181,7 @@ class Generations:
         except UpstreamRejected as exc:
             await self._settle(hold, Settlement("released", 0, reason=exc.message[:500]))
             outcome.status, outcome.error, outcome.upstream_status = exc.status, exc, exc.status
+            outcome.attempts = exc.attempts
             outcome.final = (
                 exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
             )
@@ -190,6 +191,7 @@ class Generations:
             amount = hold.amount if exc.uncertain else 0
             await self._settle(hold, Settlement(state, amount, reason=exc.code))
             outcome.status, outcome.error, outcome.final = exc.status, exc, exc.uncertain
+            outcome.attempts = exc.attempts
             return outcome
         outcome.upstream_status = reply.status
         outcome.upstream_ms = reply.upstream_ms

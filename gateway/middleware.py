@@ -1,8 +1,8 @@
 """The one middleware every request passes: request id, error rendering, timing, log, metrics.
 
 Errors of every origin (ours, the upstream's, aiohttp's router, bugs) leave here as the same
-OpenAI-shaped JSON. The response is sent before the access-log line is written, so logging
-never adds to a client's latency.
+OpenAI-shaped JSON. The access-log line is written before the response leaves, so whoever
+holds a response can already find its line.
 """
 
 from __future__ import annotations
@@ -50,25 +50,22 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     metrics.in_flight.inc()
     try:
         response = await _handle(request, handler, record)
-        upstream_ms = record["upstream_ms"] or 0.0
-        gateway_ms = max(0.0, (time.perf_counter() - started) * 1000 - upstream_ms)
-        response.headers["X-Request-ID"] = request_id
-        response.headers["Server-Timing"] = (
-            f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
-        )
-        record["gateway_ms"] = round(gateway_ms, 3)
-        if not response.prepared:
-            try:
-                await response.prepare(request)
-                await response.write_eof()
-            except (ConnectionError, RuntimeError):
-                record["error_type"] = record["error_type"] or "client_disconnected"
+        await _note_budget(request, record)
     finally:
         metrics.in_flight.dec()
-    record["status"] = response.status
-    record["latency_ms"] = round((time.perf_counter() - started) * 1000, 3)
-    record["ts"] = timestamp(time.time())
-    await _note_budget(request, record)
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    upstream_ms = record["upstream_ms"] or 0.0
+    gateway_ms = max(0.0, elapsed_ms - upstream_ms)
+    response.headers["X-Request-ID"] = request_id
+    response.headers["Server-Timing"] = (
+        f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
+    )
+    record.update(
+        status=response.status,
+        latency_ms=round(elapsed_ms, 3),
+        gateway_ms=round(gateway_ms, 3),
+        ts=timestamp(time.time()),
+    )
     metrics.requests.labels(
         record["team"] or "-", record["endpoint"] or "-", str(response.status)
     ).inc()
@@ -105,7 +102,7 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
 
 
 async def _note_budget(request: web.Request, record: dict) -> None:
-    """After the response: what the team has left, for the log line and the gauge."""
+    """What the team has left after this request, for the log line and the gauge."""
     usage_of = request.get(USAGE_OF)
     if usage_of is None:
         return

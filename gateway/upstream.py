@@ -87,33 +87,31 @@ class UpstreamClient:
         """POST a generation; retry only what provably never started."""
         url = self._config.base_url + path
         state = _SendState()
-        attempt = 0
-        while True:
-            attempt += 1
-            state.attempts = attempt
-            state.sent = False
+        attempts = self._config.max_attempts
+        for attempt in range(1, attempts + 1):
+            state.attempts, state.sent = attempt, False
             try:
-                reply = await self._post_once(url, body, query, state)
+                return await self._post_once(url, body, query, state)
             except _NotSent as exc:
-                if attempt < self._config.max_attempts:
-                    await self._sleep(self._jitter(attempt))
-                    continue
-                raise UpstreamFailure(
-                    f"The upstream could not be reached ({exc}); nothing was sent or charged.",
-                    code="upstream_unreachable",
-                    uncertain=False,
-                ) from None
+                if attempt == attempts:
+                    failure = UpstreamFailure(
+                        f"The upstream could not be reached ({exc}); nothing was sent or charged.",
+                        code="upstream_unreachable",
+                        uncertain=False,
+                    )
+                    failure.attempts = attempt
+                    raise failure from None
+                await self._sleep(self._jitter(attempt))
             except _RefusedToStart as exc:
                 wait = exc.retry_after
-                if (
-                    attempt < self._config.max_attempts
-                    and wait is not None
-                    and wait <= self._config.retry_after_cap_s
-                ):
-                    await self._sleep(wait + random.uniform(0, 0.1))
-                    continue
-                raise exc.error from None
-            return reply
+                if attempt == attempts or wait is None or wait > self._config.retry_after_cap_s:
+                    exc.error.attempts = attempt
+                    raise exc.error from None
+                await self._sleep(wait + random.uniform(0, 0.1))
+            except (UpstreamFailure, UpstreamRejected) as exc:
+                exc.attempts = attempt
+                raise
+        raise AssertionError("unreachable: every attempt returns or raises")
 
     async def get_task(self, task_id: str) -> Reply:
         """Ask the upstream about one async task (GET; harmless to repeat)."""
@@ -245,7 +243,11 @@ def _classify(status: int, headers: Any, raw: bytes, state: _SendState, *, expec
         )
     error = payload.get("error") if payload is not None else None
     retry_after = _retry_after(headers.get("Retry-After"))
-    if isinstance(error, dict) or status < 500 or (status in RETRYABLE_REFUSALS and retry_after):
+    if (
+        isinstance(error, dict)
+        or status < 500
+        or (status in RETRYABLE_REFUSALS and retry_after is not None)
+    ):
         rejected = _rejected(status, error if isinstance(error, dict) else {})
     else:
         raise UpstreamFailure(

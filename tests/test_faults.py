@@ -1,0 +1,237 @@
+"""The fault matrix: what the upstream and the network can do, and what it costs (nothing, or an
+uncertain hold; never a silent refund, never a blind second purchase).
+
+Each case checks the upstream call count, the status and ``x-should-retry``, and the ledger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.keys import GENERATIONS
+from gateway.periods import period_at
+from tests.conftest import Gateway, Upstream
+from tests.fakes import (
+    gate,
+    hang,
+    html_error,
+    json_error,
+    malformed_json,
+    reset_after_read,
+    truncated_body,
+)
+
+MODES = ["sync", "async"]
+
+
+async def post(gateway: Gateway, mode: str, **payload: Any) -> tuple[int, dict[str, Any], Any]:
+    suffix = "?async=1" if mode == "async" else ""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations" + suffix,
+            headers=gateway.headers(),
+            json={"prompt": "a harbour", **payload},
+        ) as resp:
+            return resp.status, await resp.json(), resp.headers
+
+
+async def ledger(gateway: Gateway) -> list[tuple[str, int]]:
+    rows = await gateway.db._rows("SELECT state, settled FROM ledger ORDER BY created_at")
+    return [tuple(row) for row in rows]
+
+
+async def committed(gateway: Gateway) -> tuple[int, int, int]:
+    period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
+    usage = await gateway.db.usage("design", period.key)
+    return usage.spent, usage.reserved, usage.uncertain
+
+
+def last_log(gateway: Gateway) -> dict[str, Any]:
+    return gateway.log_lines()[-1]
+
+
+@pytest.fixture
+def closed_port() -> int:
+    """A loopback port with nothing listening (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_upstream_down_is_retried_then_costs_nothing(
+    start_gateway, closed_port: int, mode: str
+) -> None:
+    gateway = await start_gateway(upstream={"base_url": f"http://127.0.0.1:{closed_port}"})
+    status, body, headers = await post(gateway, mode)
+    assert status == 502
+    assert body["error"]["code"] == "upstream_unreachable"
+    assert "x-should-retry" not in headers  # nothing was sent: a client retry is safe
+    assert last_log(gateway)["attempts"] == 2
+    assert await ledger(gateway) == [("released", 0)]
+    assert await committed(gateway) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("fault", "status", "code"),
+    [
+        (reset_after_read, 502, "upstream_connection_lost"),
+        (truncated_body, 502, "upstream_connection_lost"),
+        (malformed_json, 502, "upstream_bad_response"),
+        (lambda: html_error(502), 502, "upstream_bad_gateway"),
+        (lambda: html_error(504), 504, "upstream_bad_gateway"),
+        (lambda: html_error(500), 502, "upstream_bad_gateway"),
+        (hang, 504, "upstream_timeout"),
+    ],
+)
+async def test_unknown_outcome_is_never_retried_and_stays_uncertain(
+    start_gateway, upstream: Upstream, mode: str, fault: Any, status: int, code: str
+) -> None:
+    gateway = await start_gateway(upstream={"timeout_s": 0.5})
+    upstream.faults.add(fault())
+    got, body, headers = await post(gateway, mode, quality="high")
+    assert (got, body["error"]["code"]) == (status, code)
+    assert headers["x-should-retry"] == "false"
+    assert headers["X-Request-ID"] in (body["error"]["message"] + headers["X-Request-ID"])
+    assert upstream.faults.seen == 1  # never sent twice
+    assert await ledger(gateway) == [("uncertain", 4000)]
+    assert await committed(gateway) == (0, 0, 4000)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        lambda: json_error(429, "rate_limit_error", "slow down", retry_after="0"),
+        lambda: json_error(503, "server_error", "busy", retry_after="0"),
+        lambda: html_error(503, retry_after="0"),
+    ],
+)
+async def test_refusal_to_start_with_retry_after_is_retried(
+    gateway: Gateway, upstream: Upstream, mode: str, refusal: Any
+) -> None:
+    upstream.faults.add(refusal())
+    status, _, _ = await post(gateway, mode)
+    assert status == (202 if mode == "async" else 200)
+    assert upstream.faults.seen == 2
+    assert len(upstream.sim.generation_requests()) == 1
+    assert last_log(gateway)["attempts"] == 2
+    if mode == "sync":
+        assert await ledger(gateway) == [("captured", 2000)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    ("refusal", "status"),
+    [
+        (lambda: json_error(429, "rate_limit_error", "slow down"), 429),
+        (lambda: json_error(429, "rate_limit_error", "slow down", retry_after="3600"), 429),
+        (lambda: json_error(503, "server_error", "busy"), 503),
+        (lambda: json_error(500, "server_error", "generation failed"), 500),
+        (lambda: json_error(400, "invalid_request_error", "content policy"), 400),
+    ],
+)
+async def test_refusals_without_a_usable_retry_after_are_passed_on_and_released(
+    gateway: Gateway, upstream: Upstream, mode: str, refusal: Any, status: int
+) -> None:
+    upstream.faults.add(refusal())
+    got, body, headers = await post(gateway, mode)
+    assert got == status
+    assert body["error"]["message"] in ("slow down", "busy", "generation failed", "content policy")
+    assert upstream.faults.seen == 1
+    assert await ledger(gateway) == [("released", 0)]
+    if status == 400:
+        assert headers["x-should-retry"] == "false"
+
+
+async def test_twice_refused_gives_up_after_max_attempts(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    for _ in range(2):
+        upstream.faults.add(json_error(503, "server_error", "busy", retry_after="0"))
+    status, _, _ = await post(gateway, "sync")
+    assert status == 503
+    assert upstream.faults.seen == 2
+    assert await ledger(gateway) == [("released", 0)]
+
+
+async def test_upstream_rejecting_the_central_key_is_not_a_team_auth_error(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    upstream.faults.add(json_error(401, "authentication_error", "Invalid API key."))
+    status, body, _ = await post(gateway, "sync")
+    assert status == 502
+    assert body["error"]["code"] == "upstream_auth_failed"
+    assert await ledger(gateway) == [("released", 0)]
+
+
+async def test_slow_upload_reserves_nothing_until_the_body_is_complete(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    more = asyncio.Event()
+    first_chunk_sent = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "a slow'
+        first_chunk_sent.set()
+        await more.wait()
+        yield b' upload"}'
+
+    async with aiohttp.ClientSession() as http:
+        request = asyncio.create_task(
+            http.post(
+                gateway.url + "/v1/images/generations",
+                headers={**gateway.headers(), "Content-Type": "application/json"},
+                data=body(),
+            )
+        )
+        await first_chunk_sent.wait()
+        assert await ledger(gateway) == []
+        assert upstream.sim.received == []
+        more.set()
+        async with await request as resp:
+            assert resp.status == 200
+    assert await ledger(gateway) == [("captured", 2000)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_client_disconnect_does_not_stop_the_generation(
+    gateway: Gateway, upstream: Upstream, mode: str
+) -> None:
+    release, arrived = asyncio.Event(), asyncio.Event()
+    upstream.faults.add(gate(release, arrived))
+    request = asyncio.create_task(post(gateway, mode))
+    await arrived.wait()
+    request.cancel()  # the client goes away mid-request
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    running = list(gateway.app[GENERATIONS]._by_request.values())
+    assert len(running) == 1
+    release.set()
+    outcome = await running[0]
+    assert outcome.status == (202 if mode == "async" else 200)
+    if mode == "sync":
+        assert await ledger(gateway) == [("captured", 2000)]
+        status, body, headers = await post_retry(gateway)
+        assert status == 200 and headers["X-Gateway-Deduplicated"] == outcome.request_id
+        assert body == outcome.payload
+        assert len(upstream.sim.generation_requests()) == 1
+    else:
+        assert (await gateway.db.task(outcome.task_id)).status == "pending"
+
+
+async def post_retry(gateway: Gateway) -> tuple[int, dict[str, Any], Any]:
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations",
+            headers=gateway.headers(**{"x-stainless-retry-count": "1"}),
+            json={"prompt": "a harbour"},
+        ) as resp:
+            return resp.status, await resp.json(), resp.headers
