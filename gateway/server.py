@@ -43,7 +43,7 @@ async def serve(
             await web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)  # repeated while draining: no effect
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(app, config_path))
         log.info("listening on %s (%d teams)", url, len(settings.teams))
@@ -53,8 +53,7 @@ async def serve(
         await stop.wait()
         log.info("stopping: draining in-flight requests for up to %ss", settings.server.drain_s)
         notify("STOPPING=1", "STATUS=draining")
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
+        loop.remove_signal_handler(signal.SIGHUP)
     finally:
         if metrics_runner is not None:
             await metrics_runner.cleanup()

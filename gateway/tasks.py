@@ -101,8 +101,8 @@ class TaskTracker:
             try:
                 await self.settle_due()
                 next_due = await self._db.next_task_due()
-            except (OSError, ValueError) as exc:  # a database hiccup must not end the loop
-                log.error("settler pass failed: %r", exc)
+            except Exception:  # the settler must outlive any one bad pass
+                log.exception("settler pass failed; retrying later")
                 next_due = None
             delay = self._config.settle_max_interval_s
             if next_due is not None:

@@ -101,14 +101,21 @@ def hang(release: asyncio.Event | None = None) -> Fault:
     return fault
 
 
-def gate(release: asyncio.Event, arrived: asyncio.Event | None = None) -> Fault:
+def gate(
+    release: asyncio.Event,
+    arrived: asyncio.Event | None = None,
+    answered: asyncio.Event | None = None,
+) -> Fault:
     """Hold the request until the test sets ``release``, then let the simulator answer it."""
 
     async def fault(request: web.Request, handler: Any) -> web.StreamResponse:
         if arrived is not None:
             arrived.set()
         await release.wait()
-        return await handler(request)
+        response = await handler(request)
+        if answered is not None:
+            answered.set()
+        return response
 
     return fault
 

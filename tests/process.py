@@ -1,0 +1,98 @@
+"""A real gateway process for tests: started from a TOML file, synchronized through sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import UPSTREAM_KEY
+
+STARTUP_TIMEOUT_S = 30
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML for test configs: scalars, lists of scalars, nested tables."""
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    lines = [f"[{prefix}]"] if prefix and scalars else []
+    lines += [f"{key} = {json.dumps(value)}" for key, value in scalars.items()]
+    text = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in tables.items():
+        text += to_toml(value, f"{prefix}.{key}" if prefix else key)
+    return text
+
+
+class GatewayProcess:
+    """``python -m gateway serve --config`` with its own NOTIFY_SOCKET."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self._dir = Path(tempfile.mkdtemp(prefix="gw-notify-"))  # sun_path is short: keep it short
+        self.notify_path = self._dir / "n.sock"
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(self.notify_path))
+        self.notify.setblocking(False)
+        self.messages: list[str] = []
+        self.proc: asyncio.subprocess.Process | None = None
+        self.url = ""
+
+    async def start(self) -> str:
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": str(self.notify_path),
+            "TEST_UPSTREAM_KEY": UPSTREAM_KEY,
+        }
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
+            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        ready = await self.expect("READY=1", seconds=STARTUP_TIMEOUT_S)
+        status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
+        self.url = status.removeprefix("STATUS=listening on ")
+        return self.url
+
+    async def expect(self, field: str, seconds: float = 20) -> str:
+        """The next notify datagram containing ``field`` (earlier ones are kept in ``messages``)."""
+        loop = asyncio.get_running_loop()
+
+        async def receive() -> str:
+            while True:
+                message = (await loop.sock_recv(self.notify, 4096)).decode()
+                self.messages.append(message)
+                if field in message.splitlines():
+                    return message
+
+        return await asyncio.wait_for(receive(), seconds)
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    async def stop(self, *, signal_it: bool = True) -> tuple[int, str]:
+        """SIGTERM (unless already sent), then the exit code and everything it wrote to stderr."""
+        assert self.proc is not None
+        if signal_it and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(self.proc.communicate(), 60)
+        return self.proc.returncode or 0, stderr.decode()
+
+    async def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        await self.proc.wait()
+
+    async def close(self) -> None:
+        if self.proc is not None:
+            if self.proc.returncode is None:
+                self.proc.kill()
+            await self.proc.communicate()  # reap it and close its pipes inside this event loop
+        self.notify.close()
+        self.notify_path.unlink(missing_ok=True)
+        self._dir.rmdir()
