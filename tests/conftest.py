@@ -120,19 +120,43 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+SECRETS = (UPSTREAM_KEY, *TEAM_KEYS.values(), ADMIN_KEY)
+
+
+def secret_guard(leaks: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Outermost middleware of every test gateway: notes any key found in a response."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        body = response.body if isinstance(response, web.Response) else b""
+        text = str(response.headers) + (body.decode("latin-1") if isinstance(body, bytes) else "")
+        leaks.extend(f"{request.path}: {secret[:8]}..." for secret in SECRETS if secret in text)
+        return response
+
+    return guard
+
+
 @pytest.fixture
 async def start_gateway(
     aiohttp_server: Callable[..., Awaitable[TestServer]],
     upstream: Upstream,
     tmp_path: Path,
     clock: FakeClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
-    """Start a gateway (config overrides as keyword tables) in front of the fake upstream."""
+    """Start a gateway (config overrides as keyword tables) in front of the fake upstream.
+
+    At teardown every response, access-log line and diagnostic log record of the test is
+    checked for keys and (in logs) base64 data: none may appear.
+    """
     started: list[Gateway] = []
+    leaks: list[str] = []
 
     async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
         settings = build_settings(tmp_path, upstream.url, **overrides)
         app = create_app(settings, clock=with_clock or clock)
+        app.middlewares.insert(0, secret_guard(leaks))
         server = await aiohttp_server(app)
         gateway = Gateway(
             str(server.make_url("")).rstrip("/"),
@@ -152,6 +176,10 @@ async def start_gateway(
                 await client.close()
             else:
                 client.close()
+    assert leaks == [], leaks
+    logs = caplog.text + "".join(g.access_log.read_text() for g in started if g.access_log.exists())
+    for needle in (*SECRETS, "base64,"):
+        assert needle not in logs, f"{needle[:8]}... found in a log"
 
 
 @pytest.fixture

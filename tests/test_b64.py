@@ -1,0 +1,108 @@
+"""``b64_json`` for clients written for gpt-image-1: downloads only from the upstream's own hosts."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from gateway.pngs import solid_png
+from tests.conftest import Gateway, Upstream
+from tests.fakes import respond
+
+
+async def evil_server(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> tuple[TestServer, list[str]]:
+    """A server the gateway must never fetch from; it records every hit."""
+    hits: list[str] = []
+
+    async def anything(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(body=solid_png(2, 2, (255, 0, 0)), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", anything)
+    return await aiohttp_server(app), hits
+
+
+async def fetch(url: str) -> bytes:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url) as resp:
+            return await resp.read()
+
+
+async def test_b64_json_decodes_to_the_served_png(gateway: Gateway, upstream: Upstream) -> None:
+    result = await gateway.async_openai().images.generate(
+        prompt="x", n=2, response_format="b64_json"
+    )
+    assert len(result.data) == 2
+    stored = await gateway.db._rows("SELECT result FROM settlements")
+    urls = [item["url"] for item in json.loads(stored[0][0])["data"]]
+    for item, url in zip(result.data, urls, strict=True):
+        assert item.url is None
+        assert base64.b64decode(item.b64_json) == await fetch(url)
+    assert "response_format" not in upstream.sim.generation_requests()[0].body
+
+
+async def test_team_default_response_format(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(teams={"design": {"default_response_format": "b64_json"}})
+    client = gateway.async_openai()
+    implicit = await client.images.generate(prompt="x", model="gpt-image-1")
+    assert implicit.data[0].b64_json and implicit.data[0].url is None
+    explicit = await client.images.generate(prompt="x", response_format="url")
+    assert explicit.data[0].url and explicit.data[0].b64_json is None
+
+
+async def test_hostile_result_url_is_never_fetched(
+    gateway: Gateway, upstream: Upstream, aiohttp_server
+) -> None:
+    server, hits = await evil_server(aiohttp_server)
+    evil = f"http://localhost:{server.port}/steal.png"  # another host name, not the upstream's
+    upstream.faults.add(respond({"created": 1, "id": "u1", "data": [{"url": evil}]}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations",
+            headers=gateway.headers(),
+            json={"prompt": "x", "response_format": "b64_json"},
+        ) as resp:
+            assert resp.status == 200
+            body = await resp.json()
+            assert "not an upstream host" in resp.headers["X-Gateway-Warning"]
+    assert body["data"] == [{"url": evil}]  # paid for: the client still gets it
+    assert hits == []
+
+
+async def test_redirect_to_a_foreign_host_is_not_followed(
+    gateway: Gateway, upstream: Upstream, aiohttp_server
+) -> None:
+    server, hits = await evil_server(aiohttp_server)
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://localhost:{server.port}/x.png")
+
+    redirector = web.Application()
+    redirector.router.add_get("/{tail:.*}", redirect)
+    bouncer = await aiohttp_server(redirector)
+    url = f"http://127.0.0.1:{bouncer.port}/v1/images/files/gpt-image-2/20260101/a-1.png"
+    upstream.faults.add(respond({"created": 1, "id": "u1", "data": [{"url": url}]}))
+    result = await gateway.async_openai().images.generate(prompt="x", response_format="b64_json")
+    assert result.data[0].url == url and result.data[0].b64_json is None
+    assert hits == []
+
+
+async def test_download_size_cap(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(upstream={"download_max_mb": 0.00001})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations",
+            headers=gateway.headers(),
+            json={"prompt": "x", "response_format": "b64_json"},
+        ) as resp:
+            assert resp.status == 200
+            assert "larger than" in resp.headers["X-Gateway-Warning"]
+            assert (await resp.json())["data"][0]["url"]
