@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,10 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging() -> None:
+    # Under systemd the journal stamps every line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
     logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.INFO, format=stamp + "%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
 
@@ -107,13 +108,17 @@ def _usage(args: argparse.Namespace) -> int:
         return 1
 
     async def report() -> dict:
-        db = await Database.open(settings.database)
+        db = await Database.open_read_only(settings.database)
         try:
             return await usage_report(db, settings, utc_now(), only=args.team)
         finally:
             await db.close()
 
-    result = asyncio.run(report())
+    try:
+        result = asyncio.run(report())
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 1
     print(
         json.dumps(result, indent=2) if args.json else format_report(result),
         end="\n" if args.json else "",

@@ -376,6 +376,13 @@ def _central_key(
         t.errors.append(f"{t.name('api_key_env')} and {t.name('api_key_file')}: set only one")
         return Secret("")
     if key_file:
+        unset = sorted(name for name in _env_names(key_file) if name not in env)
+        if unset:
+            t.errors.append(
+                f"{t.name('api_key_file')} uses ${unset[0]}, which is not set (systemd sets "
+                "$CREDENTIALS_DIRECTORY for the service; set it yourself to check the file)"
+            )
+            return Secret("")
         path = _resolve(_expand_env(key_file, env), base_dir)
         try:
             value = path.read_text(encoding="utf-8").strip()
@@ -396,8 +403,15 @@ def _central_key(
     return Secret(value)
 
 
+ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def _env_names(value: str) -> list[str]:
+    return [m[1] or m[2] for m in ENV_REFERENCE.finditer(value)]
+
+
 def _expand_env(value: str, env: Mapping[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m[1] or m[2], m[0]), value)
+    return ENV_REFERENCE.sub(lambda m: env[m[1] or m[2]], value)
 
 
 def _prices(t: _Table) -> dict[str, int]:

@@ -188,10 +188,23 @@ class Database:
         await reader.execute("PRAGMA busy_timeout=10000")
         return cls(writer, reader)
 
+    @classmethod
+    async def open_read_only(cls, path: Path) -> Database:
+        """For offline reports: never creates or changes a file, whoever runs it.
+
+        With no ``-wal`` file there is no gateway writing, so the file is opened ``immutable``
+        and SQLite creates no ``-wal``/``-shm`` files (which, made by root, would lock the
+        service's own user out at its next start).
+        """
+        uri = _read_only_uri(path)
+        connection = await aiosqlite.connect(uri, uri=True)
+        return cls(connection, connection)
+
     async def close(self) -> None:
         async with self._lock:
             await self._reader.close()
-            await self._writer.close()
+            if self._writer is not self._reader:
+                await self._writer.close()
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -426,6 +439,13 @@ _TASK_SELECT = (
     " t.next_poll_at, h.amount, h.unit_price, h.quality, h.n, s.state FROM tasks t"
     " JOIN holds h USING (request_id) LEFT JOIN settlements s USING (request_id)"
 )
+
+
+def _read_only_uri(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path} (has the gateway run yet?)")
+    live = path.with_name(path.name + "-wal").exists()
+    return f"{path.absolute().as_uri()}?{'mode=ro' if live else 'immutable=1'}"
 
 
 def _settle_params(request_id: str, s: Settlement, now: float) -> tuple[Any, ...]:

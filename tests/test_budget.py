@@ -297,3 +297,33 @@ period = "total"
         "remaining_cny",
         "images",
     }
+
+
+async def test_usage_cli_never_creates_files_when_the_gateway_is_stopped(
+    start_gateway, tmp_path, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(teams={"design": {"period": "total"}})
+    async with aiohttp.ClientSession() as http:
+        await generate(http, gateway)
+    await gateway.server.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert "gateway.db-wal" not in before
+    config = tmp_path / "usage.toml"
+    config.write_text(
+        f'[storage]\ndatabase = "gateway.db"\n[teams.design]\nkeys_sha256 = ["{"0" * 64}"]\nbudget_cny = 1.0\nperiod = "total"\n'
+    )
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "usage", "--config", str(config), "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert json.loads(out)["teams"]["design"]["spent_cny"] == pytest.approx(0.2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "usage.toml"])
+    (tmp_path / "gateway.db").rename(tmp_path / "moved.db")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "usage", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await proc.communicate()
+    assert proc.returncode == 1 and b"no database" in err

@@ -203,3 +203,9 @@ def test_periods_in_utc_and_a_zone() -> None:
     daily = period_at("daily", now, ZoneInfo("America/New_York"))
     assert daily.key == "daily:2026-12-31"
     assert period_at("total", now, ZoneInfo("UTC")).end is None
+
+
+def test_unset_variable_in_api_key_file_is_named() -> None:
+    data = {**MINIMAL, "upstream": {"api_key_file": "${CREDENTIALS_DIRECTORY}/upstream-key"}}
+    found = problems(data, env={})
+    assert any("$CREDENTIALS_DIRECTORY, which is not set" in p for p in found), found
