@@ -13,6 +13,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from gateway.images import sniff_image_type
@@ -142,7 +143,7 @@ async def _read_multipart(
                     raise InvalidRequest(
                         f"The field {name!r} is not UTF-8 text.", param=name
                     ) from None
-    except (ValueError, AssertionError, RuntimeError, LookupError) as exc:
+    except (ValueError, AssertionError, RuntimeError, LookupError, HttpProcessingError) as exc:
         raise InvalidRequest(
             f"The multipart body is malformed ({exc or type(exc).__name__}).",
             code="invalid_multipart",

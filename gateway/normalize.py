@@ -165,7 +165,20 @@ def _prompt(value: object) -> str:
         raise InvalidRequest(
             f"prompt is longer than {MAX_PROMPT_CHARS} characters.", param="prompt"
         )
+    if not _is_unicode(value):
+        raise InvalidRequest(
+            "prompt is not valid Unicode (a lone surrogate escape).", param="prompt"
+        )
     return value
+
+
+def _is_unicode(text: str) -> bool:
+    """False for strings holding lone surrogates: JSON lets "\\ud800" through, UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _n(value: object, form: bool) -> int:
