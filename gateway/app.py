@@ -38,7 +38,8 @@ from gateway.limits import TeamLimiter
 from gateway.live import LiveConfig
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import gateway_middleware
-from gateway.periods import utc_now
+from gateway.money import units_to_cny
+from gateway.periods import period_at, utc_now
 from gateway.tasks import TaskTracker
 from gateway.upstream import UpstreamClient
 
@@ -86,7 +87,19 @@ async def metrics_handler(request: web.Request) -> web.Response:
         raise NotFound("Metrics are disabled.")
     if snapshot.settings.metrics.require_admin:
         handlers.require_admin(request, snapshot)
+    await _refresh_budgets(request.app)
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def _refresh_budgets(app: web.Application) -> None:
+    """Budget remaining per team, read when scraped rather than kept up to date per request."""
+    settings = app[CONFIG].current.settings
+    now = app[CLOCK]()
+    gauge = app[METRICS].budget_remaining
+    for team in settings.teams.values():
+        period = period_at(team.period, now, settings.server.tz)
+        usage = await app[DB].usage(team.name, period.key)
+        gauge.labels(team.name).set(units_to_cny(team.budget - usage.committed))
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:

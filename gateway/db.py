@@ -5,29 +5,30 @@ Money rules live in the schema, so no code path can get them wrong:
 - ``holds`` and ``settlements`` are append-only (triggers refuse UPDATE and DELETE).
 - Inserting a hold *is* the reservation: a trigger checks ``spent + reserved + uncertain + amount
   <= budget`` for the team's period and moves the amount into ``reserved`` inside the same
-  statement. One SQLite statement is one atomic write transaction, and every write goes through
-  one connection under one lock, so no two reservations can both see the same headroom.
+  statement. Every write runs on one connection in one thread (``dbwriter.Writer``), one after
+  the other inside IMMEDIATE transactions, so no two reservations can see the same headroom.
 - A request is settled at most once: ``settlements.request_id`` is the primary key, and the
   settlement trigger moves the hold out of ``reserved`` into ``spent`` or ``uncertain``.
 
-The database runs in WAL mode with ``synchronous=FULL``: a reservation is on disk before the
-upstream is called. Reads use a second, read-only connection and never see a half-done write.
+The database runs in WAL mode with ``synchronous=FULL``, and a write returns only once its
+transaction is committed: a reservation is on disk before the upstream is called.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
+from gateway.dbwriter import Writer
 from gateway.ledger import BudgetRefused, Hold, HoldState, Settlement, Usage
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -159,33 +160,27 @@ class StoredOutcome:
 
 
 class Database:
-    """Open with ``await Database.open(path)``; every method is a complete operation."""
+    """Open with ``await Database.open(path)``; every method is one complete operation.
 
-    def __init__(self, writer: aiosqlite.Connection, reader: aiosqlite.Connection) -> None:
+    Writes go through the group-commit ``Writer`` (its own thread and connection); reads use a
+    separate read-only aiosqlite connection, so they never wait for a commit and never see an
+    uncommitted write. The sync request path reads nothing: the writes return the usage.
+    """
+
+    def __init__(self, writer: Writer | None, reader: aiosqlite.Connection) -> None:
         self._writer = writer
         self._reader = reader
-        self._lock = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Database:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer = await aiosqlite.connect(path, isolation_level=None)
+        writer = await Writer.open(path, _prepare)
         try:
-            await writer.execute("PRAGMA journal_mode=WAL")
-            await writer.execute("PRAGMA synchronous=FULL")
-            await writer.execute("PRAGMA foreign_keys=ON")
-            await writer.execute("PRAGMA busy_timeout=10000")
-            await writer.executescript(SCHEMA)
-            await writer.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-                (str(SCHEMA_VERSION),),
-            )
             uri = f"{path.absolute().as_uri()}?mode=ro"  # noqa: ASYNC240 - getcwd, no disk I/O
             reader = await aiosqlite.connect(uri, uri=True)
+            await reader.execute("PRAGMA busy_timeout=10000")
         except BaseException:
             await writer.close()
             raise
-        await reader.execute("PRAGMA busy_timeout=10000")
         return cls(writer, reader)
 
     @classmethod
@@ -196,59 +191,49 @@ class Database:
         and SQLite creates no ``-wal``/``-shm`` files (which, made by root, would lock the
         service's own user out at its next start).
         """
-        uri = _read_only_uri(path)
-        connection = await aiosqlite.connect(uri, uri=True)
-        return cls(connection, connection)
+        return cls(None, await aiosqlite.connect(_read_only_uri(path), uri=True))
 
     async def close(self) -> None:
-        async with self._lock:
-            await self._reader.close()
-            if self._writer is not self._reader:
-                await self._writer.close()
+        """Commit what is queued and close; closing twice is harmless."""
+        await self._reader.close()
+        if self._writer is not None:
+            await self._writer.close()
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+    async def _run(
+        self, operation: Callable[[sqlite3.Connection], T], *, atomic: bool = False
+    ) -> T:
+        if self._writer is None:
+            raise sqlite3.ProgrammingError("this database was opened read-only")
+        return await self._writer.run(operation, atomic=atomic)
 
     async def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
-        """One statement, one atomic transaction; returns the rows it changed."""
-        async with self._lock:
-            cursor = await self._writer.execute(sql, tuple(params))
-            return cursor.rowcount
+        """One statement; returns the rows it changed."""
+        values = tuple(params)
+        return await self._run(lambda conn: conn.execute(sql, values).rowcount)
 
-    async def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+    async def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         async with self._reader.execute(sql, tuple(params)) as cursor:
             return list(await cursor.fetchall())
 
     # -- money -------------------------------------------------------------------------------
 
-    async def reserve(self, hold: Hold) -> None:
-        """Record ``hold`` and reserve its amount, or raise BudgetRefused."""
-        try:
-            await self._write(
-                "INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality,"
-                " n, unit_price, amount, budget, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    hold.request_id, hold.team, hold.period, hold.created_at, hold.endpoint,
-                    hold.mode, hold.quality, hold.n, hold.unit_price, hold.amount, hold.budget,
-                    hold.fingerprint,
-                ),
-            )  # fmt: skip
-        except sqlite3.IntegrityError as exc:
-            if str(exc) == "budget_exceeded":
-                raise BudgetRefused from None
-            raise
+    async def reserve(self, hold: Hold) -> Usage:
+        """Record ``hold`` and reserve its amount; the team's usage after it, or BudgetRefused."""
+
+        def reserve(conn: sqlite3.Connection) -> Usage:
+            try:
+                conn.execute(_RESERVE_SQL, _hold_params(hold))
+            except sqlite3.IntegrityError as exc:
+                if str(exc) == "budget_exceeded":
+                    raise BudgetRefused(_usage(conn, hold.team, hold.period)) from None
+                raise
+            return _usage(conn, hold.team, hold.period)
+
+        return await self._run(reserve)
 
     async def settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
-        """Settle a hold once; False if it was already settled (the earlier settlement stands)."""
-        return await self._write(_SETTLE_SQL, _settle_params(request_id, settlement, now)) == 1
+        """Settle a hold once; False if it was settled before (that settlement stands)."""
+        return await self._run(lambda conn: _settle(conn, request_id, settlement, now))
 
     async def usage(self, team: str, period: str) -> Usage:
         rows = await self._rows(
@@ -309,9 +294,8 @@ class Database:
         return (rows[0][0], rows[0][1]) if rows else None
 
     async def check_writable(self) -> None:
-        async with self._lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            await self._writer.execute("ROLLBACK")
+        """An empty write transaction: fails if the file or its directory cannot be written."""
+        await self._run(lambda conn: None)
 
     # -- async tasks -------------------------------------------------------------------------
 
@@ -360,16 +344,16 @@ class Database:
         self, row: TaskRow, status: str, result: str | None, settlement: Settlement, now: float
     ) -> bool:
         """Store a terminal answer and settle the hold, both or neither; False if done before."""
-        async with self._transaction() as conn:
-            cursor = await conn.execute(
+
+        def finish(conn: sqlite3.Connection) -> bool:
+            changed = conn.execute(
                 "UPDATE tasks SET status = ?, result = ?, polls = polls + 1"
                 " WHERE task_id = ? AND status = 'pending'",
                 (status, result, row.task_id),
-            )
-            if cursor.rowcount != 1:
-                return False
-            await conn.execute(_SETTLE_SQL, _settle_params(row.request_id, settlement, now))
-            return True
+            ).rowcount
+            return changed == 1 and _settle(conn, row.request_id, settlement, now)
+
+        return await self._run(finish, atomic=True)
 
     async def expire_task(self, row: TaskRow, now: float) -> bool:
         """A task pending too long: its hold becomes uncertain; polls may still fetch it."""
@@ -390,26 +374,27 @@ class Database:
         self, team: str, key: str, *, fingerprint: str, request_id: str, now: float, keep_s: float
     ) -> StoredOutcome | None:
         """Claim (team, key) for this request; return the earlier claim instead if there is one."""
-        async with self._transaction() as conn:
-            await conn.execute(
+
+        def claim(conn: sqlite3.Connection) -> StoredOutcome | None:
+            conn.execute(
                 "DELETE FROM idempotency WHERE team = ? AND key = ? AND created_at < ?",
                 (team, key, now - keep_s),
             )
-            cursor = await conn.execute(
+            inserted = conn.execute(
                 "INSERT INTO idempotency (team, key, fingerprint, request_id, created_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
                 (team, key, fingerprint, request_id, now),
-            )
-            if cursor.rowcount == 1:
+            ).rowcount
+            if inserted == 1:
                 return None
-            async with conn.execute(
+            row = conn.execute(
                 "SELECT fingerprint, request_id, status, body, headers FROM idempotency"
                 " WHERE team = ? AND key = ?",
                 (team, key),
-            ) as rows:
-                row = await rows.fetchone()
-        assert row is not None
-        return StoredOutcome(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"))
+            ).fetchone()
+            return StoredOutcome(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"))
+
+        return await self._run(claim, atomic=True)
 
     async def store_idempotent_outcome(
         self, team: str, key: str, status: int, body: str, headers: dict[str, str]
@@ -429,9 +414,46 @@ class Database:
         return await self._write("DELETE FROM idempotency WHERE created_at < ?", (before,))
 
 
+def _prepare(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    conn.executescript(SCHEMA)
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+        (str(SCHEMA_VERSION),),
+    )
+
+
+def _usage(conn: sqlite3.Connection, team: str, period: str) -> Usage:
+    row = conn.execute(
+        "SELECT spent, reserved, uncertain FROM usage WHERE team = ? AND period = ?", (team, period)
+    ).fetchone()
+    return Usage(*row) if row else Usage()
+
+
+def _settle(conn: sqlite3.Connection, request_id: str, settlement: Settlement, now: float) -> bool:
+    return conn.execute(_SETTLE_SQL, _settle_params(request_id, settlement, now)).rowcount == 1
+
+
+_RESERVE_SQL = (
+    "INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality,"
+    " n, unit_price, amount, budget, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+
+def _hold_params(hold: Hold) -> tuple[Any, ...]:
+    return (
+        hold.request_id, hold.team, hold.period, hold.created_at, hold.endpoint, hold.mode,
+        hold.quality, hold.n, hold.unit_price, hold.amount, hold.budget, hold.fingerprint,
+    )  # fmt: skip
+
+
 _SETTLE_SQL = (
     "INSERT INTO settlements (request_id, state, amount, images, upstream_id, reason, result,"
-    " settled_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (request_id) DO NOTHING"
+    " settled_at) SELECT ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS"
+    " (SELECT 1 FROM holds WHERE request_id = ?1) ON CONFLICT (request_id) DO NOTHING"
 )
 
 _TASK_SELECT = (

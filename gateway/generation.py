@@ -19,7 +19,7 @@ from typing import Any, Literal
 from gateway.config import TeamConfig
 from gateway.db import Database
 from gateway.errors import GatewayError, UpstreamFailure, UpstreamRejected
-from gateway.ledger import BudgetRefused, Hold, Settlement
+from gateway.ledger import BudgetRefused, Hold, Settlement, Usage
 from gateway.metrics import Metrics
 from gateway.normalize import ImageRequest
 from gateway.periods import Period
@@ -54,6 +54,7 @@ class Outcome:
     status: int
     request_id: str
     payload: dict[str, Any] | None = None
+    raw: bytes | None = None  # the upstream's body as received, when it can be passed on as is
     error: GatewayError | None = None
     reserved: int = 0
     cost: int = 0
@@ -65,7 +66,17 @@ class Outcome:
     attempts: int = 0
     final: bool = False
     dedupe_of: str | None = None
+    usage: Usage | None = None  # the team's usage once this request's hold was placed
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Running:
+    """A generation in progress: ``ready`` resolves when its answer is known, ``task`` ends
+    once its settlement is committed too."""
+
+    task: asyncio.Task[None]
+    ready: asyncio.Future[Outcome]
 
 
 class Generations:
@@ -82,28 +93,39 @@ class Generations:
         self._tasks = tasks
         self._metrics = metrics
         self._clock = clock
-        self._latest: dict[tuple[str, str], asyncio.Task[Outcome]] = {}
-        self._by_request: dict[str, asyncio.Task[Outcome]] = {}
+        self._latest: dict[tuple[str, str], _Running] = {}
+        self._by_request: dict[str, _Running] = {}
         self._drain_started: float | None = None
 
     def is_running(self, request_id: str) -> bool:
         return request_id in self._by_request
 
     async def run(self, job: Job) -> Outcome:
-        """Start the generation and wait for it; the wait may be cancelled, the generation not."""
-        task = asyncio.create_task(self._generate(job), name=f"generation {job.request_id}")
+        """Start the generation and wait for its answer (the wait may be cancelled, not the work).
+
+        The answer comes as soon as the upstream's reply is in; its settlement is committed
+        right after, while the client already reads. That is safe because a settlement never
+        raises the money counted against the budget (a capture moves at most the held amount
+        from reserved to spent), so if the process dies before it commits, the hold recovers
+        as uncertain: still counted, never lost. Retries and drains wait for the settlement.
+        """
+        ready: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._generate(job, ready), name=f"generation {job.request_id}")
+        running = _Running(task, ready)
         key = (job.team.name, job.fingerprint)
-        self._latest[key] = task
-        self._by_request[job.request_id] = task
-        task.add_done_callback(lambda done: self._forget(key, job.request_id, done))
-        return await asyncio.shield(task)
+        self._latest[key] = running
+        self._by_request[job.request_id] = running
+        task.add_done_callback(lambda done: self._forget(key, job.request_id, running))
+        return await asyncio.shield(ready)
 
     async def attach(self, team: str, fingerprint: str, since: float) -> Outcome | None:
         """For a client retry: the outcome of the attempt it repeats, if running or succeeded."""
         running = self._latest.get((team, fingerprint))
         if running is not None:
-            outcome = await asyncio.shield(running)
-            return _as_dedupe(outcome)
+            outcome = await asyncio.shield(running.ready)
+            if outcome.error is None or outcome.final:
+                return _as_dedupe(outcome)  # its image, or its unknown outcome: never buy again
+            # It failed for sure and cost nothing: the retry may try again.
         stored = await self._db.recent_success(team, fingerprint, since)
         if stored is None:
             return None
@@ -119,13 +141,19 @@ class Generations:
             dedupe_of=request_id,
         )
 
+    async def settled(self) -> None:
+        """Wait until every generation started so far has committed its settlement."""
+        tasks = [running.task for running in self._by_request.values()]
+        if tasks:
+            await asyncio.wait(tasks)
+
     def begin_drain(self) -> None:
         """Shutdown has begun: the drain time counts from now."""
         self._drain_started = asyncio.get_running_loop().time()
 
     async def drain(self, drain_s: float) -> int:
         """Wait out the drain time for running generations; cancel (mark uncertain) the rest."""
-        tasks = set(self._by_request.values())
+        tasks = {running.task for running in self._by_request.values()}
         if not tasks:
             return 0
         now = asyncio.get_running_loop().time()
@@ -138,14 +166,21 @@ class Generations:
             await asyncio.wait(pending)
         return len(pending)
 
-    def _forget(self, key: tuple[str, str], request_id: str, task: asyncio.Task[Outcome]) -> None:
-        if self._latest.get(key) is task:
+    def _forget(self, key: tuple[str, str], request_id: str, running: _Running) -> None:
+        if self._latest.get(key) is running:
             del self._latest[key]
         self._by_request.pop(request_id, None)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("generation %s failed: %r", request_id, task.exception())
+        task = running.task
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            log.error("generation %s failed: %r", request_id, failure)
+        if not running.ready.done():
+            if failure is None:
+                running.ready.cancel()
+            else:
+                running.ready.set_exception(failure)
 
-    async def _generate(self, job: Job) -> Outcome:
+    async def _generate(self, job: Job, ready: asyncio.Future[Outcome]) -> None:
         hold = hold_for(
             request_id=job.request_id,
             team=job.team,
@@ -158,70 +193,71 @@ class Generations:
         )
         started = asyncio.get_running_loop().time()
         try:
-            await self._db.reserve(hold)
-        except BudgetRefused:
-            usage = await self._db.usage(job.team.name, job.period.key)
-            error = budget_refusal(job.team, job.period, usage, hold.amount)
-            return Outcome(error.status, job.request_id, error=error)
+            usage = await self._db.reserve(hold)
+        except BudgetRefused as refused:
+            error = budget_refusal(job.team, job.period, refused.usage, hold.amount)
+            ready.set_result(
+                Outcome(error.status, job.request_id, error=error, usage=refused.usage)
+            )
+            return
         self._metrics.reserve_seconds.observe(asyncio.get_running_loop().time() - started)
+        outcome = Outcome(0, job.request_id, reserved=hold.amount, usage=usage)
         try:
-            return await self._forward(job, hold)
+            settlement = await self._forward(job, hold, outcome)
         except BaseException:
             # Cancelled (shutdown past the drain time) or a bug: the upstream may have worked.
-            settle = self._settle(hold, Settlement("uncertain", hold.amount, reason="interrupted"))
-            await asyncio.shield(settle)
+            interrupted = Settlement("uncertain", hold.amount, reason="interrupted")
+            await asyncio.shield(self._settle(hold, interrupted))
             raise
+        ready.set_result(outcome)
+        if settlement is not None:
+            await self._settle(hold, settlement)
 
-    async def _forward(self, job: Job, hold: Hold) -> Outcome:
-        outcome = Outcome(0, job.request_id, reserved=hold.amount)
+    async def _forward(self, job: Job, hold: Hold, outcome: Outcome) -> Settlement | None:
+        """Send the request, fill in ``outcome``; the settlement it calls for (None: async)."""
         try:
             reply = await self._upstream.submit(
                 job.path, upstream_body(job.request), dict(job.query)
             )
-        except UpstreamRejected as exc:
-            await self._settle(hold, Settlement("released", 0, reason=exc.message[:500]))
+        except UpstreamRejected as exc:  # the upstream said no: nothing was generated
             outcome.status, outcome.error, outcome.upstream_status = exc.status, exc, exc.status
             outcome.attempts = exc.attempts
             outcome.final = (
                 exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
             )
-            return outcome
-        except UpstreamFailure as exc:
-            state = "uncertain" if exc.uncertain else "released"
-            amount = hold.amount if exc.uncertain else 0
-            await self._settle(hold, Settlement(state, amount, reason=exc.code))
+            return Settlement("released", 0, reason=exc.message[:500])
+        except UpstreamFailure as exc:  # never sent (released) or the answer was lost (uncertain)
             outcome.status, outcome.error, outcome.final = exc.status, exc, exc.uncertain
             outcome.attempts = exc.attempts
-            return outcome
-        outcome.upstream_status = reply.status
-        outcome.upstream_ms = reply.upstream_ms
+            if exc.uncertain:
+                return Settlement("uncertain", hold.amount, reason=exc.code)
+            return Settlement("released", 0, reason=exc.code)
+        outcome.status, outcome.final = reply.status, True
+        outcome.payload, outcome.raw = reply.payload, reply.raw
+        outcome.upstream_status, outcome.upstream_ms = reply.status, reply.upstream_ms
         outcome.attempts = reply.attempts
-        outcome.payload = reply.payload
         self._metrics.upstream_seconds.labels(job.request.endpoint, job.mode).observe(
             reply.upstream_ms / 1000
         )
-        if job.mode == "async":
+        if job.mode == "async":  # settled when the task ends; recorded before the 202 goes out
             outcome.task_id = str(reply.payload["task_id"])
             await self._tasks.submitted(
                 outcome.task_id, job.team.name, job.request_id, hold.created_at
             )
-            outcome.status, outcome.final = reply.status, True
-            return outcome
+            return None
         upstream_id = reply.payload.get("id")
-        settlement = capture(
+        captured = capture(
             hold,
             len(reply.payload["data"]),
             upstream_id if isinstance(upstream_id, str) else None,
             reply.raw.decode("utf-8", "replace"),
         )
-        await self._settle(hold, settlement)
-        outcome.status, outcome.final = 200, True
         outcome.cost, outcome.images, outcome.upstream_id = (
-            settlement.amount,
-            settlement.images,
-            settlement.upstream_id,
+            captured.amount,
+            captured.images,
+            captured.upstream_id,
         )
-        return outcome
+        return captured
 
     async def _settle(self, hold: Hold, settlement: Settlement) -> None:
         if await self._db.settle(hold.request_id, settlement, self._clock().timestamp()):

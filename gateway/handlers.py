@@ -27,7 +27,6 @@ from gateway.keys import (
     RECORD,
     TASKS,
     UPSTREAM,
-    USAGE_OF,
 )
 from gateway.live import Snapshot
 from gateway.money import units_to_cny
@@ -69,7 +68,6 @@ async def create_image(request: web.Request) -> web.Response:
         _describe(record, image_request, settings.log.prompts)
         now = app[CLOCK]()
         period = period_at(team.period, now, settings.server.tz)
-        request[USAGE_OF] = (team, period)
         job = Job(
             request_id=request[LEDGER_ID],
             team=team,
@@ -84,7 +82,7 @@ async def create_image(request: web.Request) -> web.Response:
         )
         record["ledger_id"] = job.request_id
         outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
-    return await _respond(request, outcome, image_request)
+    return await _respond(request, outcome, image_request, team)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -213,8 +211,12 @@ async def _dispatch(
     return outcome
 
 
-async def _respond(request: web.Request, outcome: Outcome, req: ImageRequest) -> web.Response:
+async def _respond(
+    request: web.Request, outcome: Outcome, req: ImageRequest, team: TeamConfig
+) -> web.Response:
     record = request[RECORD]
+    if outcome.usage is not None:
+        record["budget_remaining_cny"] = units_to_cny(team.budget - outcome.usage.committed)
     own = outcome.request_id == record.get("ledger_id") and outcome.dedupe_of is None
     record.update(
         upstream_status=outcome.upstream_status,
@@ -243,4 +245,11 @@ async def _respond(request: web.Request, outcome: Outcome, req: ImageRequest) ->
     if outcome.status == 200 and req.response_format == "b64_json":
         payload, warning = await as_b64_json(payload, request.app[UPSTREAM])
         headers.update(warning)
+    elif outcome.raw is not None:  # the upstream's own bytes: no need to serialize them again
+        return web.Response(
+            body=outcome.raw,
+            status=outcome.status,
+            content_type="application/json",
+            headers=headers,
+        )
     return json_response(payload, outcome.status, headers)

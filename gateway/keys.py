@@ -30,5 +30,4 @@ GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
 
 RECORD = web.RequestKey("record", dict[str, Any])
-USAGE_OF = web.RequestKey("usage_of", tuple)
 LEDGER_ID = web.RequestKey("ledger_id", str)

@@ -12,6 +12,10 @@ SettleState = Literal["captured", "released", "uncertain"]
 class BudgetRefused(Exception):
     """The hold would take the team past its budget; nothing was written."""
 
+    def __init__(self, usage: Usage) -> None:
+        super().__init__("budget_exceeded")
+        self.usage = usage
+
 
 @dataclass(frozen=True, slots=True)
 class Hold:

@@ -23,8 +23,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from gateway.keys import ACCESS_LOG, CONFIG, DB, LEDGER_ID, METRICS, RECORD, USAGE_OF
-from gateway.money import units_to_cny
+from gateway.keys import ACCESS_LOG, LEDGER_ID, METRICS, RECORD
 from gateway.responses import error_response
 
 log = logging.getLogger("gateway")
@@ -50,7 +49,6 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     metrics.in_flight.inc()
     try:
         response = await _handle(request, handler, record)
-        await _note_budget(request, record)
     finally:
         metrics.in_flight.dec()
     elapsed_ms = (time.perf_counter() - started) * 1000
@@ -99,17 +97,3 @@ def _from_http_exception(request: web.Request, exc: web.HTTPException) -> Gatewa
     error.status = exc.status
     error.type = "invalid_request_error" if exc.status < 500 else "server_error"
     return error
-
-
-async def _note_budget(request: web.Request, record: dict) -> None:
-    """What the team has left after this request, for the log line and the gauge."""
-    usage_of = request.get(USAGE_OF)
-    if usage_of is None:
-        return
-    team, period = usage_of
-    if request.app[CONFIG].current.settings.teams.get(team.name) is None:
-        return
-    usage = await request.app[DB].usage(team.name, period.key)
-    remaining = units_to_cny(team.budget - usage.committed)
-    record["budget_remaining_cny"] = remaining
-    request.app[METRICS].budget_remaining.labels(team.name).set(remaining)

@@ -20,6 +20,9 @@ RATIOS: tuple[str, ...] = (
     "1:1", "3:2", "2:3", "4:3", "3:4", "5:4", "4:5",
     "16:9", "9:16", "2:1", "1:2", "21:9", "9:21",
 )  # fmt: skip
+RATIO_LOGS = tuple(
+    (ratio, math.log(int(ratio.split(":")[0]) / int(ratio.split(":")[1]))) for ratio in RATIOS
+)
 RESOLUTIONS = ("1k", "2k")
 QUALITIES = ("low", "medium", "high", "auto")
 QUALITY_ALIASES = {"standard": "medium", "hd": "high"}
@@ -133,12 +136,7 @@ def normalize(
 def nearest_ratio(width: int, height: int) -> str:
     """The supported ratio nearest ``width:height`` on a log scale (2:1 and 1:2 are symmetric)."""
     target = math.log(width / height)
-
-    def distance(ratio: str) -> float:
-        w, h = ratio.split(":")
-        return abs(math.log(int(w) / int(h)) - target)
-
-    return min(RATIOS, key=distance)
+    return min(RATIO_LOGS, key=lambda pair: abs(pair[1] - target))[0]
 
 
 def _model(value: object, aliases: Mapping[str, str]) -> tuple[str, str]:

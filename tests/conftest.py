@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from gateway.app import create_app
 from gateway.auth import key_digest
 from gateway.config import Settings, parse_settings
 from gateway.db import Database
-from gateway.keys import DB
+from gateway.keys import DB, GENERATIONS
 from gateway.simulator import Simulator
 from tests.fakes import FakeClock, FaultPlan
 
@@ -49,7 +50,15 @@ class Gateway:
 
     @property
     def db(self) -> Database:
-        return self.app[DB]
+        """The ledger as a test should see it: each call first waits for pending settlements.
+
+        A sync response leaves before its settlement commits (see Generations.run), so a test
+        asserting on money waits for that commit, not for time to pass.
+        """
+        return SettledReads(self.app)  # type: ignore[return-value]
+
+    async def settled(self) -> None:
+        await self.app[GENERATIONS].settled()
 
     def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
@@ -72,6 +81,22 @@ class Gateway:
         return AsyncOpenAI(
             base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs
         )
+
+
+class SettledReads:
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._app[DB], name)
+        if not inspect.iscoroutinefunction(attribute):
+            return attribute
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            await self._app[GENERATIONS].settled()
+            return await attribute(*args, **kwargs)
+
+        return call
 
 
 def base_config(tmp_path: Path, upstream_url: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.keys import CONFIG
+from gateway.keys import CONFIG, DB
 from gateway.periods import period_at
 from tests.conftest import ADMIN_KEY, Gateway, Upstream, build_settings
 from tests.fakes import gate, hang, html_error, json_error, respond
@@ -46,13 +46,16 @@ async def test_fifty_concurrent_requests_against_five_images(
 ) -> None:
     gateway = await start_gateway(teams={"design": {"budget_cny": 1.0}})
     release = asyncio.Event()
-    for _ in range(5):
-        upstream.faults.add(gate(release))
+    arrivals = [asyncio.Event() for _ in range(5)]
+    for arrived in arrivals:
+        upstream.faults.add(gate(release, arrived))
     async with aiohttp.ClientSession() as http:
         tasks = [asyncio.create_task(generate(http, gateway)) for _ in range(50)]
         await wait_until_done(tasks, 45)  # the refusals come back while five are held upstream
+        await asyncio.gather(*(arrived.wait() for arrived in arrivals))
         assert upstream.faults.seen == 5
-        held, _ = await usage(gateway)
+        period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
+        held = await gateway.app[DB].usage("design", period.key)  # now, without waiting
         assert (held.reserved, held.spent) == (10_000, 0)
         release.set()
         results = await asyncio.gather(*tasks)
@@ -212,6 +215,7 @@ async def test_usage_report_agrees_with_what_the_upstream_served(
         await generate(http, gateway, quality="low", n=2)
         await generate(http, gateway, quality="high")
         await generate(http, gateway, prompt="[fail] please")
+        await gateway.settled()
         async with http.get(
             gateway.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         ) as resp:

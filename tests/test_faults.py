@@ -215,7 +215,7 @@ async def test_client_disconnect_does_not_stop_the_generation(
     running = list(gateway.app[GENERATIONS]._by_request.values())
     assert len(running) == 1
     release.set()
-    outcome = await running[0]
+    outcome = await running[0].ready
     assert outcome.status == (202 if mode == "async" else 200)
     if mode == "sync":
         assert await ledger(gateway) == [("captured", 2000)]

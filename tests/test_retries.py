@@ -83,7 +83,7 @@ async def test_caller_gets_the_result_after_the_sdk_gave_up(
         await client.images.generate(prompt="a windmill")
     (running,) = gateway.app[GENERATIONS]._by_request.values()
     release.set()
-    first = await running
+    first = await running.ready
     status, body, headers = await post(gateway, headers={"x-stainless-retry-count": "1"})
     assert (status, body) == (200, first.payload)
     assert headers["X-Gateway-Deduplicated"] == first.request_id

@@ -11,7 +11,7 @@ import httpx2
 import openai
 import pytest
 
-from gateway.keys import TASKS
+from gateway.keys import DB, TASKS
 from gateway.periods import period_at, utc_now
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
@@ -163,14 +163,15 @@ async def test_settles_with_no_client_polling(gateway: Gateway, upstream: Upstre
 async def test_background_settler_runs_by_itself(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(with_clock=utc_now, tasks={"settle_interval_s": 0.05})
     settled = asyncio.Event()
-    finish = gateway.db.finish_task
+    database = gateway.app[DB]
+    finish = database.finish_task
 
-    async def spy(*args: Any, **kwargs: Any) -> bool:
+    async def spy(*args: Any, **kwargs: Any) -> Any:
         done = await finish(*args, **kwargs)
         settled.set()
         return done
 
-    gateway.db.finish_task = spy  # type: ignore[method-assign]
+    database.finish_task = spy  # type: ignore[method-assign]
     task_id = (await submit(gateway))["task_id"]
     upstream.sim.finish_task(task_id)
     await asyncio.wait_for(settled.wait(), timeout=10)
