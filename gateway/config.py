@@ -69,6 +69,7 @@ class ServerConfig:
     max_body_bytes: int = 128 * MIB
     max_image_bytes: int = 20 * MIB
     drain_s: float = 240.0
+    backlog: int = 1024
 
     @property
     def tz(self) -> ZoneInfo:
@@ -328,6 +329,7 @@ def _server(t: _Table) -> ServerConfig:
         drain_s=t.get(
             "drain_s", float, 240.0, lambda v: None if v >= 0 else "must not be negative"
         ),
+        backlog=t.get("backlog", int, 1024, _at_least_one),
     )
     t.finish()
     return config

@@ -8,15 +8,18 @@ import time
 
 
 def notify(*fields: str) -> bool:
-    """Send ``READY=1``-style fields; True if a notify socket was there to take them."""
+    """Send ``READY=1``-style fields; True if a notify socket took them."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
     if address.startswith("@"):
         address = "\0" + address[1:]
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(address)
-        sock.sendall("\n".join(fields).encode())
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall("\n".join(fields).encode())
+    except OSError:  # the manager went away: like sd_notify(3), say so and carry on
+        return False
     return True
 
 

@@ -32,7 +32,9 @@ async def serve(
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(runner, settings.server.host, settings.server.port)
+        site = web.TCPSite(
+            runner, settings.server.host, settings.server.port, backlog=settings.server.backlog
+        )
         await site.start()
         url = _url(runner)
         if settings.metrics.enabled and settings.metrics.port:

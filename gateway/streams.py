@@ -1,4 +1,4 @@
-"""Reading a body without ever holding more than a limit of it."""
+"""Reading a body without ever holding more than a limit of it, or a second copy of it."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ class TooLarge(Exception):
     """The stream had more than the limit; reading stopped at the limit."""
 
 
-async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    """All of ``stream``, or TooLarge as soon as it passes ``limit`` bytes."""
-    parts: list[bytes] = []
-    total = 0
+async def read_capped(stream: aiohttp.StreamReader, limit: int) -> bytearray:
+    """All of ``stream``, or TooLarge as soon as it passes ``limit`` bytes.
+
+    The chunks are appended to one growing buffer rather than joined at the end, so a large
+    body is never held twice (large buffers grow in place: glibc's realloc uses mremap). The
+    size the client declares is not trusted for an up-front allocation.
+    """
+    buffer = bytearray()
     async for chunk in stream.iter_any():
-        total += len(chunk)
-        if total > limit:
+        if len(buffer) + len(chunk) > limit:
             raise TooLarge(limit)
-        parts.append(chunk)
-    return b"".join(parts)
+        buffer += chunk
+    return buffer

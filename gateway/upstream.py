@@ -145,7 +145,7 @@ class UpstreamClient:
                         raise DownloadError(f"the image host answered HTTP {resp.status}")
                     if (resp.content_length or 0) > max_bytes:
                         raise DownloadError(f"the image is larger than {max_bytes} bytes")
-                    return await read_capped(resp.content, max_bytes)
+                    return bytes(await read_capped(resp.content, max_bytes))
             except TooLarge:
                 raise DownloadError(f"the image is larger than {max_bytes} bytes") from None
             except (aiohttp.ClientError, TimeoutError) as exc:

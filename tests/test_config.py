@@ -125,7 +125,7 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     settings = load_settings(EXAMPLE, env=ENV)
     assert settings.teams
     text = EXAMPLE.read_text()
-    for key in ("host", "port", "timezone", "max_body_mb", "max_image_mb", "drain_s", "base_url",
+    for key in ("host", "port", "timezone", "max_body_mb", "max_image_mb", "drain_s", "backlog", "base_url",
                 "api_key_env", "api_key_file", "timeout_s", "connect_timeout_s", "file_hosts",
                 "max_attempts", "retry_after_cap_s", "download_max_mb", "download_timeout_s",
                 "proxy_results", "database", "access", "prompts", "keys_sha256", "budget_cny", "period",
