@@ -24,6 +24,7 @@ from gateway.keys import (
     IDEMPOTENCY,
     LEDGER_ID,
     LIMITER,
+    METRICS,
     RECORD,
     TASKS,
     UPSTREAM,
@@ -234,6 +235,7 @@ async def _respond(
         headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
     if outcome.dedupe_of is not None:
         headers["X-Gateway-Deduplicated"] = outcome.dedupe_of
+        request.app[METRICS].deduped.labels(team.name).inc()
     if outcome.error is not None:
         return error_response(outcome.error, record, headers)
     payload = outcome.payload or {}

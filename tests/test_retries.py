@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from gateway.config import Secret, UpstreamConfig
-from gateway.keys import CONFIG, GENERATIONS
+from gateway.keys import CONFIG, GENERATIONS, METRICS
 from gateway.normalize import Rules, normalize
 from gateway.upstream import UpstreamClient
 from gateway.wire import upstream_body
@@ -88,6 +88,8 @@ async def test_caller_gets_the_result_after_the_sdk_gave_up(
     assert (status, body) == (200, first.payload)
     assert headers["X-Gateway-Deduplicated"] == first.request_id
     assert len(upstream.sim.generation_requests()) == 1
+    registry = gateway.app[METRICS].registry
+    assert registry.get_sample_value("gateway_deduplicated_requests_total", {"team": "design"}) == 1
 
 
 async def test_a_fresh_identical_request_is_a_new_image(
