@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -265,14 +265,7 @@ class Generations:
 
 
 def _as_dedupe(outcome: Outcome) -> Outcome:
-    return Outcome(
-        outcome.status,
-        outcome.request_id,
-        payload=outcome.payload,
-        error=outcome.error,
-        images=outcome.images,
-        upstream_id=outcome.upstream_id,
-        task_id=outcome.task_id,
-        final=outcome.final,
-        dedupe_of=outcome.request_id,
+    """The same answer for a retry, which itself holds, costs and sends nothing."""
+    return replace(
+        outcome, raw=None, reserved=0, cost=0, attempts=0, usage=None, dedupe_of=outcome.request_id
     )
