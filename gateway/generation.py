@@ -136,7 +136,6 @@ class Generations:
             request_id,
             payload=payload,
             upstream_id=payload.get("id"),
-            images=len(payload.get("data", [])),
             final=True,
             dedupe_of=request_id,
         )
@@ -267,5 +266,12 @@ class Generations:
 def _as_dedupe(outcome: Outcome) -> Outcome:
     """The same answer for a retry, which itself holds, costs and sends nothing."""
     return replace(
-        outcome, raw=None, reserved=0, cost=0, attempts=0, usage=None, dedupe_of=outcome.request_id
+        outcome,
+        raw=None,
+        reserved=0,
+        cost=0,
+        images=0,
+        attempts=0,
+        usage=None,
+        dedupe_of=outcome.request_id,
     )

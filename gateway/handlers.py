@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.accesslog import result_id
 from gateway.body import BodyLimits, read_body
-from gateway.config import TeamConfig
+from gateway.config import Settings, TeamConfig
 from gateway.errors import InvalidRequest, PermissionDenied, Unauthorized
 from gateway.generation import Job, Outcome
 from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -189,7 +189,7 @@ def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> N
 
 
 async def _dispatch(
-    request: web.Request, job: Job, key: str | None, retry_count: int, settings: Any
+    request: web.Request, job: Job, key: str | None, retry_count: int, settings: Settings
 ) -> Outcome:
     app = request.app
     generations = app[GENERATIONS]
@@ -218,17 +218,16 @@ async def _respond(
     record = request[RECORD]
     if outcome.usage is not None:
         record["budget_remaining_cny"] = units_to_cny(team.budget - outcome.usage.committed)
-    own = outcome.request_id == record.get("ledger_id") and outcome.dedupe_of is None
     record.update(
         upstream_status=outcome.upstream_status,
         upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,
-        cost_cny=units_to_cny(outcome.cost) if own else 0.0,
-        reserved_cny=units_to_cny(outcome.reserved) if own else 0.0,
-        images=outcome.images if own else 0,
+        cost_cny=units_to_cny(outcome.cost),
+        reserved_cny=units_to_cny(outcome.reserved),
+        images=outcome.images,
         upstream_id=outcome.upstream_id,
         task_id=outcome.task_id,
         attempts=outcome.attempts or None,
-        dedupe_of=outcome.dedupe_of if outcome.dedupe_of != record.get("ledger_id") else None,
+        dedupe_of=outcome.dedupe_of,
     )
     headers = dict(outcome.extra)
     if req.ignored:
