@@ -161,8 +161,12 @@ async def _begin_drain(app: web.Application) -> None:
 
 
 async def _purge_idempotency(app: web.Application) -> None:
+    """Forget Idempotency-Key outcomes older than keep_hours, hourly."""
     while True:
         settings = app[CONFIG].current.settings
         before = app[CLOCK]().timestamp() - settings.idempotency.keep_hours * 3600
-        await app[DB].purge_idempotency(before)
+        try:
+            await app[DB].purge_idempotency(before)
+        except Exception:  # retried at the next turn; the loop must not die
+            log.exception("purging old Idempotency-Key outcomes failed")
         await asyncio.sleep(PURGE_EVERY_S)

@@ -156,6 +156,8 @@ class Settings:
                 ("storage.database", self.database, new.database),
                 ("log.access", self.log.access, new.log.access),
                 ("metrics", self.metrics, new.metrics),
+                ("tasks", self.tasks, new.tasks),
+                ("idempotency.keep_hours", self.idempotency.keep_hours, new.idempotency.keep_hours),
             )
             if old_value != new_value
         ]
@@ -166,6 +168,8 @@ class Settings:
             database=self.database,
             log=replace(new.log, access=self.log.access),
             metrics=self.metrics,
+            tasks=self.tasks,
+            idempotency=replace(new.idempotency, keep_hours=self.idempotency.keep_hours),
         )
         return merged, kept
 
