@@ -63,6 +63,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -
         app.router.add_post(f"{prefix}/images/edits", handlers.create_image)
         app.router.add_get(f"{prefix}/images/tasks/{{task_id}}", handlers.get_task)
         app.router.add_get(f"{prefix}/models", handlers.list_models)
+    app.router.add_get("/v1/images/files/{path:.+}", handlers.result_file)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/admin/usage", handlers.admin_usage)

@@ -93,6 +93,16 @@ class UpstreamConfig:
     def host(self) -> str:
         return urlsplit(self.base_url).hostname or ""
 
+    @property
+    def result_hosts(self) -> frozenset[str]:
+        """Where result images may be fetched from: the API host and ``file_hosts``."""
+        return frozenset({self.host, *self.file_hosts})
+
+    @property
+    def files_origin(self) -> str:
+        """Where ``proxy_results`` fetches ``/v1/images/files/...`` from."""
+        return f"https://{self.file_hosts[0]}" if self.file_hosts else self.base_url
+
 
 @dataclass(frozen=True)
 class LogConfig:

@@ -5,14 +5,16 @@ Handlers hold no business rules of their own; they orchestrate and fill the acce
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from gateway.accesslog import result_id
 from gateway.body import BodyLimits, read_body
 from gateway.config import Settings, TeamConfig
-from gateway.errors import InvalidRequest, PermissionDenied, Unauthorized
+from gateway.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
 from gateway.generation import Job, Outcome
 from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.idempotency import check_key
@@ -34,12 +36,16 @@ from gateway.money import units_to_cny
 from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
 from gateway.periods import period_at
 from gateway.responses import error_response, json_response
-from gateway.results import as_b64_json
+from gateway.results import FILES_PATH, as_b64_json, through_gateway
+from gateway.upstream import DownloadError
 from gateway.usage import usage_report
 from gateway.wire import fingerprint
 
+log = logging.getLogger("gateway")
+
 ASYNC_VALUES = ("1", "true", "yes")
 RETRY_HEADER = "x-stainless-retry-count"
+FILE_CHUNK = 64 * 1024
 
 
 async def create_image(request: web.Request) -> web.Response:
@@ -83,7 +89,7 @@ async def create_image(request: web.Request) -> web.Response:
         )
         record["ledger_id"] = job.request_id
         outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
-    return await _respond(request, outcome, image_request, team)
+    return await _respond(request, outcome, image_request, team, settings)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -97,7 +103,52 @@ async def get_task(request: web.Request) -> web.Response:
     record["upstream_id"] = task_id
     if isinstance(answer.get("result_url"), str):
         record["result_ids"] = [result_id(answer["result_url"])]
+    upstream = request.app[CONFIG].current.settings.upstream
+    if upstream.proxy_results:
+        answer = through_gateway(answer, _origin(request), upstream)
     return json_response(answer)
+
+
+async def result_file(request: web.Request) -> web.StreamResponse:
+    """GET /v1/images/files/...: a result image streamed from the upstream (proxy_results).
+
+    Like the upstream's own result URLs it needs no key: the path is the credential, which is
+    also why it is logged only as a short hash.
+    """
+    record = request[RECORD]
+    record.update(endpoint="files", path=FILES_PATH + "…")
+    upstream = request.app[CONFIG].current.settings.upstream
+    if not upstream.proxy_results:
+        raise NotFound("Result proxying is off; use the result URL as given.")
+    url = upstream.files_origin + request.path_qs
+    record["result_ids"] = [result_id(url)]
+    try:
+        async with request.app[UPSTREAM].open_image(url) as image:
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": image.headers.get("Content-Type", "application/octet-stream"),
+                    "Cache-Control": "private, max-age=86400",
+                    "X-Request-ID": record["request_id"],
+                }
+            )
+            if image.content_length is not None:
+                response.content_length = image.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in image.content.iter_chunked(FILE_CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:  # too late for an error answer:
+                record["error_type"] = "upstream_error"  # the short body tells the client
+                log.warning("result image stream broke off: %s", type(exc).__name__)
+                return response
+    except DownloadError as exc:
+        raise NotFound(f"The result image could not be fetched: {exc}.") from None
+    await response.write_eof()
+    return response
+
+
+def _origin(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -213,7 +264,11 @@ async def _dispatch(
 
 
 async def _respond(
-    request: web.Request, outcome: Outcome, req: ImageRequest, team: TeamConfig
+    request: web.Request,
+    outcome: Outcome,
+    req: ImageRequest,
+    team: TeamConfig,
+    settings: Settings,
 ) -> web.Response:
     record = request[RECORD]
     if outcome.usage is not None:
@@ -246,7 +301,10 @@ async def _respond(
     if outcome.status == 200 and req.response_format == "b64_json":
         payload, warning = await as_b64_json(payload, request.app[UPSTREAM])
         headers.update(warning)
-    elif outcome.raw is not None:  # the upstream's own bytes: no need to serialize them again
+    if settings.upstream.proxy_results:
+        payload = through_gateway(payload, _origin(request), settings.upstream)
+    elif outcome.raw is not None and req.response_format == "url":
+        # the upstream's own bytes: no need to serialize them again
         return web.Response(
             body=outcome.raw,
             status=outcome.status,

@@ -54,10 +54,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     elapsed_ms = (time.perf_counter() - started) * 1000
     upstream_ms = record["upstream_ms"] or 0.0
     gateway_ms = max(0.0, elapsed_ms - upstream_ms)
-    response.headers["X-Request-ID"] = request_id
-    response.headers["Server-Timing"] = (
-        f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
-    )
+    if not response.prepared:  # a streamed response sent its own headers already
+        response.headers["X-Request-ID"] = request_id
+        response.headers["Server-Timing"] = (
+            f"gateway;dur={gateway_ms:.2f}, upstream;dur={upstream_ms:.2f}"
+        )
     record.update(
         status=response.status,
         latency_ms=round(elapsed_ms, 3),

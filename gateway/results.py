@@ -1,4 +1,5 @@
-"""Serving results as ``b64_json`` for clients written for gpt-image-1, which the upstream lacks.
+"""Result images: as ``b64_json`` for clients written for gpt-image-1, which the upstream lacks,
+or through the gateway (``proxy_results``) for networks that cannot reach the upstream.
 
 The images are already paid for when this runs, so a failed download never loses them: the
 client gets the URLs instead, with a header saying why.
@@ -10,12 +11,15 @@ import asyncio
 import base64
 import logging
 from typing import Any
+from urllib.parse import urlsplit
 
+from gateway.config import UpstreamConfig
 from gateway.upstream import DownloadError, UpstreamClient
 
 log = logging.getLogger("gateway.results")
 
 WARNING_HEADER = "X-Gateway-Warning"
+FILES_PATH = "/v1/images/files/"
 
 
 async def as_b64_json(
@@ -35,3 +39,26 @@ async def as_b64_json(
         converted["b64_json"] = base64.b64encode(image).decode("ascii")
         data.append(converted)
     return {**payload, "data": data}, {}
+
+
+def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig) -> dict[str, Any]:
+    """``payload`` with each upstream result URL (``data[].url``, ``result_url``) pointing at the
+    gateway's own ``/v1/images/files/...``, which streams it from the upstream."""
+    shown = dict(payload)
+    if isinstance(shown.get("result_url"), str):
+        shown["result_url"] = _proxied(shown["result_url"], origin, config)
+    if isinstance(shown.get("data"), list):
+        shown["data"] = [
+            {**item, "url": _proxied(item["url"], origin, config)}
+            if isinstance(item, dict) and isinstance(item.get("url"), str)
+            else item
+            for item in shown["data"]
+        ]
+    return shown
+
+
+def _proxied(url: str, origin: str, config: UpstreamConfig) -> str:
+    parts = urlsplit(url)
+    if (parts.hostname or "") not in config.result_hosts or not parts.path.startswith(FILES_PATH):
+        return url
+    return origin + parts.path + (f"?{parts.query}" if parts.query else "")

@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +32,7 @@ log = logging.getLogger("gateway.upstream")
 SMALL_BODY = 256 * 1024
 MAX_REDIRECTS = 3
 RETRYABLE_REFUSALS = (429, 503)
+REDIRECTS = (301, 302, 303, 307, 308)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +69,6 @@ class UpstreamClient:
         self._backoff_s = backoff_s
         self._sleep = sleep
         self._auth = {"Authorization": f"Bearer {config.api_key.reveal()}"}
-        self._allowed_hosts = frozenset({config.host, *config.file_hosts})
 
     @staticmethod
     def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -130,32 +131,51 @@ class UpstreamClient:
                 uncertain=False,
             ) from None
 
-    async def fetch_image(self, url: str) -> bytes:
-        """Download a result image, following redirects only to the upstream's own hosts."""
-        max_bytes = self._config.download_max_bytes
+    @asynccontextmanager
+    async def open_image(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A result image's response, following redirects only to the upstream's own hosts.
+
+        No key is sent: result URLs are credentials of their own.
+        """
         timeout = aiohttp.ClientTimeout(total=self._config.download_timeout_s)
         for _ in range(MAX_REDIRECTS + 1):
             self._check_download_url(url)
             try:
-                async with self._session.get(url, allow_redirects=False, timeout=timeout) as resp:
-                    if resp.status in (301, 302, 303, 307, 308):
-                        url = urljoin(url, resp.headers.get("Location", ""))
-                        continue
-                    if resp.status != 200:
-                        raise DownloadError(f"the image host answered HTTP {resp.status}")
-                    if (resp.content_length or 0) > max_bytes:
-                        raise DownloadError(f"the image is larger than {max_bytes} bytes")
-                    return bytes(await read_capped(resp.content, max_bytes))
-            except TooLarge:
-                raise DownloadError(f"the image is larger than {max_bytes} bytes") from None
+                response = await self._session.get(url, allow_redirects=False, timeout=timeout)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise DownloadError(f"the image download failed ({_describe(exc)})") from None
+            try:
+                if response.status in REDIRECTS:
+                    url = urljoin(url, response.headers.get("Location", ""))
+                    continue
+                if response.status != 200:
+                    raise DownloadError(f"the image host answered HTTP {response.status}")
+                yield response
+                return
+            finally:
+                response.release()
         raise DownloadError("too many redirects")
+
+    async def fetch_image(self, url: str) -> bytes:
+        """Download a result image whole (for b64_json), up to ``download_max_mb``."""
+        max_bytes = self._config.download_max_bytes
+        try:
+            async with self.open_image(url) as response:
+                if (response.content_length or 0) > max_bytes:
+                    raise TooLarge(max_bytes)
+                return bytes(await read_capped(response.content, max_bytes))
+        except TooLarge:
+            raise DownloadError(f"the image is larger than {max_bytes} bytes") from None
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise DownloadError(f"the image download failed ({_describe(exc)})") from None
 
     def _check_download_url(self, url: str) -> None:
         parts = urlsplit(url)
         allowed_schemes = {"https", urlsplit(self._config.base_url).scheme}
-        if parts.scheme not in allowed_schemes or (parts.hostname or "") not in self._allowed_hosts:
+        if (
+            parts.scheme not in allowed_schemes
+            or (parts.hostname or "") not in self._config.result_hosts
+        ):
             raise DownloadError(
                 f"refusing to download from {parts.scheme}://{parts.hostname}: not an upstream host"
             )

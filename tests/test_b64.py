@@ -106,3 +106,53 @@ async def test_download_size_cap(start_gateway, upstream: Upstream) -> None:
             assert resp.status == 200
             assert "larger than" in resp.headers["X-Gateway-Warning"]
             assert (await resp.json())["data"][0]["url"]
+
+
+async def test_proxy_results_serves_images_through_the_gateway(
+    start_gateway, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(upstream={"proxy_results": True})
+    client = gateway.async_openai()
+    result = await client.images.generate(prompt="x", n=2)
+    stored = json.loads((await gateway.db._rows("SELECT result FROM settlements"))[0][0])
+    for item, original in zip(result.data, stored["data"], strict=True):
+        assert item.url.startswith(gateway.url + "/v1/images/files/gpt-image-2/")
+        assert item.url.removeprefix(gateway.url) == original["url"].removeprefix(upstream.url)
+        async with aiohttp.ClientSession() as http:  # no key: the URL is the credential
+            async with http.get(item.url) as resp:
+                assert resp.status == 200 and resp.content_type == "image/png"
+                assert await resp.read() == await fetch(original["url"])
+    log = gateway.access_log.read_text()
+    assert original["url"].removeprefix(upstream.url) not in log
+    files = [line for line in gateway.log_lines() if line["endpoint"] == "files"]
+    assert len(files) == 2 and files[0]["path"] == "/v1/images/files/…" and files[0]["result_ids"]
+
+
+async def test_proxy_results_rewrites_task_answers(start_gateway, upstream: Upstream) -> None:
+    gateway = await start_gateway(upstream={"proxy_results": True})
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations?async=1",
+            headers=gateway.headers(),
+            json={"prompt": "x"},
+        ) as resp:
+            task_id = (await resp.json())["task_id"]
+        upstream.sim.finish_task(task_id)
+        async with http.get(
+            gateway.url + f"/v1/images/tasks/{task_id}", headers=gateway.headers()
+        ) as resp:
+            answer = await resp.json()
+        assert answer["result_url"].startswith(gateway.url + "/v1/images/files/")
+        assert answer["data"] == [{"url": answer["result_url"]}]
+        async with http.get(answer["result_url"]) as resp:
+            assert (await resp.read()).startswith(b"\x89PNG")
+
+
+async def test_result_files_route_is_off_by_default(gateway: Gateway, upstream: Upstream) -> None:
+    result = await gateway.async_openai().images.generate(prompt="x")
+    assert result.data[0].url.startswith(upstream.url)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(gateway.url + "/v1/images/files/gpt-image-2/20260101/x-1.png") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "not_found"
+    assert upstream.sim.received[-1].method == "POST"  # nothing was fetched upstream
