@@ -209,3 +209,24 @@ def test_unset_variable_in_api_key_file_is_named() -> None:
     data = {**MINIMAL, "upstream": {"api_key_file": "${CREDENTIALS_DIRECTORY}/upstream-key"}}
     found = problems(data, env={})
     assert any("$CREDENTIALS_DIRECTORY, which is not set" in p for p in found), found
+
+
+def test_reload_keeps_what_needs_a_restart() -> None:
+    old = parse(MINIMAL)
+    new = parse(
+        {
+            **MINIMAL,
+            "server": {"port": 9999},
+            "tasks": {"poll_cache_ttl_s": 9},
+            "idempotency": {"keep_hours": 48, "retry_dedupe_minutes": 3},
+            "prices": {"high": 0.5},
+        }
+    )
+    merged, kept = old.reloaded(new)
+    assert kept == ["server", "tasks", "idempotency.keep_hours"]
+    assert (merged.server.port, merged.tasks.poll_cache_ttl_s, merged.idempotency.keep_hours) == (
+        8080,
+        2.0,
+        24.0,
+    )
+    assert (merged.prices["high"], merged.idempotency.retry_dedupe_minutes) == (5000, 3.0)
