@@ -34,7 +34,7 @@ async def usage_report(
             "period_start": period.start.isoformat() if period.start else None,
             "period_end": period.end.isoformat() if period.end else None,
         }
-    return {"generated_at": now.isoformat(), "teams": teams}
+    return {"teams": teams}
 
 
 def format_report(report: dict[str, Any]) -> str:
