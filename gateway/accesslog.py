@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 FIELDS: tuple[str, ...] = (
@@ -58,8 +59,9 @@ def timestamp(now: float) -> str:
 class AccessLog:
     """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._target = target
+        self._monotonic = monotonic
         self._stream: IO[str] = sys.stdout
         self._identity: tuple[int, int] | None = None
         self._checked = 0.0
@@ -88,7 +90,7 @@ class AccessLog:
         self._identity = (info.st_dev, info.st_ino)
 
     def _reopen_if_rotated(self) -> None:
-        now = time.monotonic()
+        now = self._monotonic()
         if now - self._checked < ROTATION_CHECK_S:
             return
         self._checked = now
