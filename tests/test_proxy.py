@@ -54,8 +54,9 @@ async def test_async_sdk_generate_2k(gateway: Gateway, upstream: Upstream) -> No
     }
 
 
-async def test_sdk_edit_with_one_file(gateway: Gateway, upstream: Upstream) -> None:
-    client = gateway.openai()
+@pytest.mark.parametrize("v1", [True, False])
+async def test_sdk_edit_with_one_file(gateway: Gateway, upstream: Upstream, v1: bool) -> None:
+    client = gateway.openai(v1=v1)
     image = io.BytesIO(PNG)
     image.name = "photo.png"
     result = await asyncio.to_thread(
@@ -65,7 +66,7 @@ async def test_sdk_edit_with_one_file(gateway: Gateway, upstream: Upstream) -> N
     body = only_request(upstream)
     assert body["image_urls"] == ["data:image/png;base64," + base64.b64encode(PNG).decode()]
     assert body["size"] == "2:3"
-    assert upstream.sim.generation_requests()[0].path == "/v1/images/edits"
+    assert upstream.sim.generation_requests()[0].path == ("/v1" if v1 else "") + "/images/edits"
 
 
 async def test_sdk_edit_with_a_list_of_files_and_bytes(
