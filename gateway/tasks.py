@@ -98,6 +98,9 @@ class TaskTracker:
     async def run_settler(self) -> None:
         """Forever: settle what is due, then sleep until the next is due or a task is submitted."""
         while True:
+            # Cleared before the pass, not after: a task submitted during the pass sets it
+            # again, so the wait below returns at once instead of missing the new task.
+            self._wake.clear()
             try:
                 await self.settle_due()
                 next_due = await self._db.next_task_due()
@@ -107,7 +110,6 @@ class TaskTracker:
             delay = self._config.settle_max_interval_s
             if next_due is not None:
                 delay = min(max(next_due - self._now(), 0.05), delay)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 

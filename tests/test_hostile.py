@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -201,6 +202,7 @@ def multipart(
     return out + (f"--{boundary}--\r\n".encode() if close else b"")
 
 
+@pytest.mark.filterwarnings("ignore::aiohttp.multipart.BadContentDispositionHeader")
 async def test_generated_multipart_bodies(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(server={"max_image_mb": 0.001, "max_body_mb": 0.05})
 

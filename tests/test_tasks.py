@@ -247,3 +247,38 @@ async def test_poll_routes_need_team_auth(gateway: Gateway, path: str) -> None:
             gateway.url + path.format(id=task_id), headers=gateway.headers()
         ) as resp:
             assert resp.status == 200
+
+
+async def test_a_task_submitted_during_a_settler_pass_is_not_missed(
+    start_gateway, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(
+        with_clock=utc_now, tasks={"settle_interval_s": 0.05, "settle_max_interval_s": 600}
+    )
+    database = gateway.app[DB]
+    entered, resume, settled = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    next_due, finish = database.next_task_due, database.finish_task
+    calls = 0
+
+    async def stale_next_due() -> float | None:
+        nonlocal calls
+        calls += 1
+        due = await next_due()
+        if calls == 1:  # the pass that started before the task existed
+            entered.set()
+            await resume.wait()
+        return due
+
+    async def spy_finish(*args: Any, **kwargs: Any) -> Any:
+        done = await finish(*args, **kwargs)
+        settled.set()
+        return done
+
+    database.next_task_due = stale_next_due  # type: ignore[method-assign]
+    database.finish_task = spy_finish  # type: ignore[method-assign]
+    await entered.wait()
+    task_id = (await submit(gateway))["task_id"]  # wakes the settler mid-pass
+    upstream.sim.finish_task(task_id)
+    resume.set()
+    await asyncio.wait_for(settled.wait(), timeout=10)  # not after settle_max_interval_s (600 s)
+    assert (await gateway.db.task(task_id)).status == "completed"
