@@ -31,6 +31,8 @@ MAX_REFERENCES = 16
 MAX_PROMPT_CHARS = 32_000
 MAX_PIXEL_SIDE = 16_384
 TWO_K_SIDE = 2048
+MAX_IGNORED = 20
+MAX_NAME = 40
 REFERENCE_FIELDS = ("image_urls", "image_input")
 PIXEL_SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 KNOWN_FIELDS = frozenset(
@@ -115,7 +117,7 @@ def normalize(
     size, pixel_2k = _size(fields.get("size"))
     resolution = _resolution(fields.get("resolution"), pixel_2k)
     references = _references(fields, uploads, rules.max_image_bytes)
-    ignored = tuple(sorted(k for k in fields if k not in KNOWN_FIELDS))
+    ignored = _ignored_names(fields)
     return ImageRequest(
         endpoint=endpoint,
         model=model,
@@ -131,6 +133,17 @@ def normalize(
         ),
         ignored=ignored,
     )
+
+
+def _ignored_names(fields: Mapping[str, Any]) -> tuple[str, ...]:
+    """The dropped parameters' names, fit for a response header and a log line: printable
+    ASCII only (others become ``?``), each cut to 40 characters, at most 20 of them."""
+    names = sorted(
+        "".join(ch if " " <= ch <= "~" and ch != "," else "?" for ch in name)[:MAX_NAME]
+        for name in fields
+        if name not in KNOWN_FIELDS
+    )
+    return tuple(names[:MAX_IGNORED]) + (("…",) if len(names) > MAX_IGNORED else ())
 
 
 def nearest_ratio(width: int, height: int) -> str:

@@ -32,7 +32,8 @@ async def as_b64_json(
         images = await asyncio.gather(*(upstream.fetch_image(url) for url in urls))
     except DownloadError as exc:
         log.warning("b64_json download failed, answering with URLs: %s", exc)
-        return payload, {WARNING_HEADER: f"b64_json unavailable ({exc}); returning URLs instead"}
+        warning = f"b64_json unavailable ({exc}); returning URLs instead"
+        return payload, {WARNING_HEADER: "".join(ch if " " <= ch <= "~" else "?" for ch in warning)}
     data = []
     for item, image in zip(items, images, strict=True):
         converted = {k: v for k, v in item.items() if k != "url"}

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import GIF, JPEG, PNG, TEAM_KEYS, Gateway, Upstream
@@ -105,6 +105,7 @@ async def test_generated_json_bodies(start_gateway, upstream: Upstream) -> None:
     def test(client: Client, forwarded: Callable[[], int]) -> None:
         @SETTINGS
         @given(body=json_bodies, path=st.sampled_from(["/v1/images/generations", "/images/edits"]))
+        @example(body={"\x1f": None, "prompt": "0"}, path="/v1/images/generations")  # found by it
         def one(body: dict[str, Any], path: str) -> None:
             before = forwarded()
             status, raw = client.send(

@@ -169,3 +169,10 @@ def test_fingerprint_tracks_what_is_generated() -> None:
     one = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG)])
     two = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG + b"\x00")])
     assert fingerprint(one, async_mode=False) != fingerprint(two, async_mode=False)
+
+
+def test_ignored_names_are_safe_for_a_header() -> None:
+    odd = norm({"prompt": "x", "\x1f": 1, "a\r\nSet-Cookie: x": 2, "ü,": 3, "k" * 100: 4}).ignored
+    assert odd == ("?", "??", "a??Set-Cookie: x", "k" * 40)
+    many = norm({"prompt": "x", **{f"extra{i:02d}": i for i in range(30)}}).ignored
+    assert len(many) == 21 and many[-1] == "…" and many[0] == "extra00"
