@@ -40,6 +40,7 @@ from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import gateway_middleware
 from gateway.money import units_to_cny
 from gateway.periods import period_at, utc_now
+from gateway.pricing import remaining
 from gateway.tasks import TaskTracker
 from gateway.upstream import UpstreamClient
 
@@ -100,7 +101,7 @@ async def _refresh_budgets(app: web.Application) -> None:
     for team in settings.teams.values():
         period = period_at(team.period, now, settings.server.tz)
         usage = await app[DB].usage(team.name, period.key)
-        gauge.labels(team.name).set(units_to_cny(team.budget - usage.committed))
+        gauge.labels(team.name).set(units_to_cny(remaining(team, usage)))
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -14,7 +14,6 @@
     ├── RateLimited                    429    rate_limit_error
     ├── UpstreamRejected               (the upstream's status and type)
     ├── UpstreamFailure                502/504 upstream_error
-    ├── ServiceUnavailable             503    server_error
     └── InternalError                  500    server_error
 
 ``should_retry`` becomes the ``x-should-retry`` header that the OpenAI SDKs obey: False where a
@@ -174,12 +173,6 @@ class UpstreamFailure(GatewayError):
         self.status = status
         self.uncertain = uncertain
         self.should_retry = False if uncertain else None
-
-
-class ServiceUnavailable(GatewayError):
-    status = 503
-    type = "server_error"
-    code = "unavailable"
 
 
 class InternalError(GatewayError):

@@ -35,6 +35,7 @@ from gateway.live import Snapshot
 from gateway.money import units_to_cny
 from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
 from gateway.periods import period_at
+from gateway.pricing import remaining
 from gateway.responses import error_response, json_response
 from gateway.results import FILES_PATH, as_b64_json, through_gateway
 from gateway.upstream import DownloadError
@@ -272,7 +273,7 @@ async def _respond(
 ) -> web.Response:
     record = request[RECORD]
     if outcome.usage is not None:
-        record["budget_remaining_cny"] = units_to_cny(team.budget - outcome.usage.committed)
+        record["budget_remaining_cny"] = units_to_cny(remaining(team, outcome.usage))
     record.update(
         upstream_status=outcome.upstream_status,
         upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,

@@ -20,11 +20,6 @@ class Period:
     start: datetime | None
     end: datetime | None
 
-    def describe(self) -> str:
-        if self.start is None or self.end is None:
-            return "total (never resets)"
-        return f"{self.kind} period {self.start.isoformat()} to {self.end.isoformat()}"
-
 
 def period_at(kind: PeriodKind, now: datetime, tz: ZoneInfo) -> Period:
     """The period of ``kind`` that contains ``now`` (an aware datetime)."""

@@ -59,14 +59,15 @@ def capture(hold: Hold, images: int, upstream_id: str | None, result: str | None
 
 def budget_refusal(team: TeamConfig, period: Period, usage: Usage, cost: int) -> BudgetExceeded:
     resets = f"It resets at {period.end.isoformat()}." if period.end else "It never resets."
-    remaining = max(0, team.budget - usage.committed)
+    left = max(0, remaining(team, usage))
     return BudgetExceeded(
         f"Team '{team.name}' has not enough budget left for this request in its {period.kind} "
         f"period: budget {format_cny(team.budget)}, spent {format_cny(usage.spent)}, "
         f"reserved {format_cny(usage.reserved)}, uncertain {format_cny(usage.uncertain)}, "
-        f"remaining {format_cny(remaining)}; this request costs {format_cny(cost)}. {resets}"
+        f"remaining {format_cny(left)}; this request costs {format_cny(cost)}. {resets}"
     )
 
 
 def remaining(team: TeamConfig, usage: Usage) -> int:
+    """Budget not yet spent, reserved or uncertain (negative if a capture overran its hold)."""
     return team.budget - usage.committed

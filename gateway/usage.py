@@ -10,6 +10,7 @@ from gateway.db import Database
 from gateway.money import units_to_cny
 from gateway.normalize import QUALITIES
 from gateway.periods import period_at
+from gateway.pricing import remaining
 
 
 async def usage_report(
@@ -28,7 +29,7 @@ async def usage_report(
             "spent_cny": units_to_cny(usage.spent),
             "reserved_cny": units_to_cny(usage.reserved),
             "uncertain_cny": units_to_cny(usage.uncertain),
-            "remaining_cny": units_to_cny(team.budget - usage.committed),
+            "remaining_cny": units_to_cny(remaining(team, usage)),
             "images": {quality: images.get(quality, 0) for quality in QUALITIES},
             "period": team.period,
             "period_start": period.start.isoformat() if period.start else None,
