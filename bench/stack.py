@@ -50,6 +50,15 @@ class Stack:
     passthrough: Proc | None = None
     problems: dict[str, list[str]] = field(default_factory=dict)
 
+    def three_ways(self, path: str) -> dict[str, tuple[str, dict[str, str]]]:
+        """``path`` straight to the upstream, through the passthrough, through the gateway."""
+        assert self.passthrough is not None
+        return {
+            "direct": (self.upstream.url + path, self.upstream_headers),
+            "passthrough": (self.passthrough.url + path, self.team_headers()),
+            "gateway": (self.gateway.url + path, self.team_headers()),
+        }
+
     def team_headers(self, key: str = TEAM_KEY) -> dict[str, str]:
         return {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
 

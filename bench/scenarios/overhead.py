@@ -27,12 +27,7 @@ async def run(ctx: Context) -> Outcome:
     async with running_stack(
         ctx.workdir("1-overhead"), ctx.options("1-overhead", passthrough=True)
     ) as stack:
-        assert stack.passthrough is not None
-        targets = {
-            "direct": (stack.upstream.url + GENERATION_PATH, stack.upstream_headers),
-            "passthrough": (stack.passthrough.url + GENERATION_PATH, stack.team_headers()),
-            "gateway": (stack.gateway.url + GENERATION_PATH, stack.team_headers()),
-        }
+        targets = stack.three_ways(GENERATION_PATH)
         runs = await measure_targets(ctx, targets, concurrency=1)
         reserve_ms = mean_ms((0.0, 0.0), reserve_totals(await stack.metrics()))
         log_lines = stack.access_log_lines()
