@@ -82,7 +82,8 @@ async def _handle(request: web.Request, handler: Handler, record: dict) -> web.S
             return exc
         error = _from_http_exception(request, exc)
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        # record["path"], not request.path: a result file's path is a credential.
+        log.exception("unhandled error in %s %s", request.method, record["path"])
         error = InternalError("The gateway failed unexpectedly; the error was logged.")
     return error_response(error, record)
 

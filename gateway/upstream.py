@@ -68,7 +68,8 @@ class UpstreamClient:
         self._session = session
         self._backoff_s = backoff_s
         self._sleep = sleep
-        self._auth = {"Authorization": f"Bearer {config.api_key.reveal()}"}
+        self._secret = config.api_key.reveal()
+        self._auth = {"Authorization": f"Bearer {self._secret}"}
 
     @staticmethod
     def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
@@ -121,7 +122,9 @@ class UpstreamClient:
         try:
             async with self._session.get(url, headers=self._auth, trace_request_ctx=state) as resp:
                 raw = await resp.read()
-                return _classify(resp.status, resp.headers, raw, state, expect="task")
+                return _classify(
+                    resp.status, resp.headers, raw, state, expect="task", secret=self._secret
+                )
         except _RefusedToStart as exc:
             raise exc.error from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -195,7 +198,9 @@ class UpstreamClient:
                 url, params=query, data=data, headers=headers, trace_request_ctx=state
             ) as resp:
                 raw = await resp.read()
-                return _classify(resp.status, resp.headers, raw, state, expect="generation")
+                return _classify(
+                    resp.status, resp.headers, raw, state, expect="generation", secret=self._secret
+                )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _NotSent(_describe(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -249,7 +254,9 @@ async def _stream(body: UpstreamBody) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
-def _classify(status: int, headers: Any, raw: bytes, state: _SendState, *, expect: str) -> Reply:
+def _classify(
+    status: int, headers: Any, raw: bytes, state: _SendState, *, expect: str, secret: str
+) -> Reply:
     elapsed = (time.perf_counter() - state.started) * 1000
     payload = _json_object(raw)
     if status in (200, 202) and payload is not None and _well_formed(status, payload, expect):
@@ -268,7 +275,7 @@ def _classify(status: int, headers: Any, raw: bytes, state: _SendState, *, expec
         or status < 500
         or (status in RETRYABLE_REFUSALS and retry_after is not None)
     ):
-        rejected = _rejected(status, error if isinstance(error, dict) else {})
+        rejected = _rejected(status, error if isinstance(error, dict) else {}, secret)
     else:
         raise UpstreamFailure(
             f"The upstream's edge answered HTTP {status} without an API error; the image may "
@@ -282,17 +289,18 @@ def _classify(status: int, headers: Any, raw: bytes, state: _SendState, *, expec
     raise rejected
 
 
-def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
+def _rejected(status: int, error: dict[str, Any], secret: str) -> UpstreamRejected:
+    # The message goes to the team: should the upstream ever echo the central key, it must not.
     message = str(
         error.get("message")
         or f"The upstream refused the request (HTTP {status}); nothing was generated."
-    )
+    ).replace(secret, "sk_…")
     type_ = str(error.get("type") or "upstream_error")
     code = error.get("code") or ("upstream_refused" if not error else None)
     param = error.get("param")
     if status == 401:
         # The upstream refused the gateway's own key; "your key is wrong" would mislead the team.
-        log.error("upstream refused the central key: %s", message)
+        log.error("the upstream refused the central key (HTTP 401); nothing was charged")
         return UpstreamRejected(
             502,
             "upstream_error",

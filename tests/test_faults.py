@@ -16,7 +16,7 @@ import pytest
 
 from gateway.keys import GENERATIONS
 from gateway.periods import period_at
-from tests.conftest import Gateway, Upstream
+from tests.conftest import UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import (
     gate,
     hang,
@@ -235,3 +235,14 @@ async def post_retry(gateway: Gateway) -> tuple[int, dict[str, Any], Any]:
             json={"prompt": "a harbour"},
         ) as resp:
             return resp.status, await resp.json(), resp.headers
+
+
+async def test_an_upstream_message_never_carries_the_central_key_to_a_team(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    upstream.faults.add(
+        json_error(400, "invalid_request_error", f"bad request for key {UPSTREAM_KEY}")
+    )
+    status, body, _ = await post(gateway, "sync")
+    assert status == 400
+    assert body["error"]["message"] == "bad request for key sk_…"
