@@ -259,8 +259,11 @@ class Generations:
         return captured
 
     async def _settle(self, hold: Hold, settlement: Settlement) -> None:
-        if await self._db.settle(hold.request_id, settlement, self._clock().timestamp()):
-            self._metrics.settled(hold.team, hold.quality, settlement)
+        stored = await self._db.settle(hold.request_id, settlement, self._clock().timestamp())
+        if stored and settlement.state == "captured":
+            self._metrics.captured(
+                hold.team, "-", hold.quality, settlement.amount, settlement.images
+            )
 
 
 def _as_dedupe(outcome: Outcome) -> Outcome:

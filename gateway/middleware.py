@@ -66,7 +66,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         ts=timestamp(time.time()),
     )
     metrics.requests.labels(
-        record["team"] or "-", record["endpoint"] or "-", str(response.status)
+        record["team"] or "-", record["endpoint"] or "-", str(response.status), "-"
     ).inc()
     request.app[ACCESS_LOG].write(record)
     return response

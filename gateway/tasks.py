@@ -145,7 +145,10 @@ class TaskTracker:
             return
         settlement = _settlement_for(row, status, answer, result)
         if await self._db.finish_task(row, status, result, settlement, self._now()):
-            self._metrics.settled(row.team, row.quality, settlement)
+            if settlement.state == "captured":
+                self._metrics.captured(
+                    row.team, "-", row.quality, settlement.amount, settlement.images
+                )
             self._metrics.pending_tasks.dec()
 
 

@@ -185,7 +185,7 @@ async def test_metrics_move_with_traffic(gateway: Gateway) -> None:
     _, before = await scrape(gateway)
     assert (
         "gateway_requests_total",
-        (("endpoint", "generations"), ("status", "200"), ("team", "design")),
+        (("endpoint", "generations"), ("key", "-"), ("status", "200"), ("team", "design")),
     ) not in samples(before)
     client = gateway.async_openai()
     await client.images.generate(prompt="x", n=2, quality="high")
@@ -203,13 +203,15 @@ async def test_metrics_move_with_traffic(gateway: Gateway) -> None:
         values[
             (
                 "gateway_requests_total",
-                (("endpoint", "generations"), ("status", "200"), ("team", "design")),
+                (("endpoint", "generations"), ("key", "-"), ("status", "200"), ("team", "design")),
             )
         ]
         == 1
     )
     assert values[("gateway_images_total", (("quality", "high"), ("team", "design")))] == 2
-    assert values[("gateway_spent_cny_total", (("team", "design"),))] == pytest.approx(0.8)
+    assert values[("gateway_spent_cny_total", (("key", "-"), ("team", "design")))] == pytest.approx(
+        0.8
+    )
     assert values[("gateway_budget_remaining_cny", (("team", "design"),))] == pytest.approx(99.0)
     assert (
         values[("gateway_upstream_seconds_count", (("endpoint", "generations"), ("mode", "sync")))]
