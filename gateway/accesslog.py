@@ -2,13 +2,16 @@
 
 Every record carries every field in ``FIELDS`` (null when it does not apply), so a reader never
 has to guess. Records are built from chosen values only, never from headers or bodies wholesale,
-which is what keeps keys, prompts, base64 data and result URLs out of them.
+which is what keeps keys, prompts, base64 data and result URLs out of them. Upstream and task
+ids are logged shortened: with the full id, the date and the image count a result URL could be
+rebuilt (the ledger keeps them whole, and ``ledger list`` finds an entry by its full id).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -22,10 +25,15 @@ FIELDS: tuple[str, ...] = (
     "ignored_params", "client", "retry_count",
     # Added fields (never renamed, only added to):
     "error_code", "requested_model", "images", "attempts", "idempotency", "dedupe_of",
-    "result_ids", "gateway_ms", "prompt", "ledger_id",
+    "result_ids", "gateway_ms", "prompt", "ledger_id", "ledger_state", "key", "end_user",
 )  # fmt: skip
 MAX_CLIENT_CHARS = 200
 ROTATION_CHECK_S = 1.0
+SHORT_ID_CHARS = 8
+FILES_PATH = "/v1/images/files/"
+TASK_PATHS = ("/v1/images/tasks/", "/images/tasks/")
+
+log = logging.getLogger("gateway")
 
 
 def new_record(method: str, path: str, request_id: str, client: str | None) -> dict[str, Any]:
@@ -33,12 +41,56 @@ def new_record(method: str, path: str, request_id: str, client: str | None) -> d
     record.update(
         request_id=request_id,
         method=method,
-        path=path,
-        client=(client or "")[:MAX_CLIENT_CHARS] or None,
+        path=redact_path(path),
+        client=safe_text(client or "", MAX_CLIENT_CHARS) or None,
         cost_cny=0.0,
         reserved_cny=0.0,
     )
     return record
+
+
+def settle_record(request_id: str, now: float) -> dict[str, Any]:
+    """A line for money moved outside any request (the settler, a resolution, recovery)."""
+    record = dict.fromkeys(FIELDS)
+    record.update(
+        ts=timestamp(now),
+        request_id=request_id,
+        ledger_id=request_id,
+        endpoint="settle",
+        cost_cny=0.0,
+        reserved_cny=0.0,
+    )
+    return record
+
+
+def short_id(value: str | None) -> str | None:
+    """Enough of an upstream or task id to correlate, too little to rebuild a result URL."""
+    if value is None:
+        return None
+    if len(value) > 2 * SHORT_ID_CHARS:
+        return value[:SHORT_ID_CHARS] + "…"
+    return "#" + hashlib.sha256(value.encode()).hexdigest()[:SHORT_ID_CHARS]
+
+
+def redact_path(path: str) -> str:
+    """A request path fit for a log: result-file paths are credentials, task ids shortened."""
+    if path.startswith(FILES_PATH):
+        return FILES_PATH + "…"
+    for prefix in TASK_PATHS:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefix + (short_id(path[len(prefix) :]) or "")
+    return safe_text(path, 256)
+
+
+def safe_text(value: str, limit: int) -> str:
+    """Printable text for a log or a header: aiohttp decodes header bytes with surrogateescape,
+    and a lone surrogate cannot be written as UTF-8."""
+    cut = value[:limit]
+    if cut.isprintable() and cut.isascii():
+        return cut
+    return "".join(
+        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else "?" for ch in cut
+    )
 
 
 def result_id(url: str) -> str:
@@ -57,7 +109,11 @@ def timestamp(now: float) -> str:
 
 
 class AccessLog:
-    """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away."""
+    """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away.
+
+    A line that cannot be written (disk full, bad value) is reported on stderr and dropped:
+    a log failure must never cost a client its answer.
+    """
 
     def __init__(self, target: str, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._target = target
@@ -65,23 +121,45 @@ class AccessLog:
         self._stream: IO[str] = sys.stdout
         self._identity: tuple[int, int] | None = None
         self._checked = 0.0
+        self._failures = 0
         if target != "-":
             self._open()
 
     def write(self, record: dict[str, Any]) -> None:
-        if self._identity is not None:
-            self._reopen_if_rotated()
-        self._stream.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
-        self._stream.flush()
+        try:
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            line.encode("utf-8")  # a lone surrogate would fail half-way through the write
+        except (TypeError, ValueError) as exc:
+            self._failed(f"unserializable record ({type(exc).__name__})")
+            return
+        try:
+            if self._identity is not None:
+                self._reopen_if_rotated()
+            self._stream.write(line)
+            self._stream.flush()
+        except OSError as exc:
+            self._failed(exc.strerror or type(exc).__name__)
 
     def reopen(self) -> None:
         if self._target != "-":
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as exc:  # the last buffered line could not be flushed
+                self._failed(exc.strerror or type(exc).__name__)
             self._open()
 
     def close(self) -> None:
         if self._target != "-":
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as exc:
+                self._failed(exc.strerror or type(exc).__name__)
+
+    def _failed(self, why: str) -> None:
+        self._failures += 1
+        if self._failures == 1 or self._failures % 1000 == 0:
+            log.error("access log %s: a line could not be written (%s); %d lost so far",
+                      self._target, why, self._failures)  # fmt: skip
 
     def _open(self) -> None:
         fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

@@ -1,7 +1,7 @@
 """The app factory: validated settings in, a complete aiohttp application out.
 
 Nothing here does I/O until the app starts: each long-lived resource (access log, database,
-upstream session, background settler) is opened and closed by its own cleanup context.
+upstream session, background loops) is opened and closed by its own cleanup context.
 """
 
 from __future__ import annotations
@@ -9,20 +9,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 
 from aiohttp import web
 
-from gateway import handlers
+from gateway import admin_handlers, handlers
 from gateway.accesslog import AccessLog
+from gateway.books import Books, MoneyMoved
 from gateway.config import Settings
-from gateway.db import Database
+from gateway.durable import Durable
 from gateway.errors import NotFound
 from gateway.generation import Generations
 from gateway.idempotency import Idempotency
 from gateway.keys import (
     ACCESS_LOG,
+    BOOKS,
     CLOCK,
     CONFIG,
     DB,
@@ -30,7 +33,6 @@ from gateway.keys import (
     IDEMPOTENCY,
     LIMITER,
     METRICS,
-    RECORD,
     TASKS,
     UPSTREAM,
 )
@@ -38,15 +40,21 @@ from gateway.limits import TeamLimiter
 from gateway.live import LiveConfig
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import gateway_middleware
-from gateway.money import units_to_cny
+from gateway.money import format_cny, units_to_cny
 from gateway.periods import period_at, utc_now
 from gateway.pricing import remaining
+from gateway.resolutions import log_outside
+from gateway.store.sqlite import SQLiteStore
 from gateway.tasks import TaskTracker
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway")
 
 PURGE_EVERY_S = 3600.0
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message is one line naming what and why."""
 
 
 def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> web.Application:
@@ -68,6 +76,8 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/admin/usage", handlers.admin_usage)
+    app.router.add_get("/admin/ledger", admin_handlers.list_ledger)
+    app.router.add_post("/admin/ledger/{request_id}/resolve", admin_handlers.resolve_entry)
     if settings.metrics.enabled and settings.metrics.port == 0:
         app.router.add_get("/metrics", metrics_handler)
     return app
@@ -76,49 +86,76 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -
 def create_metrics_app(main: web.Application) -> web.Application:
     """A separate listener for ``/metrics`` ([metrics] port), sharing the main app's registry."""
     metrics_app = web.Application(middlewares=[gateway_middleware])
-    for key in (CONFIG, CLOCK, METRICS, ACCESS_LOG, DB):
-        metrics_app[key] = main[key]
+    metrics_app[CONFIG], metrics_app[CLOCK] = main[CONFIG], main[CLOCK]
+    metrics_app[METRICS], metrics_app[ACCESS_LOG] = main[METRICS], main[ACCESS_LOG]
+    metrics_app[BOOKS], metrics_app[DB] = main[BOOKS], main[DB]
     metrics_app.router.add_get("/metrics", metrics_handler)
     return metrics_app
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    request[RECORD]["endpoint"] = "metrics"
+    request[handlers.RECORD]["endpoint"] = "metrics"
     snapshot = request.app[CONFIG].current
     if not snapshot.settings.metrics.enabled:
         raise NotFound("Metrics are disabled.")
     if snapshot.settings.metrics.require_admin:
         handlers.require_admin(request, snapshot)
-    await _refresh_budgets(request.app)
+    await _refresh_money(request.app)
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-async def _refresh_budgets(app: web.Application) -> None:
-    """Budget remaining per team, read when scraped rather than kept up to date per request."""
+async def _refresh_money(app: web.Application) -> None:
+    """Money gauges per team, read from the ledger when scraped (right whoever moved it)."""
     settings = app[CONFIG].current.settings
     now = app[CLOCK]()
-    gauge = app[METRICS].budget_remaining
+    metrics = app[METRICS]
     for team in settings.teams.values():
         period = period_at(team.period, now, settings.server.tz)
         usage = await app[DB].usage(team.name, period.key)
-        gauge.labels(team.name).set(units_to_cny(remaining(team, usage)))
+        metrics.budget.labels(team.name).set(units_to_cny(team.budget))
+        metrics.budget_remaining.labels(team.name).set(units_to_cny(remaining(team, usage)))
+        metrics.reserved.labels(team.name).set(units_to_cny(usage.reserved))
+        metrics.uncertain.labels(team.name).set(units_to_cny(usage.uncertain))
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
-    access_log = AccessLog(app[CONFIG].current.settings.log.access)
+    target = app[CONFIG].current.settings.log.access
+    try:
+        access_log = AccessLog(target)
+    except OSError as exc:
+        raise StartupError(f"cannot open the access log {target}: {exc.strerror}") from None
     app[ACCESS_LOG] = access_log
+    app[BOOKS] = Books(access_log, app[METRICS], time.time)
     yield
     access_log.close()
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
-    db = await Database.open(app[CONFIG].current.settings.database)
-    recovered = await db.recover_in_flight(app[CLOCK]().timestamp())
+    path = app[CONFIG].current.settings.database
+    db = await SQLiteStore.open(path)
+    if db.created:
+        log.warning(
+            "NEW LEDGER: no database existed at %s, so an empty one was created; every team's "
+            "spend starts from zero. If this gateway ran before, stop it and restore the "
+            "database: a lost ledger lets teams spend their budgets a second time.",
+            path,
+        )
+    try:
+        recovered = await db.recover_in_flight(app[CLOCK]().timestamp())
+    except BaseException:
+        await db.close()
+        raise
+    for entry in recovered:
+        app[BOOKS].moved(MoneyMoved.of_entry(entry))
     if recovered:
         log.warning(
-            "%d request(s) were in flight when the gateway last stopped: their holds are now "
-            "uncertain (kept, never released)",
-            recovered,
+            "%d request(s) were in flight when the gateway last stopped; their holds are now "
+            "uncertain (kept, never released) until resolved with `image-gateway ledger "
+            "resolve`: %s",
+            len(recovered),
+            ", ".join(
+                f"{e.request_id} ({e.team}, {format_cny(e.settled_amount)})" for e in recovered
+            ),
         )
     app[DB] = db
     yield
@@ -135,22 +172,54 @@ async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[CONFIG].current.settings
-    db, clock, metrics = app[DB], app[CLOCK], app[METRICS]
-    tasks = TaskTracker(db, app[UPSTREAM], metrics, clock, settings.tasks)
-    generations = Generations(db, app[UPSTREAM], tasks, metrics, clock)
-    app[TASKS] = tasks
-    app[GENERATIONS] = generations
-    app[IDEMPOTENCY] = Idempotency(
-        db, generations.is_running, clock, settings.idempotency.keep_hours
+    db, clock, metrics, books = app[DB], app[CLOCK], app[METRICS], app[BOOKS]
+    durable = Durable(metrics)
+    tasks = TaskTracker(
+        db=db,
+        upstream=app[UPSTREAM],
+        metrics=metrics,
+        books=books,
+        clock=clock,
+        config=settings.tasks,
+        follow_timeout_s=settings.upstream.timeout_s,
     )
+    generations = Generations(
+        db=db,
+        upstream=app[UPSTREAM],
+        tasks=tasks,
+        metrics=metrics,
+        books=books,
+        durable=durable,
+        clock=clock,
+    )
+    idempotency = Idempotency(
+        db, generations.is_running, clock, settings.idempotency.keep_hours, durable
+    )
+    app[TASKS], app[GENERATIONS], app[IDEMPOTENCY] = tasks, generations, idempotency
     background = [
         asyncio.create_task(tasks.run_settler(), name="task settler"),
-        asyncio.create_task(_purge_idempotency(app), name="idempotency purge"),
+        asyncio.create_task(
+            _every(PURGE_EVERY_S, "purging old Idempotency-Key outcomes", lambda: _purge(app)),
+            name="idempotency purge",
+        ),
+        asyncio.create_task(
+            _every(
+                settings.tasks.settle_interval_s,
+                "logging resolutions made outside the gateway",
+                lambda: log_outside(db, books, clock().timestamp()),
+            ),
+            name="resolution log",
+        ),
     ]
     yield
     left = await generations.drain(settings.server.drain_s)
     if left:
-        log.warning("%d generation(s) did not finish within drain_s: holds kept as uncertain", left)
+        log.warning(
+            "%d generation(s) did not finish within drain_s: those already sent are kept as "
+            "uncertain, the others released",
+            left,
+        )
+    await idempotency.drain()
     for task in background:
         task.cancel()
     for task in background:
@@ -162,13 +231,18 @@ async def _begin_drain(app: web.Application) -> None:
     app[GENERATIONS].begin_drain()
 
 
-async def _purge_idempotency(app: web.Application) -> None:
-    """Forget Idempotency-Key outcomes older than keep_hours, hourly."""
+async def _purge(app: web.Application) -> None:
+    """Forget Idempotency-Key outcomes older than keep_hours."""
+    settings = app[CONFIG].current.settings
+    before = app[CLOCK]().timestamp() - settings.idempotency.keep_hours * 3600
+    await app[DB].purge_idempotency(before)
+
+
+async def _every(interval_s: float, what: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run ``step`` now and every ``interval_s``; a failing turn is logged, the loop goes on."""
     while True:
-        settings = app[CONFIG].current.settings
-        before = app[CLOCK]().timestamp() - settings.idempotency.keep_hours * 3600
         try:
-            await app[DB].purge_idempotency(before)
+            await step()
         except Exception:  # retried at the next turn; the loop must not die
-            log.exception("purging old Idempotency-Key outcomes failed")
-        await asyncio.sleep(PURGE_EVERY_S)
+            log.exception("%s failed; retrying in %ss", what, interval_s)
+        await asyncio.sleep(interval_s)

@@ -1,4 +1,5 @@
-"""The ``image-gateway`` command: serve, new-key, check-config, usage. The only reader of argv."""
+"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger. The only reader of
+argv. Every failure a user can cause ends in one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
@@ -10,17 +11,30 @@ import os
 import sys
 from pathlib import Path
 
-from gateway import __version__
+from gateway import __version__, cli_ledger
+from gateway.app import StartupError
 from gateway.auth import key_digest, new_team_key
-from gateway.config import ConfigError, load_settings
-from gateway.db import Database
+from gateway.cli_support import (
+    STORE_ERRORS,
+    CommandError,
+    load_config,
+    offline,
+)
+from gateway.config import Settings
 from gateway.periods import utc_now
+from gateway.store.sqlite import SQLiteStore
 from gateway.usage import format_report, usage_report
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except CommandError as exc:
+        print(f"image-gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     usage.add_argument("--config", type=Path, required=True)
     usage.add_argument("--team", help="only this team")
     usage.add_argument("--json", action="store_true", help="print JSON")
-    usage.set_defaults(run=_usage)
+    usage.set_defaults(run=offline(_usage))
+
+    cli_ledger.add_commands(commands)
     return parser
 
 
@@ -66,16 +82,19 @@ def _serve(args: argparse.Namespace) -> int:
     if args.demo:
         from gateway.demo import run_demo  # noqa: PLC0415 - the simulator loads only for the demo
 
-        asyncio.run(run_demo(args.host, args.port))
-        return 0
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        _print_problems(args.config, exc)
-        return 1
+        return _run_server(run_demo(args.host, args.port))
+    settings = load_config(args.config)
     from gateway.server import serve  # noqa: PLC0415 - keeps `new-key` and `check-config` light
 
-    asyncio.run(serve(settings, config_path=args.config))
+    return _run_server(serve(settings, config_path=args.config))
+
+
+def _run_server(main: object) -> int:
+    """Run the server; a failure to start is one line, not a traceback."""
+    try:
+        asyncio.run(main)  # type: ignore[arg-type]
+    except (StartupError, *STORE_ERRORS) as exc:
+        raise CommandError(f"cannot start: {exc}") from None
     return 0
 
 
@@ -88,45 +107,23 @@ def _new_key(_args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.path)
-    except ConfigError as exc:
-        _print_problems(args.path, exc)
-        return 1
-    print(f"{args.path}: OK ({len(settings.teams)} teams, database {settings.database})")
+    settings = load_config(args.path)
+    database = settings.database
+    state = "exists" if database.exists() else "does not exist yet: the gateway will create it"
+    print(f"{args.path}: OK ({len(settings.teams)} teams, database {database}: {state})")
     return 0
 
 
-def _usage(args: argparse.Namespace) -> int:
-    try:
-        settings = load_settings(args.config, require_central_key=False)
-    except ConfigError as exc:
-        _print_problems(args.config, exc)
-        return 1
+async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     if args.team is not None and args.team not in settings.teams:
-        print(f"unknown team {args.team!r}", file=sys.stderr)
-        return 1
-
-    async def report() -> dict:
-        db = await Database.open_read_only(settings.database)
-        try:
-            return await usage_report(db, settings, utc_now(), only=args.team)
-        finally:
-            await db.close()
-
+        raise CommandError(f"unknown team {args.team!r}")
+    db = await SQLiteStore.open_read_only(settings.database)
     try:
-        result = asyncio.run(report())
-    except FileNotFoundError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+        result = await usage_report(db, settings, utc_now(), only=args.team)
+    finally:
+        await db.close()
     print(
         json.dumps(result, indent=2) if args.json else format_report(result),
         end="\n" if args.json else "",
     )
     return 0
-
-
-def _print_problems(path: Path, exc: ConfigError) -> None:
-    print(f"{path}: invalid config", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  - {problem}", file=sys.stderr)

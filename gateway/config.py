@@ -27,6 +27,8 @@ DEFAULT_ALIASES = dict.fromkeys(
     ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
 )
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+FILE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 MIB = 1024 * 1024
 
 
@@ -94,9 +96,15 @@ class UpstreamConfig:
         return urlsplit(self.base_url).hostname or ""
 
     @property
-    def result_hosts(self) -> frozenset[str]:
-        """Where result images may be fetched from: the API host and ``file_hosts``."""
-        return frozenset({self.host, *self.file_hosts})
+    def result_origins(self) -> frozenset[tuple[str, int]]:
+        """Where result images may be fetched from, as (host, port): the API's own origin and
+        each of ``file_hosts`` (``host`` or ``host:port``, port 443 by default)."""
+        base = urlsplit(self.base_url)
+        origins = {(base.hostname or "", base.port or DEFAULT_PORTS[base.scheme])}
+        for entry in self.file_hosts:
+            host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+            origins.add((host, int(port) if port else 443))
+        return frozenset(origins)
 
     @property
     def files_origin(self) -> str:
@@ -364,8 +372,8 @@ def _upstream(
     key_env = t.get("api_key_env", str, None, _non_empty)
     key_file = t.get("api_key_file", str, None, _non_empty)
     hosts = t.get("file_hosts", list, [])
-    if not all(isinstance(h, str) and h for h in hosts):
-        t.errors.append(f"{t.name('file_hosts')} must be a list of host names")
+    if not all(isinstance(h, str) and FILE_HOST.fullmatch(h) for h in hosts):
+        t.errors.append(f"{t.name('file_hosts')} must be a list of host names (or host:port)")
         hosts = []
     config = UpstreamConfig(
         base_url=base_url,

@@ -7,13 +7,15 @@
     ├── BudgetExceeded                 402    insufficient_quota
     ├── NotFound                       404    invalid_request_error
     ├── MethodNotAllowed               405    invalid_request_error
-    ├── IdempotencyConflict            409    invalid_request_error
+    ├── Conflict                       409    invalid_request_error
+    │   └── IdempotencyConflict
     ├── PayloadTooLarge                413    invalid_request_error
     ├── UnsupportedMediaType           415    invalid_request_error
     ├── IdempotencyMismatch            422    invalid_request_error
     ├── RateLimited                    429    rate_limit_error
     ├── UpstreamRejected               (the upstream's status and type)
     ├── UpstreamFailure                502/504 upstream_error
+    ├── StorageUnavailable             503    server_error (the ledger cannot be written)
     └── InternalError                  500    server_error
 
 ``should_retry`` becomes the ``x-should-retry`` header that the OpenAI SDKs obey: False where a
@@ -105,10 +107,16 @@ class MethodNotAllowed(GatewayError):
     should_retry = False
 
 
-class IdempotencyConflict(GatewayError):
+class Conflict(GatewayError):
     status = 409
     type = "invalid_request_error"
+    code = "conflict"
+    should_retry: bool | None = False
+
+
+class IdempotencyConflict(Conflict):
     code = "idempotency_key_in_use"
+    should_retry: bool | None = None
 
 
 class PayloadTooLarge(GatewayError):
@@ -142,6 +150,8 @@ class UpstreamRejected(GatewayError):
     """The upstream answered with its own JSON error: nothing was generated, nothing is charged."""
 
     attempts = 1
+    upstream_status: int | None = None
+    upstream_ms: float | None = None
 
     def __init__(
         self,
@@ -167,12 +177,27 @@ class UpstreamFailure(GatewayError):
 
     type = "upstream_error"
     attempts = 1
+    upstream_status: int | None = None
+    upstream_ms: float | None = None
 
     def __init__(self, message: str, *, status: int = 502, code: str, uncertain: bool) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.uncertain = uncertain
         self.should_retry = False if uncertain else None
+
+
+class StorageUnavailable(GatewayError):
+    """The ledger cannot be written (disk full, file gone, database down): nothing was sent.
+
+    ``x-should-retry: false``: an SDK retrying at once would only fail again, and a request
+    that did reach the upstream must never be bought twice.
+    """
+
+    status = 503
+    type = "server_error"
+    code = "storage_unavailable"
+    should_retry = False
 
 
 class InternalError(GatewayError):

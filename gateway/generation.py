@@ -4,33 +4,47 @@ A generation runs as its own asyncio task: if the client disconnects or its hand
 cancelled, the upstream call still completes, the result is stored and the hold settled, so a
 retry can collect it. Retries of the OpenAI SDK (``x-stainless-retry-count`` >= 1) attach to the
 generation they repeat instead of buying a second image.
+
+What settles is decided by ``gateway.settlement``; this module only orchestrates: reserve, send,
+answer, then commit the settlement (retried until it lands, the result kept in memory).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
+from gateway.books import Books, LogSlot, MoneyMoved
 from gateway.config import TeamConfig
-from gateway.db import Database
-from gateway.errors import GatewayError, UpstreamFailure, UpstreamRejected
+from gateway.durable import Durable
+from gateway.errors import (
+    GatewayError,
+    StorageUnavailable,
+    UpstreamFailure,
+    UpstreamRejected,
+)
 from gateway.ledger import BudgetRefused, Hold, Settlement, Usage
 from gateway.metrics import Metrics
 from gateway.normalize import ImageRequest
 from gateway.periods import Period
-from gateway.pricing import budget_refusal, capture, hold_for
+from gateway.pricing import budget_refusal, hold_for
+from gateway.settlement import capture_reply, interrupted, release, uncertain
+from gateway.store.base import Store
 from gateway.tasks import TaskTracker
-from gateway.upstream import UpstreamClient
+from gateway.upstream import Reply, SendState, UpstreamClient, error_label
 from gateway.wire import upstream_body
 
 log = logging.getLogger("gateway.generation")
 
 Mode = Literal["sync", "async"]
+CANCEL_GRACE_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,11 +59,13 @@ class Job:
     prices: Mapping[str, int]
     period: Period
     now: datetime
+    slot: LogSlot | None = None  # the request's access-log line, while money can join it
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Outcome:
-    """What a generation came to; ``final`` means the upstream took the request (store, replay)."""
+    """What a generation came to. ``final``: the upstream took the request, so the answer is
+    stored and replayed rather than tried again."""
 
     status: int
     request_id: str
@@ -57,8 +73,6 @@ class Outcome:
     raw: bytes | None = None  # the upstream's body as received, when it can be passed on as is
     error: GatewayError | None = None
     reserved: int = 0
-    cost: int = 0
-    images: int = 0
     upstream_id: str | None = None
     task_id: str | None = None
     upstream_status: int | None = None
@@ -67,7 +81,7 @@ class Outcome:
     final: bool = False
     dedupe_of: str | None = None
     usage: Usage | None = None  # the team's usage once this request's hold was placed
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -82,16 +96,21 @@ class _Running:
 class Generations:
     def __init__(
         self,
-        db: Database,
+        *,
+        db: Store,
         upstream: UpstreamClient,
         tasks: TaskTracker,
         metrics: Metrics,
+        books: Books,
+        durable: Durable,
         clock: Callable[[], datetime],
     ) -> None:
         self._db = db
         self._upstream = upstream
         self._tasks = tasks
         self._metrics = metrics
+        self._books = books
+        self._durable = durable
         self._clock = clock
         self._latest: dict[tuple[str, str], _Running] = {}
         self._by_request: dict[str, _Running] = {}
@@ -100,14 +119,19 @@ class Generations:
     def is_running(self, request_id: str) -> bool:
         return request_id in self._by_request
 
+    def settling(self, request_id: str) -> asyncio.Task[None] | None:
+        """The generation's task while its settlement is not yet committed."""
+        running = self._by_request.get(request_id)
+        return running.task if running is not None else None
+
     async def run(self, job: Job) -> Outcome:
         """Start the generation and wait for its answer (the wait may be cancelled, not the work).
 
         The answer comes as soon as the upstream's reply is in; its settlement is committed
-        right after, while the client already reads. That is safe because a settlement never
-        raises the money counted against the budget (a capture moves at most the held amount
-        from reserved to spent), so if the process dies before it commits, the hold recovers
-        as uncertain: still counted, never lost. Retries and drains wait for the settlement.
+        right after, while the client already reads. That is safe because a sync settlement
+        never raises the money counted against the budget (a capture moves at most the held
+        amount from reserved to spent), so if the process dies before it commits, the hold
+        recovers as uncertain: still counted, never lost. Retries and drains wait for it.
         """
         ready: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._generate(job, ready), name=f"generation {job.request_id}")
@@ -151,7 +175,8 @@ class Generations:
         self._drain_started = asyncio.get_running_loop().time()
 
     async def drain(self, drain_s: float) -> int:
-        """Wait out the drain time for running generations; cancel (mark uncertain) the rest."""
+        """Wait out the drain time for running generations; cancel the rest (a request that
+        never left is released, one that did is uncertain)."""
         tasks = {running.task for running in self._by_request.values()}
         if not tasks:
             return 0
@@ -161,8 +186,8 @@ class Generations:
         _, pending = await asyncio.wait(tasks, timeout=timeout)
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.wait(pending)
+        if pending:  # a settlement that cannot be stored must not hold the shutdown forever
+            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
         return len(pending)
 
     def _forget(self, key: tuple[str, str], request_id: str, running: _Running) -> None:
@@ -190,80 +215,152 @@ class Generations:
             mode=job.mode,
             fingerprint=job.fingerprint,
         )
-        started = asyncio.get_running_loop().time()
+        started = time.perf_counter()
         try:
-            usage = await self._db.reserve(hold)
+            usage = await self._reserve(hold)
         except BudgetRefused as refused:
             error = budget_refusal(job.team, job.period, refused.usage, hold.amount)
             ready.set_result(
                 Outcome(error.status, job.request_id, error=error, usage=refused.usage)
             )
             return
-        self._metrics.reserve_seconds.observe(asyncio.get_running_loop().time() - started)
-        outcome = Outcome(0, job.request_id, reserved=hold.amount, usage=usage)
+        except StorageUnavailable as exc:  # nothing was reserved, nothing is sent
+            ready.set_result(Outcome(exc.status, job.request_id, error=exc))
+            return
+        self._metrics.reserve_seconds.observe(time.perf_counter() - started)
+        state = SendState()
         try:
-            settlement = await self._forward(job, hold, outcome)
+            outcome, settlement = await self._forward(job, hold, usage, state)
         except BaseException:
             # Cancelled (shutdown past the drain time) or a bug: the upstream may have worked.
-            interrupted = Settlement("uncertain", hold.amount, reason="interrupted")
-            await asyncio.shield(self._settle(hold, interrupted))
+            await asyncio.shield(self._commit(job, hold, interrupted(hold, sent=state.sent)))
             raise
         ready.set_result(outcome)
         if settlement is not None:
-            await self._settle(hold, settlement)
+            await self._commit(job, hold, settlement)
 
-    async def _forward(self, job: Job, hold: Hold, outcome: Outcome) -> Settlement | None:
-        """Send the request, fill in ``outcome``; the settlement it calls for (None: async)."""
+    async def _reserve(self, hold: Hold) -> Usage:
+        """The durable hold. Cancelled while it is being written, the write may land all the
+        same: then nothing was sent, so it is released at once instead of left to recovery."""
+        reserving = asyncio.ensure_future(self._db.reserve(hold))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await reserving
+                cancelled = release("cancelled before the request was sent")
+                await self._db.settle(hold.request_id, cancelled, self._clock().timestamp())
+            raise
+
+    async def _forward(
+        self, job: Job, hold: Hold, usage: Usage, state: SendState
+    ) -> tuple[Outcome, Settlement | None]:
+        """Send the request: its outcome, and the settlement it calls for (None: a task, which
+        the tracker settles when it ends)."""
+        base: dict[str, Any] = {"request_id": job.request_id, "reserved": hold.amount}
+        base["usage"] = usage
         try:
             reply = await self._upstream.submit(
-                job.path, upstream_body(job.request), dict(job.query)
+                job.path, upstream_body(job.request), dict(job.query), state
             )
         except UpstreamRejected as exc:  # the upstream said no: nothing was generated
-            outcome.status, outcome.error, outcome.upstream_status = exc.status, exc, exc.status
-            outcome.attempts = exc.attempts
-            outcome.final = (
-                exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
-            )
-            return Settlement("released", 0, reason=exc.message[:500])
+            self._metrics.upstream_errors.labels(error_label(exc)).inc()
+            final = exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
+            outcome = _failed(exc, final=final, **base)
+            return outcome, release(exc.message, upstream_id=None)
         except UpstreamFailure as exc:  # never sent (released) or the answer was lost (uncertain)
-            outcome.status, outcome.error, outcome.final = exc.status, exc, exc.uncertain
-            outcome.attempts = exc.attempts
+            self._metrics.upstream_errors.labels(error_label(exc)).inc()
+            outcome = _failed(exc, final=exc.uncertain, **base)
             if exc.uncertain:
-                return Settlement("uncertain", hold.amount, reason=exc.code)
-            return Settlement("released", 0, reason=exc.code)
-        outcome.status, outcome.final = reply.status, True
-        outcome.payload, outcome.raw = reply.payload, reply.raw
-        outcome.upstream_status, outcome.upstream_ms = reply.status, reply.upstream_ms
-        outcome.attempts = reply.attempts
+                return outcome, uncertain(hold, exc.code or "upstream_error")
+            return outcome, release(exc.code or "upstream_error")
         self._metrics.upstream_seconds.labels(job.request.endpoint, job.mode).observe(
             reply.upstream_ms / 1000
         )
-        if job.mode == "async":  # settled when the task ends; recorded before the 202 goes out
-            outcome.task_id = str(reply.payload["task_id"])
-            await self._tasks.submitted(
-                outcome.task_id, job.team.name, job.request_id, hold.created_at
-            )
-            return None
+        base.update(
+            upstream_status=reply.status,
+            upstream_ms=reply.upstream_ms,
+            attempts=reply.attempts,
+            final=True,
+        )
+        if reply.status == 202:
+            return await self._task_reply(job, hold, reply, base), None
         upstream_id = reply.payload.get("id")
-        captured = capture(
+        captured = capture_reply(
             hold,
             len(reply.payload["data"]),
             upstream_id if isinstance(upstream_id, str) else None,
             reply.raw.decode("utf-8", "replace"),
         )
-        outcome.cost, outcome.images, outcome.upstream_id = (
-            captured.amount,
-            captured.images,
-            captured.upstream_id,
-        )
-        return captured
-
-    async def _settle(self, hold: Hold, settlement: Settlement) -> None:
-        stored = await self._db.settle(hold.request_id, settlement, self._clock().timestamp())
-        if stored and settlement.state == "captured":
-            self._metrics.captured(
-                hold.team, "-", hold.quality, settlement.amount, settlement.images
+        if job.mode == "async":  # it answered at once: a task that is already complete
+            answer = await self._tasks.completed_at_once(
+                job.team.name, hold, reply.payload, captured, job.slot
             )
+            return Outcome(200, payload=answer, task_id=answer["task_id"], **base), None
+        return (
+            Outcome(
+                200, payload=reply.payload, raw=reply.raw, upstream_id=captured.upstream_id, **base
+            ),
+            captured,
+        )
+
+    async def _task_reply(
+        self, job: Job, hold: Hold, reply: Reply, base: dict[str, Any]
+    ) -> Outcome:
+        """A 202: recorded before anyone hears of it; a sync caller waits for it to end."""
+        task_id = str(reply.payload["task_id"])
+        await self._durable.write(
+            f"task record of {job.request_id}",
+            lambda: self._tasks.submitted(task_id, job.team.name, job.request_id, hold.created_at),
+        )
+        if job.mode == "async":
+            return Outcome(202, payload=reply.payload, raw=reply.raw, task_id=task_id, **base)
+        answer = await self._tasks.follow(task_id, job.team.name, job.slot)
+        if answer is None:
+            error: GatewayError = UpstreamFailure(
+                f"The upstream turned this request into task {task_id}, which is still "
+                f"running; poll GET /v1/images/tasks/{task_id} for its result. Do not retry.",
+                status=504,
+                code="upstream_timeout",
+                uncertain=True,
+            )
+            return Outcome(504, error=error, task_id=task_id, **base)
+        if answer.get("status") != "completed":
+            error = UpstreamRejected(
+                502,
+                "upstream_error",
+                "The upstream ran this request as a task, and the task failed; nothing was "
+                "charged.",
+                code="upstream_task_failed",
+            )
+            return Outcome(502, error=error, task_id=task_id, **base)
+        payload = {
+            "created": int(self._clock().timestamp()),
+            "data": answer.get("data") or [{"url": answer.get("result_url")}],
+            "id": task_id,
+        }
+        return Outcome(200, payload=payload, upstream_id=task_id, **base)
+
+    async def _commit(self, job: Job, hold: Hold, settlement: Settlement) -> None:
+        now = self._clock().timestamp()
+        stored = await self._durable.write(
+            f"settlement of {hold.request_id}",
+            lambda: self._db.settle(hold.request_id, settlement, now),
+        )
+        if stored:
+            self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
+
+
+def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: Any) -> Outcome:
+    return Outcome(
+        error.status,
+        error=error,
+        upstream_status=error.upstream_status,
+        upstream_ms=error.upstream_ms,
+        attempts=error.attempts,
+        final=final,
+        **base,
+    )
 
 
 def _as_dedupe(outcome: Outcome) -> Outcome:
@@ -272,8 +369,6 @@ def _as_dedupe(outcome: Outcome) -> Outcome:
         outcome,
         raw=None,
         reserved=0,
-        cost=0,
-        images=0,
         attempts=0,
         usage=None,
         dedupe_of=outcome.request_id,

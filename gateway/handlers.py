@@ -1,17 +1,18 @@
 """Route handlers: authenticate, read, normalize, then hand over to the services.
 
 Handlers hold no business rules of their own; they orchestrate and fill the access-log record.
+Money reaches the record through its ``LogSlot`` when it is committed, not from here.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 from aiohttp import web
 
-from gateway.accesslog import result_id
+from gateway.accesslog import FILES_PATH, result_id, short_id
 from gateway.body import BodyLimits, read_body
 from gateway.config import Settings, TeamConfig
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
@@ -28,6 +29,8 @@ from gateway.keys import (
     LIMITER,
     METRICS,
     RECORD,
+    SETTLING,
+    SLOT,
     TASKS,
     UPSTREAM,
 )
@@ -37,7 +40,7 @@ from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
 from gateway.periods import period_at
 from gateway.pricing import remaining
 from gateway.responses import error_response, json_response
-from gateway.results import FILES_PATH, as_b64_json, through_gateway
+from gateway.results import as_b64_json, is_result_path, through_gateway
 from gateway.upstream import DownloadError
 from gateway.usage import usage_report
 from gateway.wire import fingerprint
@@ -55,7 +58,9 @@ async def create_image(request: web.Request) -> web.Response:
     record = request[RECORD]
     endpoint: Endpoint = "edits" if request.path.endswith("/edits") else "generations"
     async_value = request.query.get("async")
-    mode = "async" if async_value is not None and async_value.lower() in ASYNC_VALUES else "sync"
+    mode: Literal["sync", "async"] = (
+        "async" if async_value is not None and async_value.lower() in ASYNC_VALUES else "sync"
+    )
     record.update(endpoint=endpoint, mode=mode)
     snapshot = app[CONFIG].current
     team = _team(request, snapshot)
@@ -81,15 +86,19 @@ async def create_image(request: web.Request) -> web.Response:
             team=team,
             request=image_request,
             path=request.path,
-            query={"async": async_value} if mode == "async" and async_value else {},
+            query={"async": "1"} if mode == "async" else {},  # the upstream's own spelling
             mode=mode,
             fingerprint=fingerprint(image_request, async_mode=mode == "async"),
             prices=settings.prices,
             period=period,
             now=now,
+            slot=request[SLOT],
         )
         record["ledger_id"] = job.request_id
         outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
+    settling = app[GENERATIONS].settling(job.request_id)
+    if settling is not None and outcome.dedupe_of is None:
+        request[SETTLING] = settling  # the log line waits for the money
     return await _respond(request, outcome, image_request, team, settings)
 
 
@@ -99,9 +108,8 @@ async def get_task(request: web.Request) -> web.Response:
     record.update(endpoint="tasks", mode="poll")
     team = _team(request, request.app[CONFIG].current)
     task_id = request.match_info["task_id"]
-    record["task_id"] = task_id
-    answer = await request.app[TASKS].poll(team.name, task_id)
-    record["upstream_id"] = task_id
+    record["task_id"] = record["upstream_id"] = short_id(task_id)
+    answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
     if isinstance(answer.get("result_url"), str):
         record["result_ids"] = [result_id(answer["result_url"])]
     upstream = request.app[CONFIG].current.settings.upstream
@@ -121,7 +129,9 @@ async def result_file(request: web.Request) -> web.StreamResponse:
     upstream = request.app[CONFIG].current.settings.upstream
     if not upstream.proxy_results:
         raise NotFound("Result proxying is off; use the result URL as given.")
-    url = upstream.files_origin + request.path_qs
+    if not is_result_path(request.raw_path.partition("?")[0], request.query_string):
+        raise NotFound("Not a result image path.")
+    url = upstream.files_origin + request.raw_path
     record["result_ids"] = [result_id(url)]
     try:
         async with request.app[UPSTREAM].open_image(url) as image:
@@ -174,14 +184,15 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: config loaded, database writable, central key present."""
+    """Ready: config loaded, database the configured one and writable, central key present."""
     request[RECORD]["endpoint"] = "health"
     settings = request.app[CONFIG].current.settings
     checks: dict[str, str] = {"config": "ok"}
     try:
-        await request.app[DB].check_writable()
+        await request.app[DB].check_ready()
         checks["database"] = "ok"
     except Exception as exc:
+        log.warning("readiness: the database is not usable: %s", exc)
         checks["database"] = f"error: {type(exc).__name__}"
     checks["central_key"] = "ok" if settings.upstream.api_key.reveal() else "missing"
     ready = all(value == "ok" for value in checks.values())
@@ -220,7 +231,8 @@ def _team(request: web.Request, snapshot: Snapshot) -> TeamConfig:
 
 def _retry_count(request: web.Request, record: dict[str, Any]) -> int:
     raw = request.headers.get(RETRY_HEADER)
-    count = int(raw) if raw is not None and raw.isdigit() and len(raw) < 6 else 0
+    digits = raw is not None and raw.isascii() and raw.isdigit() and len(raw) < 6
+    count = int(raw) if digits and raw is not None else 0
     record["retry_count"] = count
     return count
 
@@ -277,11 +289,9 @@ async def _respond(
     record.update(
         upstream_status=outcome.upstream_status,
         upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,
-        cost_cny=units_to_cny(outcome.cost),
         reserved_cny=units_to_cny(outcome.reserved),
-        images=outcome.images,
-        upstream_id=outcome.upstream_id,
-        task_id=outcome.task_id,
+        upstream_id=short_id(outcome.upstream_id),
+        task_id=short_id(outcome.task_id),
         attempts=outcome.attempts or None,
         dedupe_of=outcome.dedupe_of,
     )
@@ -297,9 +307,9 @@ async def _respond(
     record["result_ids"] = [
         result_id(item["url"])
         for item in payload.get("data", [])
-        if isinstance(item.get("url"), str)
+        if isinstance(item, dict) and isinstance(item.get("url"), str)
     ] or None
-    if outcome.status == 200 and req.response_format == "b64_json":
+    if outcome.status == 200 and req.response_format == "b64_json" and "task_id" not in payload:
         payload, warning = await as_b64_json(payload, request.app[UPSTREAM])
         headers.update(warning)
     if settings.upstream.proxy_results:

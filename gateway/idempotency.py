@@ -1,30 +1,39 @@
 """``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header), scoped per team.
 
 The first request with a key runs; its outcome is stored once the upstream has taken the request
-and replayed to every later request with the same key and the same payload. A request with the
-same key while the first is running gets 409; with a different payload, 422. A request refused
-before anything was spent (validation, budget, an unreachable upstream) stores nothing.
+and replayed to every later request with the same key and the same payload, however many arrive
+at once. A request with the same key while the first is running gets 409; with a different
+payload, 422. A request refused before anything was spent (validation, budget, an unreachable
+upstream) stores nothing. An outcome that cannot be stored yet (disk full) is replayed from
+memory while its write is retried.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
-from gateway.db import Database, StoredOutcome
+from gateway.durable import Durable
 from gateway.errors import (
     GatewayError,
     IdempotencyConflict,
     IdempotencyMismatch,
     InvalidRequest,
+    StorageUnavailable,
     UpstreamFailure,
 )
 from gateway.generation import Outcome
+from gateway.store.base import Store, StoredOutcome
 
 MAX_KEY_LENGTH = 255
 HEADER = "Idempotency-Key"
+REPLAYED = {"Idempotent-Replayed": "true"}
+
+Slot = tuple[str, str]  # (team, key)
 
 
 def check_key(value: str | None) -> str | None:
@@ -41,16 +50,19 @@ def check_key(value: str | None) -> str | None:
 class Idempotency:
     def __init__(
         self,
-        db: Database,
+        db: Store,
         is_running: Callable[[str], bool],
         clock: Callable[[], datetime],
         keep_hours: float,
+        durable: Durable,
     ) -> None:
         self._db = db
         self._is_running = is_running
         self._clock = clock
         self._keep_s = keep_hours * 3600
-        self._active: set[tuple[str, str]] = set()
+        self._durable = durable
+        self._originals: dict[Slot, tuple[str, asyncio.Future[Outcome]]] = {}
+        self._storing: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
@@ -60,13 +72,45 @@ class Idempotency:
         request_id: str,
         generate: Callable[[], Awaitable[Outcome]],
     ) -> Outcome:
-        if (team, key) in self._active:
-            raise _in_flight()
-        self._active.add((team, key))
+        slot = (team, key)
+        local = self._originals.get(slot)
+        if local is not None:  # the first request with this key is (or was just) in this process
+            return await self._from_memory(local, fingerprint)
+        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        self._originals[slot] = (fingerprint, answer)
         try:
-            return await self._run(team, key, fingerprint, request_id, generate)
-        finally:
-            self._active.discard((team, key))
+            outcome = await self._run(team, key, fingerprint, request_id, generate)
+        except BaseException:
+            self._forget(slot, answer)
+            answer.cancel()
+            raise
+        answer.set_result(outcome)
+        if outcome.final and not outcome.extra.get("Idempotent-Replayed"):
+            await self._store(slot, outcome, answer)
+        else:
+            self._forget(slot, answer)
+        return outcome
+
+    async def drain(self, timeout_s: float = 5.0) -> None:
+        """Wait a little for outcomes still being stored (shutdown); a claim left without its
+        outcome is answered from the ledger after the restart."""
+        if self._storing:
+            _, pending = await asyncio.wait(set(self._storing), timeout=timeout_s)
+            for task in pending:
+                task.cancel()
+
+    async def _from_memory(
+        self, local: tuple[str, asyncio.Future[Outcome]], fingerprint: str
+    ) -> Outcome:
+        known, answer = local
+        if known != fingerprint:
+            raise _mismatch()
+        if not answer.done() or answer.cancelled():
+            raise _in_flight()
+        outcome = answer.result()
+        if not outcome.final:
+            raise _in_flight()
+        return _replay_of(outcome)
 
     async def _run(
         self,
@@ -82,9 +126,7 @@ class Idempotency:
         )
         if earlier is not None:
             if earlier.fingerprint != fingerprint:
-                raise IdempotencyMismatch(
-                    f"This {HEADER} was used for a different request; use a new key.", param=HEADER
-                )
+                raise _mismatch()
             replay = await self._replay(earlier)
             if replay is not None:
                 return replay
@@ -100,12 +142,40 @@ class Idempotency:
             if earlier is not None:
                 raise _in_flight()
         outcome = await generate()
-        if outcome.final:
-            status, body, headers = _stored_form(outcome)
-            await self._db.store_idempotent_outcome(team, key, status, body, headers)
-        else:
+        if not outcome.final:
             await self._db.release_idempotency_key(team, key)
         return outcome
+
+    async def _store(self, slot: Slot, outcome: Outcome, answer: asyncio.Future[Outcome]) -> None:
+        """Store the outcome before it is answered (so it survives a crash right after); if the
+        database cannot take it now, retry in the background and replay from memory meanwhile."""
+        status, body, headers = _stored_form(outcome)
+        team, key = slot
+
+        def write() -> Awaitable[None]:
+            return self._db.store_idempotent_outcome(team, key, status, body, headers)
+
+        try:
+            await write()
+        except StorageUnavailable:
+            pass
+        else:
+            self._forget(slot, answer)
+            return
+
+        async def store() -> None:
+            try:
+                await self._durable.write(f"Idempotency-Key outcome of {outcome.request_id}", write)
+            finally:
+                self._forget(slot, answer)
+
+        task = asyncio.create_task(store(), name=f"idempotency {outcome.request_id}")
+        self._storing.add(task)
+        task.add_done_callback(self._storing.discard)
+
+    def _forget(self, slot: Slot, answer: asyncio.Future[Outcome]) -> None:
+        if slot in self._originals and self._originals[slot][1] is answer:
+            del self._originals[slot]
 
     async def _replay(self, earlier: StoredOutcome) -> Outcome | None:
         """The stored outcome; for a claim left by a stopped process, what its ledger says."""
@@ -126,7 +196,7 @@ class Idempotency:
             code="outcome_unknown",
             uncertain=True,
         )
-        return Outcome(error.status, earlier.request_id, error=error, final=True)
+        return Outcome(error.status, earlier.request_id, error=error, final=True, extra=REPLAYED)
 
 
 def _in_flight() -> IdempotencyConflict:
@@ -135,6 +205,16 @@ def _in_flight() -> IdempotencyConflict:
         param=HEADER,
         headers={"Retry-After": "5"},
     )
+
+
+def _mismatch() -> IdempotencyMismatch:
+    return IdempotencyMismatch(
+        f"This {HEADER} was used for a different request; use a new key.", param=HEADER
+    )
+
+
+def _replay_of(outcome: Outcome) -> Outcome:
+    return replace(outcome, raw=None, reserved=0, attempts=0, usage=None, extra=REPLAYED)
 
 
 def _stored_form(outcome: Outcome) -> tuple[int, str, dict[str, str]]:
@@ -150,14 +230,23 @@ def _stored_form(outcome: Outcome) -> tuple[int, str, dict[str, str]]:
 def _replayed(
     request_id: str, status: int, body: dict[str, Any], headers: dict[str, str]
 ) -> Outcome:
-    outcome = Outcome(status, request_id, final=True, extra={"Idempotent-Replayed": "true"})
     if status >= 400:
-        outcome.error = StoredError(status, body, headers)
-    else:
-        outcome.payload = body
-        outcome.upstream_id = body.get("id")
-        outcome.task_id = body.get("task_id")
-    return outcome
+        return Outcome(
+            status,
+            request_id,
+            error=StoredError(status, body, headers),
+            final=True,
+            extra=REPLAYED,
+        )
+    return Outcome(
+        status,
+        request_id,
+        payload=body,
+        upstream_id=body.get("id"),
+        task_id=body.get("task_id"),
+        final=True,
+        extra=REPLAYED,
+    )
 
 
 class StoredError(GatewayError):

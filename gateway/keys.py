@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -9,25 +10,29 @@ from typing import Any
 from aiohttp import web
 
 from gateway.accesslog import AccessLog
-from gateway.db import Database
+from gateway.books import Books, LogSlot
 from gateway.generation import Generations
 from gateway.idempotency import Idempotency
 from gateway.limits import TeamLimiter
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
+from gateway.store.base import Store
 from gateway.tasks import TaskTracker
 from gateway.upstream import UpstreamClient
 
 CONFIG = web.AppKey("config", LiveConfig)
-CLOCK = web.AppKey("clock", Callable[[], datetime])
+CLOCK = web.AppKey[Callable[[], datetime]]("clock")
 METRICS = web.AppKey("metrics", Metrics)
 LIMITER = web.AppKey("limiter", TeamLimiter)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
-DB = web.AppKey("db", Database)
+BOOKS = web.AppKey("books", Books)
+DB = web.AppKey("db", Store)
 UPSTREAM = web.AppKey("upstream", UpstreamClient)
 TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
 
 RECORD = web.RequestKey("record", dict[str, Any])
+SLOT = web.RequestKey("slot", LogSlot)
+SETTLING = web.RequestKey("settling", asyncio.Task[None])
 LEDGER_ID = web.RequestKey("ledger_id", str)

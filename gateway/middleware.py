@@ -1,8 +1,9 @@
 """The one middleware every request passes: request id, error rendering, timing, log, metrics.
 
 Errors of every origin (ours, the upstream's, aiohttp's router, bugs) leave here as the same
-OpenAI-shaped JSON. The access-log line is written before the response leaves, so whoever
-holds a response can already find its line.
+OpenAI-shaped JSON. The access-log line is written once the request's money is committed: at
+once for most requests, and for a sync generation right after its settlement (which follows
+the answer), so that the line carries what was really charged.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from gateway.accesslog import new_record, timestamp
+from gateway.books import LogSlot
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -23,7 +25,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from gateway.keys import ACCESS_LOG, LEDGER_ID, METRICS, RECORD
+from gateway.keys import BOOKS, LEDGER_ID, METRICS, RECORD, SETTLING, SLOT
 from gateway.responses import error_response
 
 log = logging.getLogger("gateway")
@@ -45,13 +47,16 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[LEDGER_ID] = own_id  # unique even when a client reuses its X-Request-ID
     record = new_record(request.method, request.path, request_id, request.headers.get("User-Agent"))
     request[RECORD] = record
+    slot = LogSlot(record)
+    request[SLOT] = slot
     metrics = request.app[METRICS]
     metrics.in_flight.inc()
     try:
         response = await _handle(request, handler, record)
     finally:
         metrics.in_flight.dec()
-    elapsed_ms = (time.perf_counter() - started) * 1000
+    elapsed = time.perf_counter() - started
+    elapsed_ms = elapsed * 1000
     upstream_ms = record["upstream_ms"] or 0.0
     gateway_ms = max(0.0, elapsed_ms - upstream_ms)
     if not response.prepared:  # a streamed response sent its own headers already
@@ -65,10 +70,17 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
         gateway_ms=round(gateway_ms, 3),
         ts=timestamp(time.time()),
     )
+    endpoint = record["endpoint"] or "-"
     metrics.requests.labels(
-        record["team"] or "-", record["endpoint"] or "-", str(response.status), "-"
+        record["team"] or "-", endpoint, str(response.status), record["key"] or "-"
     ).inc()
-    request.app[ACCESS_LOG].write(record)
+    metrics.request_seconds.labels(endpoint, record["mode"] or "-").observe(elapsed)
+    books = request.app[BOOKS]
+    settling = request.get(SETTLING)
+    if settling is not None and not settling.done():
+        settling.add_done_callback(lambda _: books.write(slot))
+    else:
+        books.write(slot)
     return response
 
 
@@ -80,7 +92,7 @@ async def _handle(request: web.Request, handler: Handler, record: dict) -> web.S
     except web.HTTPException as exc:
         if exc.status < 400:
             return exc
-        error = _from_http_exception(request, exc)
+        error = _from_http_exception(request, exc, record)
     except Exception:
         # record["path"], not request.path: a result file's path is a credential.
         log.exception("unhandled error in %s %s", request.method, record["path"])
@@ -88,11 +100,14 @@ async def _handle(request: web.Request, handler: Handler, record: dict) -> web.S
     return error_response(error, record)
 
 
-def _from_http_exception(request: web.Request, exc: web.HTTPException) -> GatewayError:
+def _from_http_exception(
+    request: web.Request, exc: web.HTTPException, record: dict
+) -> GatewayError:
+    # record["path"] is the redacted path: a result file's path is a credential, even in a 404.
     if exc.status == 404:
-        return NotFound(f"Unknown route: {request.method} {request.path}")
+        return NotFound(f"Unknown route: {request.method} {record['path']}")
     if exc.status == 405:
-        return MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+        return MethodNotAllowed(f"{request.method} is not allowed on {record['path']}")
     if exc.status == 413:
         return PayloadTooLarge("The request body is too large.")
     error = GatewayError(exc.reason or "HTTP error")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, Literal
 
 from gateway.errors import InvalidRequest
@@ -51,7 +52,7 @@ class Upload:
     field: str
     filename: str | None
     mime: str
-    data: bytes = field(repr=False)
+    data: bytes = dataclass_field(repr=False)
 
 
 Reference = str | Upload
@@ -62,12 +63,12 @@ class ImageRequest:
     endpoint: Endpoint
     model: str
     requested_model: str
-    prompt: str = field(repr=False)
+    prompt: str = dataclass_field(repr=False)
     n: int
     size: str
     resolution: str
     quality: str
-    references: tuple[Reference, ...] = field(repr=False)
+    references: tuple[Reference, ...] = dataclass_field(repr=False)
     response_format: Literal["url", "b64_json"]
     ignored: tuple[str, ...]
 

@@ -40,3 +40,26 @@ def period_at(kind: PeriodKind, now: datetime, tz: ZoneInfo) -> Period:
 def utc_now() -> datetime:
     """The default clock; the app takes any zero-argument callable returning an aware datetime."""
     return datetime.now(UTC)
+
+
+def period_label(key: str) -> str:
+    """``monthly:2026-11`` -> ``2026-11``: a period as people (and ``--period``) write it."""
+    return key.partition(":")[2] or key
+
+
+def window(label: str, tz: ZoneInfo) -> tuple[datetime | None, datetime | None]:
+    """The time window ``[start, end)`` that ``YYYY-MM``, ``YYYY-MM-DD`` or ``total`` names,
+    cut at midnight in ``tz`` as budget periods are; ValueError for anything else."""
+    if label == "total":
+        return None, None
+    parts = label.split("-")
+    if len(parts) not in (2, 3) or not all(part.isascii() and part.isdigit() for part in parts):
+        raise ValueError(f"{label!r} is not a period: use YYYY-MM, YYYY-MM-DD or total")
+    try:
+        if len(parts) == 2:
+            start = datetime(int(parts[0]), int(parts[1]), 1, tzinfo=tz)
+            return start, period_at("monthly", start, tz).end
+        start = datetime(int(parts[0]), int(parts[1]), int(parts[2]), tzinfo=tz)
+    except ValueError:
+        raise ValueError(f"{label!r} is not a date") from None
+    return start, period_at("daily", start, tz).end

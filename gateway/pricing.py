@@ -7,7 +7,7 @@ from datetime import datetime
 
 from gateway.config import TeamConfig
 from gateway.errors import BudgetExceeded
-from gateway.ledger import Hold, Settlement, Usage
+from gateway.ledger import Hold, Usage
 from gateway.money import format_cny
 from gateway.normalize import ImageRequest
 from gateway.periods import Period
@@ -41,19 +41,6 @@ def hold_for(
         unit_price=unit_price(prices, request.quality),
         budget=team.budget,
         fingerprint=fingerprint,
-    )
-
-
-def capture(hold: Hold, images: int, upstream_id: str | None, result: str | None) -> Settlement:
-    """Charge for the images actually returned (never more than were reserved)."""
-    served = max(0, min(images, hold.n))
-    return Settlement(
-        "captured",
-        served * hold.unit_price,
-        images=served,
-        upstream_id=upstream_id,
-        reason=None if served == hold.n else f"{served} of {hold.n} images returned",
-        result=result,
     )
 
 

@@ -10,16 +10,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.config import UpstreamConfig
-from gateway.upstream import DownloadError, UpstreamClient
+from gateway.upstream import DownloadError, UpstreamClient, is_result_origin
 
 log = logging.getLogger("gateway.results")
 
 WARNING_HEADER = "X-Gateway-Warning"
 FILES_PATH = "/v1/images/files/"
+RESULT_PATH = re.compile(r"/v1/images/files(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}){1,8}")
 
 
 async def as_b64_json(
@@ -60,6 +62,12 @@ def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig
 
 def _proxied(url: str, origin: str, config: UpstreamConfig) -> str:
     parts = urlsplit(url)
-    if (parts.hostname or "") not in config.result_hosts or not parts.path.startswith(FILES_PATH):
+    if not is_result_origin(url, config) or not is_result_path(parts.path, parts.query):
         return url
     return origin + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def is_result_path(raw_path: str, query: str) -> bool:
+    """A result image's path as the upstream writes them, and nothing a proxy could be steered
+    with: plain segments only (no ``..``, no percent-escapes), and at most ``download=1``."""
+    return RESULT_PATH.fullmatch(raw_path) is not None and query in ("", "download=1")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.app import create_app, create_metrics_app
+from gateway.app import StartupError, create_app, create_metrics_app
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.keys import ACCESS_LOG, CONFIG
 from gateway.sdnotify import monotonic_usec, notify
@@ -35,14 +35,15 @@ async def serve(
         site = web.TCPSite(
             runner, settings.server.host, settings.server.port, backlog=settings.server.backlog
         )
-        await site.start()
+        await _listen(site, settings.server.host, settings.server.port)
         url = _url(runner)
         if settings.metrics.enabled and settings.metrics.port:
             metrics_runner = web.AppRunner(
                 create_metrics_app(app), access_log=None, handle_signals=False
             )
             await metrics_runner.setup()
-            await web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port).start()
+            metrics_site = web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port)
+            await _listen(metrics_site, settings.server.host, settings.metrics.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # repeated while draining: no effect
@@ -82,6 +83,13 @@ def reload(app: web.Application, config_path: Path | None) -> None:
         if needs_restart:
             log.warning("changes to %s take effect only after a restart", ", ".join(needs_restart))
     notify("READY=1")
+
+
+async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def _url(runner: web.AppRunner) -> str:

@@ -1,6 +1,11 @@
-"""Async tasks: owned by the team that submitted them, answered from SQLite once finished, polled
-upstream at most once per cache TTL however many clients ask, and settled exactly once even when
-nobody polls (the background settler).
+"""Async tasks: owned by the team that submitted them, answered from the database once finished,
+polled upstream at most once per cache TTL however many clients ask, and settled exactly once
+even when nobody polls (the background settler).
+
+A task's money is closed when it ends: its held amount is settled (``task_settlement``), or, if
+it had gone uncertain meanwhile (over ``max_pending_age_s``), resolved automatically to what
+really happened. One bad task (an unreadable answer, a failing write) never stops the settler
+from settling the others.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from gateway.accesslog import short_id
+from gateway.books import Books, LogSlot, MoneyMoved
 from gateway.config import TasksConfig
-from gateway.db import Database, TaskRow
-from gateway.errors import GatewayError, NotFound
-from gateway.ledger import Settlement
+from gateway.errors import GatewayError, NotFound, UpstreamRejected
+from gateway.ledger import Capture, Hold, LedgerEntry, Resolution
 from gateway.metrics import Metrics
-from gateway.money import MoneyError, cny_to_units
+from gateway.settlement import automatic_resolution, expired, task_settlement
+from gateway.store.base import Store, TaskRow
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway.tasks")
@@ -28,22 +35,28 @@ log = logging.getLogger("gateway.tasks")
 TERMINAL = ("completed", "failed")
 CACHE_SIZE = 10_000
 BATCH = 100
+NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
 
 
 class TaskTracker:
     def __init__(
         self,
-        db: Database,
+        *,
+        db: Store,
         upstream: UpstreamClient,
         metrics: Metrics,
+        books: Books,
         clock: Callable[[], datetime],
         config: TasksConfig,
+        follow_timeout_s: float,
     ) -> None:
         self._db = db
         self._upstream = upstream
         self._metrics = metrics
+        self._books = books
         self._clock = clock
         self._config = config
+        self._follow_timeout_s = follow_timeout_s
         self._pending: TTLCache[str, dict[str, Any]] = TTLCache(
             CACHE_SIZE, config.poll_cache_ttl_s, timer=self._now
         )
@@ -54,44 +67,85 @@ class TaskTracker:
         return self._clock().timestamp()
 
     async def submitted(self, task_id: str, team: str, request_id: str, created_at: float) -> None:
-        """Record a new task before its 202 reaches the client."""
+        """Record a new task before anyone hears of it."""
         first_poll = created_at + self._config.settle_interval_s
         await self._db.record_task(task_id, team, request_id, created_at, first_poll)
         self._metrics.pending_tasks.inc()
         self._wake.set()
 
-    async def poll(self, team: str, task_id: str) -> dict[str, Any]:
+    async def completed_at_once(
+        self,
+        team: str,
+        hold: Hold,
+        payload: dict[str, Any],
+        captured: Capture,
+        slot: LogSlot | None,
+    ) -> dict[str, Any]:
+        """An async request the upstream answered with its images at once: a finished task."""
+        data = payload["data"]
+        task_id = captured.upstream_id or hold.request_id
+        answer = {
+            "task_id": task_id,
+            "status": "completed",
+            "model": payload.get("model", "gpt-image-2"),
+            "result_url": data[0]["url"] if data else None,
+            "data": data,
+        }
+        result = json.dumps(answer, ensure_ascii=False)
+        await self._db.record_task(task_id, team, hold.request_id, hold.created_at, NEVER)
+        row = await self._db.task(task_id)
+        assert row is not None
+        closed = await self._db.finish_task(
+            row,
+            status="completed",
+            result=result,
+            settlement=captured,
+            resolve=_no_resolution,
+            now=self._now(),
+        )
+        if closed is not None:
+            self._books.moved(MoneyMoved.of_entry(closed.entry), slot)
+        return present(answer)
+
+    async def poll(self, team: str, task_id: str, slot: LogSlot | None = None) -> dict[str, Any]:
         """The task's state for its owner; 404 alike for unknown tasks and other teams' tasks."""
         row = await self._db.task(task_id)
         if row is None or row.team != team:
             raise NotFound(f"No task with id {task_id!r} was found.", param="task_id")
         if row.status in TERMINAL and row.result is not None:
             return present(json.loads(row.result))
-        return present(await self._fresh_answer(row))
+        return present(await self._fresh_answer(row, slot))
+
+    async def follow(self, task_id: str, team: str, slot: LogSlot | None) -> dict[str, Any] | None:
+        """For a sync request the upstream turned into a task: its terminal answer once it has
+        one, or None after the upstream timeout (the settler goes on with it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._follow_timeout_s
+        while True:
+            try:
+                answer = await self.poll(team, task_id, slot)
+            except GatewayError as exc:
+                log.info("following task %s: %s", short_id(task_id), exc.code)
+                answer = {}
+            if answer.get("status") in TERMINAL:
+                return answer
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(self._config.poll_cache_ttl_s)
 
     async def settle_due(self) -> int:
         """One pass of the settler over the tasks due for a poll; returns how many it looked at."""
         now = self._now()
         rows = await self._db.due_tasks(now, BATCH)
         for row in rows:
-            if now - row.created_at > self._config.max_pending_age_s:
-                if await self._db.expire_task(row, now):
-                    log.warning(
-                        "task %s still pending after the maximum age: hold kept as uncertain",
-                        row.task_id,
-                    )
-                continue
             try:
-                answer = await self._fresh_answer(row)
-            except GatewayError as exc:
-                log.info("settler could not poll task %s: %s", row.task_id, exc.code)
-                answer = {}
-            if answer.get("status") not in TERMINAL:
-                delay = min(
-                    self._config.settle_interval_s * 2 ** (row.polls + 1),
-                    self._config.settle_max_interval_s,
-                )
-                await self._db.reschedule_task(row.task_id, now + delay)
+                await self._settle_one(row, now)
+            except Exception:  # this task stays open; the others must still be settled
+                log.exception("settling task %s failed; it is retried later", short_id(row.task_id))
+                with contextlib.suppress(Exception):
+                    await self._db.reschedule_task(
+                        row.task_id, now + self._config.settle_max_interval_s
+                    )
         self._metrics.pending_tasks.set(await self._db.unsettled_task_count())
         return len(rows)
 
@@ -113,13 +167,53 @@ class TaskTracker:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
-    async def _fresh_answer(self, row: TaskRow) -> dict[str, Any]:
+    async def _settle_one(self, row: TaskRow, now: float) -> None:
+        if row.settled is None and now - row.created_at > self._config.max_pending_age_s:
+            await self._expire(row, now)
+        try:
+            answer = await self._fresh_answer(row, None)
+        except UpstreamRejected as exc:
+            if exc.upstream_status == 404 and row.settled is not None:
+                log.warning(
+                    "task %s is unknown upstream and its hold is uncertain: no longer polled; "
+                    "resolve it with `image-gateway ledger resolve`",
+                    short_id(row.task_id),
+                )
+                await self._db.reschedule_task(row.task_id, NEVER)
+                return
+            log.info("settler could not poll task %s: %s", short_id(row.task_id), exc.code)
+            answer = {}
+        except GatewayError as exc:
+            log.info("settler could not poll task %s: %s", short_id(row.task_id), exc.code)
+            answer = {}
+        if answer.get("status") not in TERMINAL:
+            delay = min(
+                self._config.settle_interval_s * 2 ** (row.polls + 1),
+                self._config.settle_max_interval_s,
+            )
+            await self._db.reschedule_task(row.task_id, now + delay)
+
+    async def _expire(self, row: TaskRow, now: float) -> None:
+        settlement = expired(row.hold_amount)
+        if await self._db.settle(row.request_id, settlement, now):
+            entry = await self._db.find_entry(row.request_id)
+            if entry is not None:
+                self._books.moved(MoneyMoved.of_entry(entry))
+            self._metrics.pending_tasks.dec()
+            log.warning(
+                "task %s (%s) still pending after the maximum age: its hold is uncertain; it "
+                "is resolved automatically if the task ever ends",
+                short_id(row.task_id),
+                row.request_id,
+            )
+
+    async def _fresh_answer(self, row: TaskRow, slot: LogSlot | None) -> dict[str, Any]:
         cached = self._pending.get(row.task_id)
         if cached is not None:
             return cached
         future = self._fetching.get(row.task_id)
         if future is None:
-            future = asyncio.ensure_future(self._fetch(row))
+            future = asyncio.ensure_future(self._fetch(row, slot))
             self._fetching[row.task_id] = future
             future.add_done_callback(lambda done: self._fetched(row.task_id, done))
         return await asyncio.shield(future)
@@ -129,48 +223,50 @@ class TaskTracker:
         if not future.cancelled():
             future.exception()  # retrieved here, so an error nobody awaited is not reported twice
 
-    async def _fetch(self, row: TaskRow) -> dict[str, Any]:
+    async def _fetch(self, row: TaskRow, slot: LogSlot | None) -> dict[str, Any]:
         answer = (await self._upstream.get_task(row.task_id)).payload
         status = answer.get("status")
         if status in TERMINAL:
-            await self._finish(row, str(status), answer)
+            await self._finish(row, str(status), answer, slot)
         else:
             self._pending[row.task_id] = answer
         return answer
 
-    async def _finish(self, row: TaskRow, status: str, answer: dict[str, Any]) -> None:
+    async def _finish(
+        self, row: TaskRow, status: str, answer: dict[str, Any], slot: LogSlot | None
+    ) -> None:
         result = json.dumps(answer, ensure_ascii=False)
-        if row.settled is not None:  # expired as uncertain earlier: keep the result, not the money
-            await self._db.store_late_result(row.task_id, status, result)
-            return
-        settlement = _settlement_for(row, status, answer, result)
-        if await self._db.finish_task(row, status, result, settlement, self._now()):
-            if settlement.state == "captured":
-                self._metrics.captured(
-                    row.team, "-", row.quality, settlement.amount, settlement.images
-                )
-            self._metrics.pending_tasks.dec()
+        settlement, warning = task_settlement(row.hold_amount, row.n, row.task_id, answer, result)
 
+        def resolve(entry: LedgerEntry) -> Resolution:
+            return automatic_resolution(entry, answer, result)[0]
 
-def _settlement_for(row: TaskRow, status: str, answer: dict[str, Any], result: str) -> Settlement:
-    if status == "failed":
-        return Settlement(
-            "released", 0, upstream_id=row.task_id, reason="upstream task failed", result=result
+        closed = await self._db.finish_task(
+            row,
+            status=status,
+            result=result,
+            settlement=settlement,
+            resolve=resolve,
+            now=self._now(),
         )
-    amount = row.hold_amount
-    cost = answer.get("cost")
-    if cost is not None:
-        try:
-            amount = cny_to_units(cost)
-        except MoneyError:
+        if closed is None:
+            return
+        if warning:
+            log.warning("task %s (%s): %s", short_id(row.task_id), row.request_id, warning)
+        if closed.how == "settled":
+            self._metrics.pending_tasks.dec()
+        else:
             log.warning(
-                "task %s reported an unreadable cost; charging the price table", row.task_id
+                "task %s (%s) ended after its hold went uncertain: resolved automatically as %s",
+                short_id(row.task_id),
+                row.request_id,
+                closed.entry.state,
             )
-    if amount > row.hold_amount:
-        log.warning("task %s cost more than reserved: is the price table out of date?", row.task_id)
-    data = answer.get("data")
-    images = len(data) if isinstance(data, list) else row.n
-    return Settlement("captured", amount, images=images, upstream_id=row.task_id, result=result)
+        self._books.moved(MoneyMoved.of_entry(closed.entry), slot)
+
+
+def _no_resolution(entry: LedgerEntry) -> Resolution:
+    raise AssertionError(f"{entry.request_id} was just reserved and cannot be uncertain")
 
 
 def present(answer: dict[str, Any]) -> dict[str, Any]:

@@ -18,11 +18,11 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
 
-from gateway.config import UpstreamConfig
+from gateway.config import DEFAULT_PORTS, UpstreamConfig
 from gateway.errors import UpstreamFailure, UpstreamRejected
 from gateway.streams import TooLarge, read_capped
 from gateway.wire import UpstreamBody
@@ -30,6 +30,7 @@ from gateway.wire import UpstreamBody
 log = logging.getLogger("gateway.upstream")
 
 SMALL_BODY = 256 * 1024
+MAX_ANSWER_BYTES = 4 * 1024 * 1024  # JSON with a few URLs; anything near this is not an answer
 MAX_REDIRECTS = 3
 RETRYABLE_REFUSALS = (429, 503)
 REDIRECTS = (301, 302, 303, 307, 308)
@@ -47,12 +48,19 @@ class Reply:
 
 
 @dataclass(slots=True)
-class _SendState:
-    """Filled in by the trace hooks: did any byte of this request leave the gateway?"""
+class SendState:
+    """Filled in while sending: did any byte of this request leave the gateway, and when?
+
+    The caller keeps it, so that a cancelled generation can tell a request that provably never
+    reached the upstream (released) from one that may have (uncertain).
+    """
 
     sent: bool = False
     attempts: int = 0
     started: float = field(default_factory=time.perf_counter)
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
 
 
 class UpstreamClient:
@@ -85,10 +93,20 @@ class UpstreamClient:
             raise_for_status=False,
         )
 
-    async def submit(self, path: str, body: UpstreamBody, query: dict[str, str]) -> Reply:
-        """POST a generation; retry only what provably never started."""
+    async def submit(
+        self,
+        path: str,
+        body: UpstreamBody,
+        query: dict[str, str],
+        state: SendState | None = None,
+    ) -> Reply:
+        """POST a generation; retry only what provably never started.
+
+        Every error raised carries ``upstream_ms`` (time since the first send, when anything was
+        sent) and ``upstream_status`` (when the upstream answered).
+        """
         url = self._config.base_url + path
-        state = _SendState()
+        state = state or SendState()
         attempts = self._config.max_attempts
         for attempt in range(1, attempts + 1):
             state.attempts, state.sent = attempt, False
@@ -103,6 +121,7 @@ class UpstreamClient:
                     )
                     failure.attempts = attempt
                     raise failure from None
+                state.sent = False
                 await self._sleep(self._jitter(attempt))
             except _RefusedToStart as exc:
                 wait = exc.retry_after
@@ -110,21 +129,24 @@ class UpstreamClient:
                     exc.error.attempts = attempt
                     raise exc.error from None
                 await self._sleep(wait + random.uniform(0, 0.1))
+                state.sent = False  # it refused to start: that send generated nothing
             except (UpstreamFailure, UpstreamRejected) as exc:
                 exc.attempts = attempt
+                if state.sent:
+                    exc.upstream_ms = state.elapsed_ms()
                 raise
         raise AssertionError("unreachable: every attempt returns or raises")
 
     async def get_task(self, task_id: str) -> Reply:
         """Ask the upstream about one async task (GET; harmless to repeat)."""
-        url = f"{self._config.base_url}/v1/images/tasks/{task_id}"
-        state = _SendState()
+        url = f"{self._config.base_url}/v1/images/tasks/{quote(task_id, safe='')}"
+        state = SendState()
         try:
-            async with self._session.get(url, headers=self._auth, trace_request_ctx=state) as resp:
-                raw = await resp.read()
-                return _classify(
-                    resp.status, resp.headers, raw, state, expect="task", secret=self._secret
-                )
+            async with self._session.get(
+                url, headers=self._auth, trace_request_ctx=state, allow_redirects=False
+            ) as resp:
+                raw = await self._read_answer(resp, uncertain=False)
+                return _classify(resp.status, resp.headers, raw, state, expect="task")
         except _RefusedToStart as exc:
             raise exc.error from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -173,18 +195,14 @@ class UpstreamClient:
             raise DownloadError(f"the image download failed ({_describe(exc)})") from None
 
     def _check_download_url(self, url: str) -> None:
-        parts = urlsplit(url)
-        allowed_schemes = {"https", urlsplit(self._config.base_url).scheme}
-        if (
-            parts.scheme not in allowed_schemes
-            or (parts.hostname or "") not in self._config.result_hosts
-        ):
+        if not is_result_origin(url, self._config):
+            parts = urlsplit(url)
             raise DownloadError(
                 f"refusing to download from {parts.scheme}://{parts.hostname}: not an upstream host"
             )
 
     async def _post_once(
-        self, url: str, body: UpstreamBody, query: dict[str, str], state: _SendState
+        self, url: str, body: UpstreamBody, query: dict[str, str], state: SendState
     ) -> Reply:
         headers = {
             **self._auth,
@@ -195,12 +213,15 @@ class UpstreamClient:
         data = b"".join(body.chunks()) if body.length <= SMALL_BODY else _stream(body)
         try:
             async with self._session.post(
-                url, params=query, data=data, headers=headers, trace_request_ctx=state
+                url,
+                params=query,
+                data=data,
+                headers=headers,
+                trace_request_ctx=state,
+                allow_redirects=False,  # never re-send a paid request to another origin
             ) as resp:
-                raw = await resp.read()
-                return _classify(
-                    resp.status, resp.headers, raw, state, expect="generation", secret=self._secret
-                )
+                raw = await self._read_answer(resp, uncertain=True)
+                return _classify(resp.status, resp.headers, raw, state, expect="generation")
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _NotSent(_describe(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -220,6 +241,29 @@ class UpstreamClient:
                 code="upstream_timeout" if timed_out else "upstream_connection_lost",
                 uncertain=True,
             ) from None
+
+    async def _read_answer(self, resp: aiohttp.ClientResponse, *, uncertain: bool) -> bytes:
+        """The answer's body, capped, with the central key scrubbed from every byte of it.
+
+        The upstream's strings go on to teams, logs and the database; should it ever echo the
+        key (in a message, a type, a code, a task field), it stops here.
+        """
+        try:
+            raw = bytes(await read_capped(resp.content, MAX_ANSWER_BYTES))
+        except TooLarge:
+            resp.close()
+            failure = UpstreamFailure(
+                f"The upstream's answer was larger than {MAX_ANSWER_BYTES} bytes; the gateway "
+                "refused it."
+                + (
+                    " The image may have been generated. Do not retry blindly." if uncertain else ""
+                ),
+                code="upstream_answer_too_large",
+                uncertain=uncertain,
+            )
+            failure.upstream_status = resp.status
+            raise failure from None
+        return scrub(raw, self._secret)
 
     def _jitter(self, attempt: int) -> float:
         return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
@@ -244,7 +288,7 @@ async def _mark_sent(
     _session: aiohttp.ClientSession, context: SimpleNamespace, _params: object
 ) -> None:
     state = context.trace_request_ctx
-    if isinstance(state, _SendState):
+    if isinstance(state, SendState):
         state.sent = True
 
 
@@ -254,13 +298,21 @@ async def _stream(body: UpstreamBody) -> AsyncIterator[bytes]:
         await asyncio.sleep(0)
 
 
-def _classify(
-    status: int, headers: Any, raw: bytes, state: _SendState, *, expect: str, secret: str
-) -> Reply:
-    elapsed = (time.perf_counter() - state.started) * 1000
+def _classify(status: int, headers: Any, raw: bytes, state: SendState, *, expect: str) -> Reply:
+    elapsed = state.elapsed_ms()
     payload = _json_object(raw)
     if status in (200, 202) and payload is not None and _well_formed(status, payload, expect):
         return Reply(status, payload, raw, elapsed, state.attempts)
+    try:
+        _raise_for(status, headers, payload)
+    except (UpstreamFailure, UpstreamRejected, _RefusedToStart) as exc:
+        error = exc.error if isinstance(exc, _RefusedToStart) else exc
+        error.upstream_status, error.upstream_ms = status, elapsed
+        raise
+    raise AssertionError("unreachable: _raise_for always raises")
+
+
+def _raise_for(status: int, headers: Any, payload: dict[str, Any] | None) -> None:
     if status < 400:
         raise UpstreamFailure(
             f"The upstream answered HTTP {status} with a body the gateway cannot read; the image "
@@ -275,7 +327,7 @@ def _classify(
         or status < 500
         or (status in RETRYABLE_REFUSALS and retry_after is not None)
     ):
-        rejected = _rejected(status, error if isinstance(error, dict) else {}, secret)
+        rejected = _rejected(status, error if isinstance(error, dict) else {})
     else:
         raise UpstreamFailure(
             f"The upstream's edge answered HTTP {status} without an API error; the image may "
@@ -289,12 +341,11 @@ def _classify(
     raise rejected
 
 
-def _rejected(status: int, error: dict[str, Any], secret: str) -> UpstreamRejected:
-    # The message goes to the team: should the upstream ever echo the central key, it must not.
+def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
     message = str(
         error.get("message")
         or f"The upstream refused the request (HTTP {status}); nothing was generated."
-    ).replace(secret, "sk_…")
+    )
     type_ = str(error.get("type") or "upstream_error")
     code = error.get("code") or ("upstream_refused" if not error else None)
     param = error.get("param")
@@ -315,6 +366,40 @@ def _rejected(status: int, error: dict[str, Any], secret: str) -> UpstreamReject
         code=code if isinstance(code, str) else None,
         param=param if isinstance(param, str) else None,
     )
+
+
+def is_result_origin(url: str, config: UpstreamConfig) -> bool:
+    """Whether ``url`` is on one of the upstream's own origins (scheme, host and port)."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return False
+    allowed_schemes = {"https", urlsplit(config.base_url).scheme}
+    return (
+        parts.scheme in allowed_schemes and ((parts.hostname or ""), port) in config.result_origins
+    )
+
+
+def scrub(raw: bytes, secret: str) -> bytes:
+    """``raw`` without the central key, also in its JSON-escaped form (``\\/``)."""
+    if not secret:
+        return raw
+    for form in {secret, json.dumps(secret)[1:-1]}:
+        raw = raw.replace(form.encode(), b"sk_\xe2\x80\xa6")
+    return raw
+
+
+def error_label(error: UpstreamFailure | UpstreamRejected) -> str:
+    """The ``status`` label of ``gateway_upstream_errors_total``."""
+    if error.upstream_status is not None and error.upstream_status >= 400:
+        return str(error.upstream_status)
+    return {
+        "upstream_timeout": "timeout",
+        "upstream_connection_lost": "connection_lost",
+        "upstream_unreachable": "unreachable",
+        "upstream_answer_too_large": "too_large",
+    }.get(error.code or "", "bad_response")
 
 
 def _well_formed(status: int, payload: dict[str, Any], expect: str) -> bool:

@@ -6,15 +6,15 @@ from datetime import datetime
 from typing import Any
 
 from gateway.config import Settings
-from gateway.db import Database
 from gateway.money import units_to_cny
 from gateway.normalize import QUALITIES
 from gateway.periods import period_at
 from gateway.pricing import remaining
+from gateway.store.base import Store
 
 
 async def usage_report(
-    db: Database, settings: Settings, now: datetime, only: str | None = None
+    db: Store, settings: Settings, now: datetime, only: str | None = None
 ) -> dict[str, Any]:
     """``{"teams": {name: {...}}}`` with every figure in CNY; ``only`` limits it to one team."""
     teams: dict[str, Any] = {}
@@ -30,6 +30,7 @@ async def usage_report(
             "reserved_cny": units_to_cny(usage.reserved),
             "uncertain_cny": units_to_cny(usage.uncertain),
             "remaining_cny": units_to_cny(remaining(team, usage)),
+            "overrun_cny": units_to_cny(usage.overrun),
             "images": {quality: images.get(quality, 0) for quality in QUALITIES},
             "period": team.period,
             "period_start": period.start.isoformat() if period.start else None,

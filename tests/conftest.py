@@ -18,9 +18,9 @@ from openai import AsyncOpenAI, OpenAI
 from gateway.app import create_app
 from gateway.auth import key_digest
 from gateway.config import Settings, parse_settings
-from gateway.db import Database
 from gateway.keys import DB, GENERATIONS
 from gateway.simulator import Simulator
+from gateway.store.base import Store
 from tests.fakes import FakeClock, FaultPlan
 
 UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
@@ -49,7 +49,7 @@ class Gateway:
     clients: list[OpenAI | AsyncOpenAI] = field(default_factory=list)
 
     @property
-    def db(self) -> Database:
+    def db(self) -> Store:
         """The ledger as a test should see it: each call first waits for pending settlements.
 
         A sync response leaves before its settlement commits (see Generations.run), so a test
@@ -63,7 +63,10 @@ class Gateway:
     def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
 
-    def log_lines(self) -> list[dict[str, Any]]:
+    async def log_lines(self) -> list[dict[str, Any]]:
+        """The access log once every line due so far is written: a sync generation's line
+        follows its settlement, which follows the answer."""
+        await self.settled()
         if not self.access_log.exists():
             return []
         return [json.loads(line) for line in self.access_log.read_text().splitlines()]
@@ -179,6 +182,9 @@ async def start_gateway(
     leaks: list[str] = []
 
     async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
+        running = sum(1 for g in started if not g.server.closed)
+        if running and "storage" not in overrides:  # one gateway process per SQLite file
+            overrides["storage"] = {"database": f"gateway-{len(started)}.db"}
         settings = build_settings(tmp_path, upstream.url, **overrides)
         app = create_app(settings, clock=with_clock or clock)
         app.middlewares.insert(0, secret_guard(leaks))

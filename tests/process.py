@@ -96,3 +96,15 @@ class GatewayProcess:
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
         self._dir.rmdir()
+
+
+async def wait_for_lines(path: Path, count: int, seconds: float = 10) -> list[str]:
+    """The file's lines once it has ``count`` of them (a real process writes a sync request's
+    access-log line just after its settlement, which follows the answer)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        if len(lines) >= count or loop.time() > deadline:
+            return lines
+        await asyncio.sleep(0.01)

@@ -124,7 +124,7 @@ async def test_proxy_results_serves_images_through_the_gateway(
                 assert await resp.read() == await fetch(original["url"])
     log = gateway.access_log.read_text()
     assert original["url"].removeprefix(upstream.url) not in log
-    files = [line for line in gateway.log_lines() if line["endpoint"] == "files"]
+    files = [line for line in (await gateway.log_lines()) if line["endpoint"] == "files"]
     assert len(files) == 2 and files[0]["path"] == "/v1/images/files/…" and files[0]["result_ids"]
 
 

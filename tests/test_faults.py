@@ -52,8 +52,8 @@ async def committed(gateway: Gateway) -> tuple[int, int, int]:
     return usage.spent, usage.reserved, usage.uncertain
 
 
-def last_log(gateway: Gateway) -> dict[str, Any]:
-    return gateway.log_lines()[-1]
+async def last_log(gateway: Gateway) -> dict[str, Any]:
+    return (await gateway.log_lines())[-1]
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ async def test_upstream_down_is_retried_then_costs_nothing(
     assert status == 502
     assert body["error"]["code"] == "upstream_unreachable"
     assert "x-should-retry" not in headers  # nothing was sent: a client retry is safe
-    assert last_log(gateway)["attempts"] == 2
+    assert (await last_log(gateway))["attempts"] == 2
     assert await ledger(gateway) == [("released", 0)]
     assert await committed(gateway) == (0, 0, 0)
 
@@ -122,7 +122,7 @@ async def test_refusal_to_start_with_retry_after_is_retried(
     assert status == (202 if mode == "async" else 200)
     assert upstream.faults.seen == 2
     assert len(upstream.sim.generation_requests()) == 1
-    assert last_log(gateway)["attempts"] == 2
+    assert (await last_log(gateway))["attempts"] == 2
     if mode == "sync":
         assert await ledger(gateway) == [("captured", 2000)]
 

@@ -57,7 +57,8 @@ async def traffic(gateway: Gateway, upstream: Upstream) -> list[tuple[int, str, 
             async with http.request(method, gateway.url + path, **kwargs) as resp:
                 body = await resp.text()
                 seen.append((resp.status, body, dict(resp.headers)))
-                return body
+            await gateway.settled()  # its line is written: the next one comes after it
+            return body
 
         ok = {
             "headers": gateway.headers(),
@@ -98,7 +99,7 @@ async def traffic(gateway: Gateway, upstream: Upstream) -> list[tuple[int, str, 
 async def test_every_request_is_one_complete_typed_line(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5})
     seen = await traffic(gateway, upstream)
-    lines = gateway.log_lines()
+    lines = await gateway.log_lines()
     assert len(lines) == len(seen)
     for line in lines:
         assert list(line)[: len(FIELDS)] == list(FIELDS)
@@ -164,7 +165,7 @@ async def test_no_secret_base64_prompt_or_result_url_is_logged(
 async def test_prompts_are_logged_only_when_asked(start_gateway) -> None:
     gateway = await start_gateway(log={"prompts": True})
     await gateway.async_openai().images.generate(prompt="a logged prompt")
-    assert gateway.log_lines()[-1]["prompt"] == "a logged prompt"
+    assert (await gateway.log_lines())[-1]["prompt"] == "a logged prompt"
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

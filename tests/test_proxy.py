@@ -152,7 +152,7 @@ async def test_request_id_echo_and_server_timing(gateway: Gateway) -> None:
             assert "upstream;dur=" in resp.headers["Server-Timing"]
         async with http.get(gateway.url + "/healthz") as resp:
             assert resp.headers["X-Request-ID"].startswith("req_")
-    entry = gateway.log_lines()[0]
+    entry = next(line for line in await gateway.log_lines() if line["endpoint"] == "generations")
     assert entry["request_id"] == "trace-abc.123"
     assert entry["ledger_id"].startswith("req_")
 

@@ -63,7 +63,7 @@ async def test_sdk_timeout_with_default_retries_buys_one_image(
     await helper
     assert len(upstream.sim.generation_requests()) == 1
     assert upstream.faults.seen == 1
-    lines = gateway.log_lines()
+    lines = await gateway.log_lines()
     retry = [line for line in lines if line["retry_count"] and line["status"] == 200]
     assert retry and retry[-1]["dedupe_of"] is not None
     assert retry[-1]["cost_cny"] == 0.0
@@ -133,12 +133,13 @@ async def test_idempotency_key_replays_the_first_outcome(
 ) -> None:
     key = {"Idempotency-Key": "order-42"}
     first = await post(gateway, headers=key)
+    await gateway.settled()
     second = await post(gateway, headers=key)
     assert first[0] == second[0] == 200
     assert first[1] == second[1]
     assert second[2]["Idempotent-Replayed"] == "true"
     assert len(upstream.sim.generation_requests()) == 1
-    assert [line["idempotency"] for line in gateway.log_lines()] == ["new", "replayed"]
+    assert [line["idempotency"] for line in (await gateway.log_lines())] == ["new", "replayed"]
 
 
 async def test_idempotency_key_with_the_sdk(gateway: Gateway, upstream: Upstream) -> None:
@@ -254,8 +255,10 @@ class _Answer:
     async def __aexit__(self, *exc: object) -> None:
         return None
 
-    async def read(self) -> bytes:
-        return b'{"created": 1, "data": [{"url": "https://x.test/1.png"}]}'
+    class content:
+        @staticmethod
+        async def iter_any() -> Any:
+            yield b'{"created": 1, "data": [{"url": "https://x.test/1.png"}]}'
 
 
 class _Session:

@@ -35,6 +35,7 @@ from gateway.auth import key_digest
 from gateway.cli import _parser
 from gateway.config import ServerConfig, parse_settings
 from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, Upstream
+from tests.process import wait_for_lines
 
 ROOT = Path(__file__).resolve().parent.parent
 UNIT = ROOT / "systemd" / "image-gateway.service"
@@ -444,7 +445,7 @@ budget_cny = 10
                         assert response.status == 200, await response.text()
 
                 await generate()
-                assert len(access.read_text(encoding="utf-8").splitlines()) == 1
+                assert len(await wait_for_lines(access, 1)) == 1
                 assert access.stat().st_mode & 0o077 == 0  # UMask=0077 reaches the log
 
                 access.rename(logs / "access.log.1")  # what logrotate does before the reload
@@ -454,7 +455,7 @@ budget_cny = 10
                 assert re.fullmatch(r"MONOTONIC_USEC=\d+", reloading[1]), reloading
                 assert await next_message() == ["READY=1"]
                 await generate()
-                assert len(access.read_text(encoding="utf-8").splitlines()) == 1
+                assert len(await wait_for_lines(access, 1)) == 1
                 assert len((logs / "access.log.1").read_text(encoding="utf-8").splitlines()) == 1
 
             proc.send_signal(signal.SIGTERM)  # systemctl stop

@@ -12,6 +12,7 @@ import openai
 import pytest
 
 from gateway.keys import DB, TASKS
+from gateway.ledger import Usage
 from gateway.periods import period_at, utc_now
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
@@ -52,21 +53,18 @@ async def test_submit_records_the_task_and_reserves(gateway: Gateway, upstream: 
     assert (await usage(gateway)).reserved == 8000
 
 
-async def test_async_spellings_are_forwarded_unchanged(
+async def test_async_spellings_are_forwarded_as_the_upstreams_own(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     async with aiohttp.ClientSession() as http:
-        for value in ("true", "yes"):
+        for value in ("true", "YES", "True"):
             async with http.post(
                 gateway.url + f"/images/edits?async={value}",
                 headers=gateway.headers(),
                 json={"prompt": "x"},
             ) as resp:
                 assert resp.status == 202
-    assert [r.query for r in upstream.sim.generation_requests()] == [
-        {"async": "true"},
-        {"async": "yes"},
-    ]
+    assert [r.query for r in upstream.sim.generation_requests()] == [{"async": "1"}] * 3
 
 
 async def test_completed_task_is_served_from_sqlite_and_settled_once(
@@ -192,19 +190,23 @@ async def test_failed_task_is_released(gateway: Gateway, upstream: Upstream) -> 
     ] == "released"
 
 
-async def test_over_age_task_becomes_uncertain_never_released(
+async def test_over_age_task_becomes_uncertain_then_resolves_to_its_true_outcome(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     task_id = (await submit(gateway))["task_id"]
     gateway.clock.advance(hours=7)
     await gateway.app[TASKS].settle_due()
     final = await usage(gateway)
-    assert (final.reserved, final.uncertain) == (0, 2000)
-    upstream.sim.finish_task(task_id)  # completes late: the result is kept, the money stays put
+    assert (final.reserved, final.uncertain, final.spent) == (0, 2000, 0)
+    upstream.sim.finish_task(task_id)  # completes late: resolved to what really happened
+    gateway.clock.advance(seconds=3)  # past the cached pending answer
     _, answer = await poll(gateway, task_id)
     assert answer["status"] == "completed"
-    assert (await usage(gateway)).uncertain == 2000
+    assert await usage(gateway) == Usage(spent=2000, reserved=0, uncertain=0)
     assert (await gateway.db.task(task_id)).status == "completed"
+    entry = await gateway.db.find_entry(task_id)
+    assert entry.state == "captured" and entry.resolution.actor == "gateway"
+    assert "resolved automatically" in entry.resolution.reason
 
 
 async def test_async_submit_over_budget_and_upstream_refusal(

@@ -1,0 +1,72 @@
+"""Writes that must land: a settlement or stored outcome after the client has its answer.
+
+The result is paid for by then, so a failing write (disk full, database unreachable) is retried
+with a bounded backoff for as long as the process lives, loudly, while the caller keeps the
+result in memory. Only ``StorageUnavailable`` is retried: any other failure is a bug that a
+retry cannot fix, and is logged with its traceback (the hold then recovers as uncertain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from gateway.errors import StorageUnavailable
+from gateway.metrics import Metrics
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.durable")
+
+FIRST_BACKOFF_S = 0.2
+MAX_BACKOFF_S = 30.0
+LOG_EVERY_S = 30.0
+
+
+class Durable:
+    def __init__(
+        self, metrics: Metrics, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> None:
+        self._metrics = metrics
+        self._sleep = sleep
+
+    async def write(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        """``operation()`` until it commits; ``what`` names it in the log (no secrets)."""
+        try:
+            return await operation()
+        except StorageUnavailable as exc:
+            first_error = exc
+        self._metrics.unsettled_results.inc()
+        try:
+            return await self._retry(what, operation, first_error)
+        finally:
+            self._metrics.unsettled_results.dec()
+
+    async def _retry(
+        self, what: str, operation: Callable[[], Awaitable[T]], error: StorageUnavailable
+    ) -> T:
+        backoff, attempts, logged_at = FIRST_BACKOFF_S, 1, 0.0
+        while True:
+            now = time.monotonic()
+            if now - logged_at >= LOG_EVERY_S:
+                logged_at = now
+                log.error(
+                    "could not store the %s (%d attempts, %s); the result is kept in memory "
+                    "and the write retried until it lands",
+                    what,
+                    attempts,
+                    error.message,
+                )
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            attempts += 1
+            self._metrics.write_retries.inc()
+            try:
+                value = await operation()
+            except StorageUnavailable as exc:
+                error = exc
+                continue
+            log.warning("stored the %s after %d attempts", what, attempts)
+            return value

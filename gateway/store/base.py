@@ -1,0 +1,202 @@
+"""The storage interface every engine implements, and the records it hands back.
+
+Callers get values, never cursors or connections. Each method is one complete operation: it
+returns once its write is committed (durable), or raises. ``StorageUnavailable`` means the
+database cannot be used right now (disk full, file gone, server down); nothing was written.
+Money rules are not decided here: the engine stores what ``gateway.settlement`` decided and its
+schema refuses anything else.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from gateway.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
+
+
+class UnknownEntry(LookupError):
+    """No ledger entry has that request, upstream or task id."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    task_id: str
+    team: str
+    request_id: str
+    created_at: float
+    status: str
+    result: str | None
+    polls: int
+    next_poll_at: float
+    hold_amount: int
+    unit_price: int
+    quality: str
+    n: int
+    settled: str | None  # the settlement's state, None while held
+    resolved: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskClosed:
+    how: Literal["settled", "resolved"]
+    entry: LedgerEntry
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutcome:
+    fingerprint: str
+    request_id: str
+    status: int | None
+    body: str | None
+    headers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerQuery:
+    """Entries created in ``[since, until)`` (None: unbounded), newest first."""
+
+    team: str | None = None
+    state: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    entries: int
+    mismatches: tuple[Mismatch, ...]
+
+
+Decide = Callable[[LedgerEntry], Resolution]
+
+
+class Store(abc.ABC):
+    """One engine's ledger, tasks and stored outcomes."""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Commit what is queued and close; closing twice is harmless."""
+
+    @abc.abstractmethod
+    async def check_ready(self) -> None:
+        """Prove the database is the configured one and writable; StorageUnavailable if not."""
+
+    # -- money -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve(self, hold: Hold) -> Usage:
+        """Record ``hold`` and reserve its amount in one atomic step (or BudgetRefused)."""
+
+    @abc.abstractmethod
+    async def settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
+        """Settle a hold once; False if it was settled before (that settlement stands)."""
+
+    @abc.abstractmethod
+    async def resolve(
+        self, entry_id: str, decide: Decide, now: float, *, logged: bool
+    ) -> LedgerEntry:
+        """Resolve an uncertain entry with what ``decide`` makes of it, atomically; the entry
+        after. ``logged``: the caller writes its access-log line (else a gateway will)."""
+
+    @abc.abstractmethod
+    async def usage(self, team: str, period: str) -> Usage: ...
+
+    @abc.abstractmethod
+    async def images_by_quality(self, team: str, period: str) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    async def entries(self, query: LedgerQuery) -> list[LedgerEntry]: ...
+
+    @abc.abstractmethod
+    async def find_entry(self, entry_id: str) -> LedgerEntry | None:
+        """By ledger (request) id, or by the full upstream or task id."""
+
+    @abc.abstractmethod
+    async def verify(self) -> Verification:
+        """Recompute every counter from holds, settlements and resolutions."""
+
+    @abc.abstractmethod
+    async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
+        """The entry's state and stored result, or None without a hold."""
+
+    @abc.abstractmethod
+    async def recover_in_flight(self, now: float) -> list[LedgerEntry]:
+        """Holds left held by a stopped process become uncertain; the entries turned."""
+
+    @abc.abstractmethod
+    async def recent_success(
+        self, team: str, fingerprint: str, since: float
+    ) -> tuple[str, str] | None:
+        """The newest captured sync (request id, result) with this fingerprint."""
+
+    @abc.abstractmethod
+    async def unlogged_resolutions(self) -> list[LedgerEntry]:
+        """Resolutions nobody has written an access-log line for yet (made by a CLI)."""
+
+    @abc.abstractmethod
+    async def claim_resolution_log(self, request_id: str, now: float) -> bool:
+        """True exactly once per resolution: the caller writes its line."""
+
+    # -- async tasks -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def record_task(
+        self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def task(self, task_id: str) -> TaskRow | None: ...
+
+    @abc.abstractmethod
+    async def due_tasks(self, now: float, limit: int) -> list[TaskRow]:
+        """Pending tasks due for a poll whose money is still open (held, or uncertain and
+        unresolved)."""
+
+    @abc.abstractmethod
+    async def next_task_due(self) -> float | None: ...
+
+    @abc.abstractmethod
+    async def unsettled_task_count(self) -> int: ...
+
+    @abc.abstractmethod
+    async def reschedule_task(self, task_id: str, next_poll_at: float) -> None: ...
+
+    @abc.abstractmethod
+    async def finish_task(
+        self,
+        row: TaskRow,
+        *,
+        status: str,
+        result: str,
+        settlement: Settlement,
+        resolve: Decide,
+        now: float,
+    ) -> TaskClosed | None:
+        """Store a task's terminal answer and close its money in one step: settle a held hold
+        with ``settlement``, or resolve an uncertain one with ``resolve``. None when no money
+        moved (answered before, or already closed; a late answer is still stored)."""
+
+    # -- idempotency -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def claim_idempotency_key(
+        self, team: str, key: str, *, fingerprint: str, request_id: str, now: float, keep_s: float
+    ) -> StoredOutcome | None:
+        """Claim (team, key) for this request; the earlier claim instead if there is one."""
+
+    @abc.abstractmethod
+    async def store_idempotent_outcome(
+        self, team: str, key: str, status: int, body: str, headers: dict[str, str]
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def release_idempotency_key(self, team: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    async def purge_idempotency(self, before: float) -> int: ...

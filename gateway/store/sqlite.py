@@ -1,0 +1,716 @@
+"""The SQLite engine: one file, one gateway process, money rules enforced by the schema.
+
+- Inserting a hold *is* the reservation: a trigger checks ``spent + reserved + uncertain +
+  amount <= budget`` and moves the amount into ``reserved`` inside the same statement. Every write
+  runs on one connection in one thread (``sqlite_writer.Writer``), inside IMMEDIATE
+  transactions, so no two reservations can see the same headroom.
+- ``holds``, ``settlements`` and ``resolutions`` are append-only; a request settles at most once
+  and an uncertain settlement is resolved at most once (primary keys), each capped by its hold.
+- WAL mode with ``synchronous=FULL``: a write returns once its transaction is on disk.
+- The process holds an exclusive ``flock`` on the database file: a second gateway on the same
+  file is refused (its start-up recovery would mark the first one's live requests uncertain).
+  Tools (``usage``, ``ledger``) open it without that lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+
+from gateway.errors import StorageUnavailable
+from gateway.ledger import (
+    BudgetRefused,
+    Hold,
+    LedgerEntry,
+    Mismatch,
+    Resolution,
+    ResolutionRecord,
+    Settlement,
+    Usage,
+)
+from gateway.settlement import ResolutionRefused, recovered
+from gateway.store import migrations
+from gateway.store.base import (
+    Decide,
+    LedgerQuery,
+    Store,
+    StoredOutcome,
+    TaskClosed,
+    TaskRow,
+    UnknownEntry,
+    Verification,
+)
+from gateway.store.sqlite_writer import Writer
+
+T = TypeVar("T")
+log = logging.getLogger("gateway.store")
+
+ERROR_LOG_EVERY_S = 10.0
+
+
+class StoreLocked(Exception):
+    """Another gateway process has this database open."""
+
+
+class StoreOpenError(Exception):
+    """The database cannot be opened; the message names the file and why."""
+
+
+class SQLiteStore(Store):
+    """Open with ``await SQLiteStore.open(path)``; see the module docstring."""
+
+    def __init__(
+        self,
+        path: Path,
+        writer: Writer | None,
+        reader: aiosqlite.Connection,
+        *,
+        lock_fd: int | None = None,
+        created: bool = False,
+    ) -> None:
+        self.path = path
+        self.created = created  # this process made a new, empty ledger
+        self._writer = writer
+        self._reader = reader
+        self._lock_fd = lock_fd
+        self._identity = _fd_identity(lock_fd) if lock_fd is not None else None
+        self._wal_identity = _identity(_wal(path))
+        self._last_error_log = 0.0
+
+    @classmethod
+    async def open(cls, path: Path, *, exclusive: bool = True, migrate: bool = True) -> SQLiteStore:
+        """The gateway's own connection: migrated, and locked against a second process.
+
+        ``exclusive=False, migrate=False`` is for admin tools writing beside a running gateway:
+        they need the schema to be current already.
+        """
+        path = path.absolute()  # noqa: ASYNC240 - getcwd, no disk I/O worth a thread
+        created = not path.exists()
+        lock_fd = _lock(path) if exclusive else None
+        try:
+            writer = await _open_writer(path, migrate=migrate)
+        except BaseException:
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        try:
+            reader = await aiosqlite.connect(f"{path.as_uri()}?mode=ro", uri=True)
+            await reader.execute("PRAGMA busy_timeout=10000")
+        except BaseException:
+            await writer.close()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise
+        return cls(path, writer, reader, lock_fd=lock_fd, created=created)
+
+    @classmethod
+    async def open_read_only(cls, path: Path) -> SQLiteStore:
+        """For reports: never creates or changes a file, whoever runs it.
+
+        With no ``-wal`` file there is no gateway writing, so the file is opened ``immutable``
+        and SQLite creates no ``-wal``/``-shm`` files (which, made by root, would lock the
+        service's own user out at its next start).
+        """
+        path = path.absolute()  # noqa: ASYNC240 - getcwd, no disk I/O worth a thread
+        try:
+            reader = await aiosqlite.connect(_read_only_uri(path), uri=True)
+            store = cls(path, None, reader)
+            rows = await store._rows(
+                "SELECT value FROM meta WHERE key = 'schema_version'"
+                if await store._has_meta()
+                else "SELECT 0"
+            )
+        except sqlite3.DatabaseError as exc:
+            raise StoreOpenError(f"{path}: cannot read the database ({exc})") from None
+        migrations.require_current(int(rows[0][0]), migrations.load("sqlite"), where=str(path))
+        return store
+
+    async def close(self) -> None:
+        await self._reader.close()
+        if self._writer is not None:
+            await self._writer.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def check_ready(self) -> None:
+        await self._run(
+            lambda conn: conn.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('ready_probe', ?)",
+                (str(time.time()),),
+            )
+        )
+        if self._identity is not None and _identity(self.path) != self._identity:
+            raise StorageUnavailable(
+                f"the database file {self.path} is not the one this process has open "
+                "(deleted or replaced while running); restart after restoring it"
+            )
+        if self._lock_fd is None:
+            return
+        if self._wal_identity is None:  # no -wal existed at open: the first write made it
+            self._wal_identity = _identity(_wal(self.path))
+        elif _identity(_wal(self.path)) != self._wal_identity:
+            raise StorageUnavailable(
+                f"the write-ahead log {_wal(self.path)} was removed or replaced while running; "
+                "restart the gateway (committed money may be missing from the file)"
+            )
+
+    # -- plumbing ----------------------------------------------------------------------------
+
+    async def _run(
+        self, operation: Callable[[sqlite3.Connection], T], *, atomic: bool = False
+    ) -> T:
+        if self._writer is None:
+            raise sqlite3.ProgrammingError("this database was opened read-only")
+        try:
+            return await self._writer.run(operation, atomic=atomic)
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise self._unavailable(exc) from None
+
+    async def _write(self, sql: str, params: Iterable[Any] = ()) -> int:
+        values = tuple(params)
+        return await self._run(lambda conn: conn.execute(sql, values).rowcount)
+
+    async def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
+        try:
+            async with self._reader.execute(sql, tuple(params)) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.DatabaseError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: sqlite3.DatabaseError) -> StorageUnavailable:
+        now = time.monotonic()
+        if now - self._last_error_log >= ERROR_LOG_EVERY_S:  # a full disk fails every request
+            self._last_error_log = now
+            log.error("database %s cannot be used: %s", self.path, exc)
+        return StorageUnavailable(
+            f"The gateway's database cannot be written right now ({exc}); nothing was sent or "
+            "charged. An administrator must free disk space or restore the database."
+        )
+
+    async def _has_meta(self) -> bool:
+        rows = await self._rows(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        )
+        return bool(rows)
+
+    # -- money -------------------------------------------------------------------------------
+
+    async def reserve(self, hold: Hold) -> Usage:
+        def reserve(conn: sqlite3.Connection) -> Usage:
+            try:
+                conn.execute(_RESERVE_SQL, _hold_params(hold))
+            except sqlite3.IntegrityError as exc:
+                if str(exc) == "budget_exceeded":
+                    raise BudgetRefused(_usage(conn, hold.team, hold.period)) from None
+                raise
+            return _usage(conn, hold.team, hold.period)
+
+        return await self._run(reserve)
+
+    async def settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
+        return await self._run(lambda conn: _settle(conn, request_id, settlement, now))
+
+    async def resolve(
+        self, entry_id: str, decide: Decide, now: float, *, logged: bool
+    ) -> LedgerEntry:
+        def resolve(conn: sqlite3.Connection) -> LedgerEntry:
+            rows = conn.execute(_ENTRY_BY_ANY_ID, (entry_id,) * 3).fetchall()
+            if not rows:
+                raise UnknownEntry(entry_id)
+            entry = _entry(rows[0])
+            _insert_resolution(conn, entry, decide(entry), now, logged=logged)
+            return _entry(conn.execute(_ENTRY_BY_REQUEST, (entry.request_id,)).fetchone())
+
+        return await self._run(resolve, atomic=True)
+
+    async def usage(self, team: str, period: str) -> Usage:
+        rows = await self._rows(
+            "SELECT spent, reserved, uncertain, overrun FROM usage WHERE team = ? AND period = ?",
+            (team, period),
+        )
+        return Usage(*rows[0]) if rows else Usage()
+
+    async def images_by_quality(self, team: str, period: str) -> dict[str, int]:
+        rows = await self._rows(
+            "SELECT quality, SUM(COALESCE(resolved_images, images)) FROM ledger"
+            " WHERE team = ? AND period = ? AND state = 'captured' GROUP BY quality",
+            (team, period),
+        )
+        return dict(rows)
+
+    async def entries(self, query: LedgerQuery) -> list[LedgerEntry]:
+        clauses, params = [], []
+        for column, value, op in (
+            ("team", query.team, "="),
+            ("state", query.state, "="),
+            ("created_at", query.since, ">="),
+            ("created_at", query.until, "<"),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {op} ?")
+                params.append(value)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        limit = f" LIMIT {int(query.limit)}" if query.limit is not None else ""
+        rows = await self._rows(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger{where}"
+            f" ORDER BY created_at DESC, request_id DESC{limit}",
+            params,
+        )
+        return [_entry(row) for row in rows]
+
+    async def find_entry(self, entry_id: str) -> LedgerEntry | None:
+        rows = await self._rows(_ENTRY_BY_ANY_ID, (entry_id,) * 3)
+        return _entry(rows[0]) if rows else None
+
+    async def verify(self) -> Verification:
+        stored: dict[tuple[str, str], tuple[int, ...]] = {
+            (team, period): (spent, reserved, uncertain, overrun)
+            for team, period, spent, reserved, uncertain, overrun in await self._rows(
+                "SELECT team, period, spent, reserved, uncertain, overrun FROM usage"
+            )
+        }
+        summed: dict[tuple[str, str], tuple[int, ...]] = {
+            (team, period): (spent, reserved, uncertain, overrun)
+            for team, period, spent, reserved, uncertain, overrun in await self._rows(_SUMS_SQL)
+        }
+        count = (await self._rows("SELECT COUNT(*) FROM holds"))[0][0]
+        return Verification(count, tuple(compare_counters(stored, summed)))
+
+    async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
+        rows = await self._rows(
+            "SELECT l.state, s.result FROM ledger l LEFT JOIN settlements s USING (request_id)"
+            " WHERE l.request_id = ?",
+            (request_id,),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def recover_in_flight(self, now: float) -> list[LedgerEntry]:
+        def recover(conn: sqlite3.Connection) -> list[LedgerEntry]:
+            left = conn.execute(
+                "SELECT h.request_id, h.amount FROM holds h"
+                " LEFT JOIN settlements s USING (request_id)"
+                " LEFT JOIN tasks t ON t.request_id = h.request_id"
+                " WHERE s.request_id IS NULL AND t.task_id IS NULL ORDER BY h.created_at"
+            ).fetchall()
+            for request_id, amount in left:
+                _settle(conn, request_id, recovered(amount), now)
+            return [
+                _entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone())
+                for request_id, _ in left
+            ]
+
+        return await self._run(recover, atomic=True)
+
+    async def recent_success(
+        self, team: str, fingerprint: str, since: float
+    ) -> tuple[str, str] | None:
+        rows = await self._rows(
+            "SELECT h.request_id, s.result FROM holds h JOIN settlements s USING (request_id)"
+            " WHERE h.team = ? AND h.fingerprint = ? AND h.created_at >= ?"
+            " AND s.state = 'captured' AND h.mode = 'sync' ORDER BY h.created_at DESC LIMIT 1",
+            (team, fingerprint, since),
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def unlogged_resolutions(self) -> list[LedgerEntry]:
+        rows = await self._rows(
+            f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE resolved_state IS NOT NULL"
+            " AND request_id NOT IN (SELECT request_id FROM resolution_log)"
+            " ORDER BY resolved_at"
+        )
+        return [_entry(row) for row in rows]
+
+    async def claim_resolution_log(self, request_id: str, now: float) -> bool:
+        changed = await self._write(
+            "INSERT INTO resolution_log (request_id, logged_at) VALUES (?, ?)"
+            " ON CONFLICT DO NOTHING",
+            (request_id, now),
+        )
+        return changed == 1
+
+    # -- async tasks -------------------------------------------------------------------------
+
+    async def record_task(
+        self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
+    ) -> None:
+        await self._write(
+            "INSERT INTO tasks (task_id, team, request_id, created_at, next_poll_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (task_id, team, request_id, now, first_poll_at),
+        )
+
+    async def task(self, task_id: str) -> TaskRow | None:
+        rows = await self._rows(_TASK_SELECT + " WHERE t.task_id = ?", (task_id,))
+        return _task_row(rows[0]) if rows else None
+
+    async def due_tasks(self, now: float, limit: int) -> list[TaskRow]:
+        rows = await self._rows(
+            _TASK_SELECT + f" WHERE t.status = 'pending' AND {_OPEN_MONEY}"
+            " AND t.next_poll_at <= ? ORDER BY t.next_poll_at LIMIT ?",
+            (now, limit),
+        )
+        return [_task_row(row) for row in rows]
+
+    async def next_task_due(self) -> float | None:
+        rows = await self._rows(
+            "SELECT MIN(t.next_poll_at) FROM tasks t LEFT JOIN settlements s USING (request_id)"
+            " LEFT JOIN resolutions r USING (request_id) WHERE t.status = 'pending'"
+            f" AND {_OPEN_MONEY}"
+        )
+        return rows[0][0]
+
+    async def unsettled_task_count(self) -> int:
+        rows = await self._rows(
+            "SELECT COUNT(*) FROM tasks t LEFT JOIN settlements s USING (request_id)"
+            " WHERE s.request_id IS NULL"
+        )
+        return int(rows[0][0])
+
+    async def reschedule_task(self, task_id: str, next_poll_at: float) -> None:
+        await self._write(
+            "UPDATE tasks SET polls = polls + 1, next_poll_at = ? WHERE task_id = ?",
+            (next_poll_at, task_id),
+        )
+
+    async def finish_task(
+        self,
+        row: TaskRow,
+        *,
+        status: str,
+        result: str,
+        settlement: Settlement,
+        resolve: Decide,
+        now: float,
+    ) -> TaskClosed | None:
+        def finish(conn: sqlite3.Connection) -> TaskClosed | None:
+            if not _finish_task(conn, row.task_id, status, result):
+                return None  # another poll finished it first
+            entry = _entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
+            if entry.settled_state == "held":
+                _settle(conn, row.request_id, settlement, now)
+                how: Literal["settled", "resolved"] = "settled"
+            elif entry.settled_state == "uncertain" and entry.resolution is None:
+                try:
+                    resolution = resolve(entry)
+                except ResolutionRefused:
+                    return None
+                _insert_resolution(conn, entry, resolution, now, logged=True)
+                how = "resolved"
+            else:
+                return None
+            return TaskClosed(
+                how, _entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
+            )
+
+        return await self._run(finish, atomic=True)
+
+    # -- idempotency -------------------------------------------------------------------------
+
+    async def claim_idempotency_key(
+        self, team: str, key: str, *, fingerprint: str, request_id: str, now: float, keep_s: float
+    ) -> StoredOutcome | None:
+        def claim(conn: sqlite3.Connection) -> StoredOutcome | None:
+            conn.execute(
+                "DELETE FROM idempotency WHERE team = ? AND key = ? AND created_at < ?",
+                (team, key, now - keep_s),
+            )
+            inserted = conn.execute(
+                "INSERT INTO idempotency (team, key, fingerprint, request_id, created_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (team, key, fingerprint, request_id, now),
+            ).rowcount
+            if inserted == 1:
+                return None
+            row = conn.execute(
+                "SELECT fingerprint, request_id, status, body, headers FROM idempotency"
+                " WHERE team = ? AND key = ?",
+                (team, key),
+            ).fetchone()
+            return StoredOutcome(row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"))
+
+        return await self._run(claim, atomic=True)
+
+    async def store_idempotent_outcome(
+        self, team: str, key: str, status: int, body: str, headers: dict[str, str]
+    ) -> None:
+        await self._write(
+            "UPDATE idempotency SET status = ?, body = ?, headers = ? WHERE team = ? AND key = ?",
+            (status, body, json.dumps(headers), team, key),
+        )
+
+    async def release_idempotency_key(self, team: str, key: str) -> None:
+        await self._write(
+            "DELETE FROM idempotency WHERE team = ? AND key = ? AND status IS NULL", (team, key)
+        )
+
+    async def purge_idempotency(self, before: float) -> int:
+        return await self._write("DELETE FROM idempotency WHERE created_at < ?", (before,))
+
+
+def compare_counters(
+    stored: dict[tuple[str, str], tuple[int, ...]], summed: dict[tuple[str, str], tuple[int, ...]]
+) -> list[Mismatch]:
+    """Every counter that differs from its entries (a counter row with no entries sums to 0)."""
+    names = ("spent", "reserved", "uncertain", "overrun")
+    mismatches = []
+    for team, period in sorted(set(stored) | set(summed)):
+        have = stored.get((team, period), (0, 0, 0, 0))
+        want = summed.get((team, period), (0, 0, 0, 0))
+        for name, counter, entries in zip(names, have, want, strict=True):
+            if counter != entries:
+                mismatches.append(Mismatch(team, period, name, counter, entries))
+    return mismatches
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def _lock(path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise StoreOpenError(f"{path}: cannot open the database ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreLocked(
+            f"{path} is in use by another gateway process; run one process per SQLite "
+            "database (several instances need the postgres backend)"
+        ) from None
+    return fd
+
+
+async def _open_writer(path: Path, *, migrate: bool) -> Writer:
+    def setup(conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        current = _schema_version(conn, path)
+        if migrate:
+            for step in migrations.pending(current, migrations.load("sqlite"), where=str(path)):
+                _apply(conn, step)
+        else:
+            migrations.require_current(current, migrations.load("sqlite"), where=str(path))
+
+    try:
+        return await Writer.open(path, setup)
+    except sqlite3.DatabaseError as exc:
+        raise StoreOpenError(f"{path}: cannot use the database ({exc})") from None
+    except OSError as exc:
+        raise StoreOpenError(f"{path}: cannot open the database ({exc.strerror})") from None
+
+
+def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if "meta" not in tables:
+        if tables:
+            raise StoreOpenError(f"{path} is an SQLite file but not an image-gateway database")
+        return 0
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _apply(conn: sqlite3.Connection, step: migrations.Migration) -> None:
+    """One migration in one transaction, its version recorded in the same transaction."""
+    script = (
+        f"BEGIN IMMEDIATE;\n{step.sql}\n;\nINSERT OR REPLACE INTO meta (key, value)"
+        f" VALUES ('schema_version', '{step.version}');\nCOMMIT;"
+    )
+    try:
+        conn.executescript(script)
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    log.info("database migrated to schema version %d (%s)", step.version, step.name)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _fd_identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + "-wal")
+
+
+def _read_only_uri(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"no database at {path} (has the gateway run yet?)")
+    live = _wal(path).exists()
+    return f"{path.as_uri()}?{'mode=ro' if live else 'immutable=1'}"
+
+
+# -- statements ------------------------------------------------------------------------------
+
+_RESERVE_SQL = (
+    "INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality,"
+    " n, unit_price, amount, budget, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+_SETTLE_SQL = (
+    "INSERT INTO settlements (request_id, state, amount, overrun, images, upstream_id, reason,"
+    " result, settled_at) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS"
+    " (SELECT 1 FROM holds WHERE request_id = ?1) ON CONFLICT (request_id) DO NOTHING"
+)
+
+_ENTRY_COLUMNS = (
+    "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
+    " settled, images, overrun, upstream_id, task_id, reason, settled_at, resolved_state,"
+    " resolved_images, resolved_amount, resolved_overrun, resolved_reason, resolved_by,"
+    " resolved_at"
+)
+_ENTRY_BY_REQUEST = f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE request_id = ?"
+_ENTRY_BY_ANY_ID = (
+    f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE request_id = ? OR upstream_id = ?"
+    " OR task_id = ? ORDER BY created_at LIMIT 1"
+)
+
+_SUMS_SQL = (
+    "SELECT team, period, SUM(charged),"
+    " SUM(CASE WHEN settled_state = 'held' THEN held ELSE 0 END),"
+    " SUM(CASE WHEN settled_state = 'uncertain' AND resolved_state IS NULL THEN settled"
+    " ELSE 0 END),"
+    " SUM(overrun + COALESCE(resolved_overrun, 0))"
+    " FROM ledger GROUP BY team, period"
+)
+
+_OPEN_MONEY = "(s.request_id IS NULL OR (s.state = 'uncertain' AND r.request_id IS NULL))"
+
+_TASK_SELECT = (
+    "SELECT t.task_id, t.team, t.request_id, t.created_at, t.status, t.result, t.polls,"
+    " t.next_poll_at, h.amount, h.unit_price, h.quality, h.n, s.state,"
+    " r.request_id IS NOT NULL FROM tasks t"
+    " JOIN holds h USING (request_id) LEFT JOIN settlements s USING (request_id)"
+    " LEFT JOIN resolutions r USING (request_id)"
+)
+
+
+def _hold_params(hold: Hold) -> tuple[Any, ...]:
+    return (
+        hold.request_id, hold.team, hold.period, hold.created_at, hold.endpoint, hold.mode,
+        hold.quality, hold.n, hold.unit_price, hold.amount, hold.budget, hold.fingerprint,
+    )  # fmt: skip
+
+
+def _usage(conn: sqlite3.Connection, team: str, period: str) -> Usage:
+    row = conn.execute(
+        "SELECT spent, reserved, uncertain, overrun FROM usage WHERE team = ? AND period = ?",
+        (team, period),
+    ).fetchone()
+    return Usage(*row) if row else Usage()
+
+
+def _settle(conn: sqlite3.Connection, request_id: str, s: Settlement, now: float) -> bool:
+    params = (
+        request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result, now,
+    )  # fmt: skip
+    return conn.execute(_SETTLE_SQL, params).rowcount == 1
+
+
+def _finish_task(conn: sqlite3.Connection, task_id: str, status: str, result: str) -> bool:
+    changed = conn.execute(
+        "UPDATE tasks SET status = ?, result = ?, polls = polls + 1"
+        " WHERE task_id = ? AND status = 'pending'",
+        (status, result, task_id),
+    ).rowcount
+    return changed == 1
+
+
+def _insert_resolution(
+    conn: sqlite3.Connection,
+    entry: LedgerEntry,
+    resolution: Resolution,
+    now: float,
+    *,
+    logged: bool,
+) -> None:
+    conn.execute(
+        "INSERT INTO resolutions (request_id, state, images, amount, overrun, reason, actor,"
+        " resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            entry.request_id, resolution.state, resolution.images, resolution.amount,
+            resolution.overrun, resolution.reason, resolution.actor, now,
+        ),
+    )  # fmt: skip
+    if logged:
+        conn.execute(
+            "INSERT INTO resolution_log (request_id, logged_at) VALUES (?, ?)",
+            (entry.request_id, now),
+        )
+
+
+def _entry(row: Any) -> LedgerEntry:
+    resolution = None
+    if row[17] is not None:
+        resolution = ResolutionRecord(
+            state=row[17],
+            images=row[18],
+            amount=row[19],
+            overrun=row[20],
+            reason=row[21],
+            actor=row[22],
+            resolved_at=row[23],
+        )
+    return LedgerEntry(
+        request_id=row[0],
+        team=row[1],
+        period=row[2],
+        created_at=row[3],
+        mode=row[4],
+        quality=row[5],
+        n=row[6],
+        unit_price=row[7],
+        held=row[8],
+        settled_state=row[9],
+        settled_amount=row[10],
+        images=row[11],
+        overrun=row[12],
+        upstream_id=row[13],
+        task_id=row[14],
+        reason=row[15],
+        settled_at=row[16],
+        resolution=resolution,
+    )
+
+
+def _task_row(row: Any) -> TaskRow:
+    return TaskRow(
+        task_id=row[0],
+        team=row[1],
+        request_id=row[2],
+        created_at=row[3],
+        status=row[4],
+        result=row[5],
+        polls=row[6],
+        next_poll_at=row[7],
+        hold_amount=row[8],
+        unit_price=row[9],
+        quality=row[10],
+        n=row[11],
+        settled=row[12],
+        resolved=bool(row[13]),
+    )
