@@ -91,6 +91,11 @@ class Idempotency:
             self._forget(slot, answer)
         return outcome
 
+    async def stored(self) -> None:
+        """Wait until every outcome held in memory has been stored."""
+        while self._storing:
+            await asyncio.wait(set(self._storing))
+
     async def drain(self, timeout_s: float = 5.0) -> None:
         """Wait a little for outcomes still being stored (shutdown); a claim left without its
         outcome is answered from the ledger after the restart."""

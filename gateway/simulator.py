@@ -80,6 +80,7 @@ class Simulator:
         self.received: list[Received] = []
         self.tasks: dict[str, SimTask] = {}
         self.generated = 0
+        self.served: list[tuple[str, int]] = []  # (generation or task id, images) delivered
         self._images: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
 
     def app(self, middlewares: Iterable[Any] = ()) -> web.Application:
@@ -91,6 +92,10 @@ class Simulator:
         app.router.add_get("/v1/images/files/gpt-image-2/{day}/{name}", self._file)
         app.router.add_get("/objects/{name}", self._object)
         return app
+
+    def served_images(self) -> int:
+        """Images delivered: in sync answers, and in tasks once they reported completed."""
+        return sum(images for _, images in self.served)
 
     def generation_requests(self) -> list[Received]:
         return [r for r in self.received if r.method == "POST"]
@@ -141,6 +146,7 @@ class Simulator:
         request_id = str(uuid.uuid4())
         urls = self._make_images(request, request_id, body)
         self.generated += 1
+        self.served.append((request_id, len(urls)))
         return web.json_response(
             {"created": int(time.time()), "data": [{"url": url} for url in urls], "id": request_id}
         )
@@ -159,6 +165,7 @@ class Simulator:
             else:
                 task.status = "completed"
                 task.urls = self._make_images(request, task.task_id, task.request)
+                self.served.append((task.task_id, len(task.urls)))
         answer: dict[str, Any] = {
             "task_id": task.task_id,
             "status": task.status,

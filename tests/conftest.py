@@ -18,9 +18,10 @@ from openai import AsyncOpenAI, OpenAI
 from gateway.app import create_app
 from gateway.auth import key_digest
 from gateway.config import Settings, parse_settings
-from gateway.keys import DB, GENERATIONS
+from gateway.keys import DB, GENERATIONS, IDEMPOTENCY
+from gateway.money import cny_to_units
 from gateway.simulator import Simulator
-from gateway.store.base import Store
+from gateway.store.base import LedgerQuery, Store
 from tests.fakes import FakeClock, FaultPlan
 
 UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
@@ -59,6 +60,7 @@ class Gateway:
 
     async def settled(self) -> None:
         await self.app[GENERATIONS].settled()
+        await self.app[IDEMPOTENCY].stored()
 
     def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
@@ -84,6 +86,28 @@ class Gateway:
         return AsyncOpenAI(
             base_url=self.url + ("/v1" if v1 else ""), api_key=TEAM_KEYS[team], **kwargs
         )
+
+
+async def books_balance(gateway: Gateway, upstream: Upstream | None = None) -> None:
+    """Where every money test ends: the ledger's counters equal what its entries say, each
+    team's access-log lines add up to its spend, and the fake upstream served exactly the
+    images the ledger captured."""
+    await gateway.settled()
+    db = gateway.app[DB]
+    result = await db.verify()
+    assert result.mismatches == (), result.mismatches
+    entries = await db.entries(LedgerQuery())
+    spent: dict[str, int] = {}
+    for entry in entries:
+        spent[entry.team] = spent.get(entry.team, 0) + entry.charged
+    logged: dict[str, int] = {}
+    for line in await gateway.log_lines():
+        if line["team"] is not None:
+            logged[line["team"]] = logged.get(line["team"], 0) + cny_to_units(line["cost_cny"])
+    assert {t: v for t, v in logged.items() if v} == {t: v for t, v in spent.items() if v}
+    if upstream is not None:
+        captured = sum(e.charged_images for e in entries if e.state == "captured")
+        assert captured == upstream.sim.served_images(), (captured, upstream.sim.served)
 
 
 class SettledReads:
@@ -201,6 +225,10 @@ async def start_gateway(
         return gateway
 
     yield start
+    for gateway in started:  # whatever a test did, the books it leaves behind balance
+        if not gateway.server.closed and not gateway.app[DB].closed:
+            await gateway.settled()
+            assert (await gateway.app[DB].verify()).mismatches == ()
     for gateway in started:
         for client in gateway.clients:
             if isinstance(client, AsyncOpenAI):

@@ -8,6 +8,7 @@ misbehaves the way real networks and upstreams do.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -169,3 +170,31 @@ def _reset(request: web.Request) -> None:
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     transport.abort()
+
+
+def as_task(finish: Callable[[str], None]) -> Fault:
+    """Answer a sync request as if ``?async=1`` had been asked: a 202 task, finished at once
+    (``finish`` is the simulator's ``finish_task``)."""
+
+    async def fault(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(
+            request.clone(rel_url=request.rel_url.update_query({"async": "1"}))
+        )
+        assert isinstance(response, web.Response) and isinstance(response.body, bytes)
+        finish(json.loads(response.body)["task_id"])
+        return response
+
+    return fault
+
+
+def lost_answer(served: asyncio.Event) -> Fault:
+    """Generate the image, then never answer: paid for upstream, lost on the way back."""
+
+    async def fault(request: web.Request, handler: Any) -> web.StreamResponse:
+        await request.read()
+        response = await handler(request)
+        served.set()
+        await asyncio.Event().wait()
+        return response
+
+    return fault

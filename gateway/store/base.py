@@ -77,6 +77,8 @@ Decide = Callable[[LedgerEntry], Resolution]
 class Store(abc.ABC):
     """One engine's ledger, tasks and stored outcomes."""
 
+    closed: bool = False
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     @abc.abstractmethod

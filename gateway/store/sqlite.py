@@ -79,6 +79,7 @@ class SQLiteStore(Store):
     ) -> None:
         self.path = path
         self.created = created  # this process made a new, empty ledger
+        self.closed = False
         self._writer = writer
         self._reader = reader
         self._lock_fd = lock_fd
@@ -135,6 +136,7 @@ class SQLiteStore(Store):
         return store
 
     async def close(self) -> None:
+        self.closed = True
         await self._reader.close()
         if self._writer is not None:
             await self._writer.close()
@@ -275,18 +277,20 @@ class SQLiteStore(Store):
         return _entry(rows[0]) if rows else None
 
     async def verify(self) -> Verification:
-        stored: dict[tuple[str, str], tuple[int, ...]] = {
-            (team, period): (spent, reserved, uncertain, overrun)
-            for team, period, spent, reserved, uncertain, overrun in await self._rows(
-                "SELECT team, period, spent, reserved, uncertain, overrun FROM usage"
-            )
-        }
-        summed: dict[tuple[str, str], tuple[int, ...]] = {
-            (team, period): (spent, reserved, uncertain, overrun)
-            for team, period, spent, reserved, uncertain, overrun in await self._rows(_SUMS_SQL)
-        }
-        count = (await self._rows("SELECT COUNT(*) FROM holds"))[0][0]
-        return Verification(count, tuple(compare_counters(stored, summed)))
+        # One statement, so counters and entries are read from the same snapshot.
+        rows = await self._rows(
+            "SELECT 'stored', team, period, spent, reserved, uncertain, overrun FROM usage"
+            f" UNION ALL SELECT 'summed', * FROM ({_SUMS_SQL})"
+            " UNION ALL SELECT 'count', '', '', COUNT(*), 0, 0, 0 FROM holds"
+        )
+        tables: dict[str, dict[tuple[str, str], tuple[int, ...]]] = {"stored": {}, "summed": {}}
+        count = 0
+        for kind, team, period, *figures in rows:
+            if kind == "count":
+                count = figures[0]
+            else:
+                tables[kind][(team, period)] = tuple(figures)
+        return Verification(count, tuple(compare_counters(tables["stored"], tables["summed"])))
 
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         rows = await self._rows(
