@@ -165,7 +165,133 @@ def respond(payload: dict[str, Any], status: int = 200) -> Fault:
 
 def _reset(request: web.Request) -> None:
     transport = request.transport
-    assert transport is not None
+    assert isinstance(transport, asyncio.Transport)
+    _abort(transport)
+
+
+# -- a load balancer with an idle timeout ---------------------------------------------------------
+
+
+class IdleTimeoutFront:
+    """A TCP load balancer in front of an upstream that closes connections idle for ``idle_s``.
+
+    At exactly ``idle_s`` after the last byte in either direction the front closes the
+    connection on its side: the backend connection is closed and whatever the client sends
+    afterwards is answered with a TCP reset, never forwarded. The client learns of the close
+    ``fin_delay_s`` later (the FIN's trip across the network), or never when it is None (a
+    load balancer, NAT or firewall that drops idle flows silently, as AWS NLB does). A request
+    sent in that window fails after its bytes left, although the upstream never saw it.
+    """
+
+    def __init__(
+        self, backend_port: int, *, idle_s: float = 1.0, fin_delay_s: float | None = None
+    ) -> None:
+        self.backend_port = backend_port
+        self.idle_s = idle_s
+        self.fin_delay_s = fin_delay_s
+        self.refused = 0  # requests that arrived on a connection the front had closed
+        self.connections = 0
+        self.sides: set[_FrontSide] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _FrontSide(self), "127.0.0.1", 0)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for side in list(self.sides):
+            side.close()
+
+
+class _FrontSide(asyncio.Protocol):
+    """One client connection of the front, piped to its own backend connection."""
+
+    def __init__(self, front: IdleTimeoutFront) -> None:
+        self.front = front
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.backend: asyncio.Transport | None = None
+        self.pending: list[bytes] = []
+        self.expired = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.front.connections += 1
+        self.front.sides.add(self)
+        self.touch()
+        self.opening = self.loop.create_task(self.open_backend())
+
+    async def open_backend(self) -> None:
+        self.backend, _ = await self.loop.create_connection(
+            lambda: _BackSide(self), "127.0.0.1", self.front.backend_port
+        )
+        for data in self.pending:
+            self.backend.write(data)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self.expired:  # the front closed this connection; the request goes nowhere
+            self.front.refused += 1
+            _abort(self.transport)
+            return
+        self.touch()
+        if self.backend is None:
+            self.pending.append(data)
+        else:
+            self.backend.write(data)
+
+    def from_backend(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.touch()
+        self.transport.write(data)
+
+    def touch(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(self.front.idle_s, self.expire)
+
+    def expire(self) -> None:
+        self.expired = True
+        if self.backend is not None:
+            self.backend.close()
+        if self.front.fin_delay_s is not None and self.transport is not None:
+            self.loop.call_later(self.front.fin_delay_s, self.transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.front.sides.discard(self)
+        self.close()
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.backend is not None:
+            self.backend.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _BackSide(asyncio.Protocol):
+    def __init__(self, front_side: _FrontSide) -> None:
+        self.front_side = front_side
+
+    def data_received(self, data: bytes) -> None:
+        self.front_side.from_backend(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        front = self.front_side
+        if not front.expired and front.transport is not None:
+            front.transport.close()  # the backend itself closed: pass that on at once
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    """Close with a TCP reset (SO_LINGER 0), as a crashed host or a balancer that forgot it does."""
     sock = transport.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
