@@ -84,7 +84,7 @@ class UpstreamClient:
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_mark_sent)
         timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        connector = _FreshUnlessIdempotent(limit=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
@@ -267,6 +267,36 @@ class UpstreamClient:
 
     def _jitter(self, attempt: int) -> float:
         return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+class _FreshUnlessIdempotent(aiohttp.TCPConnector):
+    """Reuses pooled connections for GETs only; a POST always gets a new connection of its own.
+
+    An idle pooled connection may already have been closed by an upstream or balancer with a
+    shorter idle timeout. A POST sent on it breaks after its bytes left, so its hold turns
+    uncertain although nothing arrived, and the client cannot prove that nothing did. A new
+    connection costs one TCP (and TLS) handshake per generation, against 30 s or more of
+    generating. GETs are harmless to repeat, and aiohttp resends one that broke on a reused
+    connection.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fresh = aiohttp.TCPConnector(force_close=True, **kwargs)
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> aiohttp.connector.Connection:
+        if req.method in ("GET", "HEAD"):
+            return await super().connect(req, traces, timeout)
+        return await self._fresh.connect(req, traces, timeout)
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        await self._fresh.close(abort_ssl=abort_ssl)
+        await super().close(abort_ssl=abort_ssl)
 
 
 class DownloadError(Exception):

@@ -10,14 +10,17 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import pytest
+from aiohttp.test_utils import TestServer
 
 from gateway.keys import GENERATIONS
 from gateway.periods import period_at
 from tests.conftest import UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import (
+    IdleTimeoutFront,
     gate,
     hang,
     html_error,
@@ -246,3 +249,59 @@ async def test_an_upstream_message_never_carries_the_central_key_to_a_team(
     status, body, _ = await post(gateway, "sync")
     assert status == 400
     assert body["error"]["message"] == "bad request for key sk_…"
+
+
+IDLE_S = 1.0  # the upstream side's idle timeout; the gateway's pool keeps connections for 15 s
+
+
+@pytest.mark.parametrize(
+    ("closer", "gaps"),
+    [
+        # Deterministic: every pooled connection is dead when the next wave reuses it.
+        ("balancer drops idle flows", (1.02, 1.04, 1.06, 1.08)),
+        # nginx-like: the upstream closes (FIN) exactly at 1 s; spacing around it hunts the race.
+        ("upstream keepalive_timeout", (0.98, 1.0, 1.01, 1.03)),
+    ],
+)
+async def test_a_short_upstream_idle_timeout_never_makes_an_unsent_request_uncertain(
+    start_gateway,
+    upstream: Upstream,
+    aiohttp_server: Any,
+    closer: str,
+    gaps: tuple[float, ...],
+) -> None:
+    """40 generations in waves spaced at the upstream's idle timeout, none on a stale connection.
+
+    A POST sent on a pooled connection that the far side has just closed breaks after its bytes
+    left, so it would be held as uncertain although the upstream never received it.
+    """
+    front: IdleTimeoutFront | None = None
+    if closer == "balancer drops idle flows":
+        front = IdleTimeoutFront(urlsplit(upstream.url).port or 0, idle_s=IDLE_S)
+        base_url = f"http://127.0.0.1:{await front.start()}"
+    else:
+        app = upstream.sim.app(middlewares=[upstream.faults.middleware])
+        server: TestServer = await aiohttp_server(app, keepalive_timeout=IDLE_S)
+        base_url = str(server.make_url("")).rstrip("/")
+    try:
+        gateway = await start_gateway(upstream={"base_url": base_url})
+        outcomes: list[tuple[str, int, str | None]] = []
+
+        async def generate(prompt: str, mode: str) -> None:
+            status, body, _ = await post(gateway, mode, prompt=prompt)
+            outcomes.append((prompt, status, body.get("error", {}).get("code")))
+
+        for wave in range(len(gaps) + 1):
+            await asyncio.gather(*(generate(f"wave {wave} #{i}", MODES[i % 2]) for i in range(8)))
+            if wave < len(gaps):
+                await asyncio.sleep(gaps[wave])  # idle, as between real generations
+    finally:
+        if front is not None:
+            await front.close()
+
+    received = {r.body["prompt"] for r in upstream.sim.generation_requests() if r.body}
+    never_received = [(p, code) for p, status, code in outcomes if code and p not in received]
+    assert never_received == [], f"{len(never_received)} of {len(outcomes)} failed unsent"
+    assert sorted(status for _, status, _ in outcomes) == [200] * 20 + [202] * 20
+    assert len(upstream.sim.generation_requests()) == 40
+    assert [state for state, _ in await ledger(gateway)].count("uncertain") == 0
