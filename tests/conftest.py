@@ -23,6 +23,7 @@ from gateway.money import cny_to_units
 from gateway.simulator import Simulator
 from gateway.store.base import LedgerQuery, Store
 from tests.fakes import FakeClock, FaultPlan
+from tests.postgres import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
 UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
 TEAM_KEYS = {
