@@ -16,11 +16,12 @@ as root they run as ``nobody``, the server is a child of pytest that Linux stops
 an immediate shutdown) if pytest dies, and folders left by a killed session are swept at the
 next start.
 
-In ``tests/conftest.py``::
+The fixtures reach every test through this line in ``tests/conftest.py``::
 
-    from tests.postgres import postgres_dsn, postgres_server
+    from tests.postgres import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
-    __all__ = ["postgres_dsn", "postgres_server"]
+Server settings: ``LocalPostgres(settings={...})`` (passed as ``postgres -c key=value``); the
+session server uses ``FAST_SETTINGS``, ``settings={}`` keeps PostgreSQL's durable defaults.
 """
 
 from __future__ import annotations
