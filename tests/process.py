@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,16 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 class GatewayProcess:
     """``python -m gateway serve --config`` with its own NOTIFY_SOCKET."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.config = config
+        self.env = env or {}  # added to the test's own environment
+        self.preexec_fn = preexec_fn  # run in the child before exec, e.g. to set an rlimit
         self._dir = Path(tempfile.mkdtemp(prefix="gw-notify-"))  # sun_path is short: keep it short
         self.notify_path = self._dir / "n.sock"
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -48,10 +57,12 @@ class GatewayProcess:
             **os.environ,
             "NOTIFY_SOCKET": str(self.notify_path),
             "TEST_UPSTREAM_KEY": UPSTREAM_KEY,
+            **self.env,
         }
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=self.preexec_fn,
         )  # fmt: skip
         ready = await self.expect("READY=1", seconds=STARTUP_TIMEOUT_S)
         status = next(line for line in ready.splitlines() if line.startswith("STATUS="))

@@ -1,0 +1,167 @@
+"""Hostile HTTP (issue 12): bytes that are not UTF-8, malformed request heads, slow and vanishing
+clients, digits that are not ASCII.
+
+Most defects live below the app (aiohttp's parser and connection handling, stderr), so most
+tests start a real gateway process and talk to it over raw sockets: a client library would
+refuse to send these requests. Both of aiohttp's parsers are exercised where they differ: the C
+one (llhttp, the default) and the pure-Python one (``AIOHTTP_NO_EXTENSIONS=1``). Sections carry
+the numbers of the issue's items; those fixed in the app come first, those below it last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import SECRETS, TEAM_KEYS, Gateway, Upstream, base_config, merge
+from tests.process import GatewayProcess, to_toml
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = TEAM_KEYS["design"]
+RESULT_PATH = "/v1/images/files/SECRETRESULTPATH0123456789/a.png"
+PARSERS = {"c-parser": {}, "python-parser": {"AIOHTTP_NO_EXTENSIONS": "1"}}
+IO_TIMEOUT_S = 30  # a bound for every read and request, never a measurement
+
+Start = Callable[..., Awaitable[GatewayProcess]]
+
+
+# --- raw HTTP ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers.get("content-type", "").startswith("application/json"), self
+        return json.loads(self.body)
+
+
+def request(
+    method: str,
+    target: str | bytes,
+    headers: list[tuple[str, str | bytes]] | None = None,
+    body: bytes = b"",
+    *,
+    close: bool = True,
+) -> bytes:
+    """A request head exactly as given: str values are sent as UTF-8, bytes as they are."""
+    raw_target = target if isinstance(target, bytes) else target.encode()
+    headers = headers or []
+    lines = [method.encode() + b" " + raw_target + b" HTTP/1.1"]
+    if not any(name.lower() == "host" for name, _ in headers):
+        lines.append(b"Host: gateway.test")
+    for name, value in headers:
+        lines.append(
+            name.encode() + b": " + (value if isinstance(value, bytes) else value.encode())
+        )
+    if body:
+        lines.append(b"Content-Length: %d" % len(body))
+    if close:
+        lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def generation(*headers: tuple[str, str | bytes], key: str | bytes = KEY) -> bytes:
+    auth = b"Bearer " + (key if isinstance(key, bytes) else key.encode())
+    return request(
+        "POST",
+        "/v1/images/generations",
+        [("Authorization", auth), ("Content-Type", "application/json"), *headers],
+        json.dumps({"prompt": "a kite"}).encode(),
+    )
+
+
+def parse(raw: bytes) -> Answer:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return Answer(int(status_line.split()[1]), headers, body)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def exchange(url: str, data: bytes) -> Answer:
+    """Send ``data`` on a new connection; the answer, read until the gateway closes."""
+    reader, writer = await asyncio.open_connection(*address(url))
+    try:
+        writer.write(data)
+        return parse(await asyncio.wait_for(reader.read(), IO_TIMEOUT_S))
+    finally:
+        writer.close()
+
+
+async def closed_by_gateway(reader: asyncio.StreamReader) -> bytes:
+    """Everything the gateway sends until it closes the connection (bounded)."""
+    return await asyncio.wait_for(reader.read(), IO_TIMEOUT_S)
+
+
+# --- processes ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def start_process(tmp_path: Path, upstream: Upstream) -> AsyncIterator[Start]:
+    started: list[GatewayProcess] = []
+
+    async def start(
+        *,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+        **overrides: Any,
+    ) -> GatewayProcess:
+        config = merge(base_config(tmp_path, upstream.url), overrides)
+        (tmp_path / "gateway.toml").write_text(to_toml(config))
+        process = GatewayProcess(tmp_path / "gateway.toml", env=env, preexec_fn=preexec_fn)
+        started.append(process)
+        await process.start()
+        return process
+
+    yield start
+    for process in started:
+        await process.close()
+
+
+def access_lines(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "access.log"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def stopped(process: GatewayProcess) -> str:
+    """Stop the gateway (SIGTERM drains what is in flight); its whole stderr."""
+    code, stderr = await process.stop()
+    assert code == 0, stderr
+    return stderr
+
+
+def assert_nothing_secret(text: str) -> None:
+    for needle in (*SECRETS, "SECRETRESULTPATH"):
+        assert needle not in text, f"{needle[:10]}... leaked: {text[-2000:]}"
+
+
+# --- 5. retry counts: ASCII digits only --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "count"), [("²", 0), ("①", 0), ("٣", 0), ("\U0001d7e0", 0), ("2", 2), ("99999999", 0)]
+)
+async def test_retry_count_takes_ascii_digits_only(
+    start_gateway: Callable[..., Awaitable[Gateway]], value: str, count: int
+) -> None:
+    gateway = await start_gateway()
+    answer = await exchange(gateway.url, generation(("x-stainless-retry-count", value)))
+    assert answer.status == 200, answer
+    assert gateway.log_lines()[-1]["retry_count"] == count
