@@ -15,7 +15,12 @@ from urllib.parse import parse_qsl
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from gateway.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from gateway.errors import (
+    ClientClosedRequest,
+    InvalidRequest,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from gateway.images import sniff_image_type
 from gateway.normalize import MAX_REFERENCES, REFERENCE_FIELDS, Upload
 from gateway.streams import TooLarge, read_capped
@@ -39,7 +44,20 @@ class Body:
 
 
 async def read_body(request: web.Request, limits: BodyLimits) -> Body:
-    """The request's fields and uploaded files; raises a 4xx GatewayError for anything malformed."""
+    """The request's fields and uploaded files; raises a 4xx GatewayError for anything malformed.
+
+    A client that disconnects mid-body makes aiohttp fail the read with ConnectionResetError
+    (set on the payload by RequestHandler.connection_lost): that is the client's abort, 499.
+    """
+    try:
+        return await _read_body(request, limits)
+    except ConnectionResetError:
+        raise ClientClosedRequest(
+            "The client closed the connection before its request body arrived."
+        ) from None
+
+
+async def _read_body(request: web.Request, limits: BodyLimits) -> Body:
     if request.content_length is not None and request.content_length > limits.max_body_bytes:
         raise _too_large(limits.max_body_bytes)
     ctype = request.content_type

@@ -12,6 +12,7 @@
     ├── PayloadTooLarge                413    invalid_request_error
     ├── UnsupportedMediaType           415    invalid_request_error
     ├── IdempotencyMismatch            422    invalid_request_error
+    ├── ClientClosedRequest            499    invalid_request_error (only logged)
     ├── RateLimited                    429    rate_limit_error
     ├── UpstreamRejected               (the upstream's status and type)
     ├── UpstreamFailure                502/504 upstream_error
@@ -138,6 +139,17 @@ class IdempotencyMismatch(GatewayError):
     type = "invalid_request_error"
     code = "idempotency_key_reused"
     should_retry = False
+
+
+class ClientClosedRequest(GatewayError):
+    """The client went away while sending its request: nobody reads this answer, the log does.
+
+    499 is nginx's status for it; nothing was sent upstream, nothing is charged.
+    """
+
+    status = 499
+    type = "invalid_request_error"
+    code = "client_closed_request"
 
 
 class RateLimited(GatewayError):

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from tests.conftest import SECRETS, TEAM_KEYS, Gateway, Upstream, base_config, merge
@@ -165,3 +167,58 @@ async def test_retry_count_takes_ascii_digits_only(
     answer = await exchange(gateway.url, generation(("x-stainless-retry-count", value)))
     assert answer.status == 200, answer
     assert gateway.log_lines()[-1]["retry_count"] == count
+
+
+# --- 4. a client that leaves mid-body ----------------------------------------------------------
+
+
+async def requests_by_status(url: str) -> dict[str, float]:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url + "/metrics") as response:
+            text = await response.text()
+    counts: dict[str, float] = {}
+    for status, value in re.findall(
+        r'^gateway_requests_total\{endpoint="generations",[^}]*status="(\d+)"[^}]*\} (\S+)$',
+        text,
+        re.M,
+    ):
+        counts[status] = counts.get(status, 0.0) + float(value)
+    return counts
+
+
+@pytest.mark.process
+async def test_a_client_that_leaves_mid_body_is_logged_as_499_without_a_traceback(
+    start_process: Start, tmp_path: Path
+) -> None:
+    process = await start_process()
+    auth = ("Authorization", f"Bearer {KEY}")
+    bodies = [
+        ("application/json", b'{"prompt": "a ki'),
+        ("multipart/form-data; boundary=bb", b'--bb\r\nContent-Disposition: form-data; name="p'),
+    ]
+    for (ctype, part), hard in zip(bodies, (True, False), strict=True):
+        head = request("POST", "/v1/images/generations", [auth, ("Content-Type", ctype),
+                       ("Content-Length", "100000")], close=False)  # fmt: skip
+        reader, writer = await asyncio.open_connection(*address(process.url))
+        writer.write(head + part)
+        await writer.drain()
+        if hard:
+            writer.transport.abort()  # RST
+        else:
+            writer.write_eof()  # FIN
+            assert await closed_by_gateway(reader) == b""
+            writer.close()
+
+    async def both_logged() -> dict[str, float]:
+        while (counts := await requests_by_status(process.url)).get("499", 0) < 2:
+            pass  # each poll is a request to the gateway: this waits on it, not on a clock
+        return counts
+
+    counts = await asyncio.wait_for(both_logged(), IO_TIMEOUT_S)
+    assert counts == {"499": 2.0}
+    stderr = await stopped(process)
+    assert "Traceback" not in stderr and "unhandled error" not in stderr, stderr
+    lines = access_lines(tmp_path)
+    assert [
+        (line["status"], line["error_code"]) for line in lines if line["endpoint"] == "generations"
+    ] == [(499, "client_closed_request")] * 2
