@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from gateway.safe_log import clean
 from tests.conftest import SECRETS, TEAM_KEYS, Gateway, Upstream, base_config, merge
 from tests.process import GatewayProcess, to_toml
 
@@ -222,3 +223,26 @@ async def test_a_client_that_leaves_mid_body_is_logged_as_499_without_a_tracebac
     assert [
         (line["status"], line["error_code"]) for line in lines if line["endpoint"] == "generations"
     ] == [(499, "client_closed_request")] * 2
+
+
+# --- 1a. the access log: its failures never cost an answer ------------------------------------
+
+
+@pytest.mark.process
+async def test_an_access_log_that_cannot_be_written_never_costs_the_answer(
+    start_process: Start,
+) -> None:
+    process = await start_process(log={"access": "/dev/full"})  # every write: ENOSPC
+    for _ in range(3):
+        answer = await exchange(process.url, generation())
+        assert answer.status == 200 and answer.json()["data"]
+    stderr = await stopped(process)
+    assert stderr.count("access log write failed") == 1, stderr  # reported once, not per line
+    assert "No space left on device" in stderr and "Traceback" not in stderr
+
+
+def test_clean_replaces_escaped_bytes_and_keeps_text() -> None:
+    assert clean("plain") == "plain"
+    assert clean("häkchen ✓") == "häkchen ✓"
+    assert clean(b"a\xffb\xc3".decode("utf-8", "surrogateescape")) == "a\ufffdb\ufffd"
+    assert clean("lone \ud800 high") == "lone \ufffd high"
