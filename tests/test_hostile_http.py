@@ -246,3 +246,25 @@ def test_clean_replaces_escaped_bytes_and_keeps_text() -> None:
     assert clean("häkchen ✓") == "häkchen ✓"
     assert clean(b"a\xffb\xc3".decode("utf-8", "surrogateescape")) == "a\ufffdb\ufffd"
     assert clean("lone \ud800 high") == "lone \ufffd high"
+
+
+# --- 2a. result paths: a credential, so never in a log or an error message -------------------
+
+
+@pytest.mark.parametrize("method", ["POST", "OPTIONS", "PUT", "DELETE"])
+async def test_a_result_path_with_the_wrong_method_is_not_repeated(
+    start_gateway: Callable[..., Awaitable[Gateway]],
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+) -> None:
+    gateway = await start_gateway(upstream={"proxy_results": True})
+    answer = await exchange(gateway.url, request(method, RESULT_PATH, body=b"{}"))
+    assert answer.status == 405  # only GET (and HEAD) are routed to the result file handler
+    assert answer.json()["error"]["message"] == f"{method} is not allowed on /v1/images/files/…"
+    assert [line["path"] for line in gateway.log_lines()] == ["/v1/images/files/…"]
+    diagnostics = "".join(  # the test server's aiohttp access log is off (and filtered) in serve
+        f"{r.getMessage()}\n{r.exc_text or ''}"
+        for r in caplog.records
+        if r.name != "aiohttp.access"
+    )
+    assert_nothing_secret(answer.body.decode() + gateway.access_log.read_text() + diagnostics)
