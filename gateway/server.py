@@ -13,6 +13,7 @@ from aiohttp import web
 from gateway.app import StartupError, create_app, create_metrics_app
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.keys import ACCESS_LOG, CONFIG
+from gateway.protocol import GatewayRunner, install_log_filter
 from gateway.sdnotify import monotonic_usec, notify
 
 log = logging.getLogger("gateway")
@@ -25,8 +26,9 @@ async def serve(
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
+    install_log_filter()
     app = create_app(settings)
-    runner = web.AppRunner(
+    runner = GatewayRunner(
         app, shutdown_timeout=settings.server.drain_s, access_log=None, handle_signals=False
     )
     await runner.setup()
@@ -38,7 +40,7 @@ async def serve(
         await _listen(site, settings.server.host, settings.server.port)
         url = _url(runner)
         if settings.metrics.enabled and settings.metrics.port:
-            metrics_runner = web.AppRunner(
+            metrics_runner = GatewayRunner(
                 create_metrics_app(app), access_log=None, handle_signals=False
             )
             await metrics_runner.setup()

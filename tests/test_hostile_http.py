@@ -11,7 +11,9 @@ the numbers of the issue's items; those fixed in the app come first, those below
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -20,7 +22,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLError, LineTooLong
 
+from gateway.protocol import AIOHTTP_LOGGERS, describe, install_log_filter
 from gateway.safe_log import clean
 from tests.conftest import SECRETS, TEAM_KEYS, Gateway, Upstream, base_config, merge
 from tests.process import GatewayProcess, to_toml
@@ -268,3 +272,124 @@ async def test_a_result_path_with_the_wrong_method_is_not_repeated(
         if r.name != "aiohttp.access"
     )
     assert_nothing_secret(answer.body.decode() + gateway.access_log.read_text() + diagnostics)
+
+
+# --- 1. bytes that are not UTF-8, below the app -----------------------------------------------
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_header_bytes_that_are_not_utf8_never_cost_the_answer(
+    start_process: Start, tmp_path: Path, parser: str
+) -> None:
+    process = await start_process(env=PARSERS[parser], upstream={"proxy_results": True})
+    paid = await exchange(process.url, generation(("User-Agent", b"curl/8.5 \xff\xfe\xc3")))
+    assert paid.status == 200 and paid.json()["data"][0]["url"]
+    refused = [
+        (generation(key=b"igw_\xff\xfe"), 401),  # a key that is not UTF-8 is just a wrong key
+        (generation(("Idempotency-Key", b"k\xff")), 400),
+        (generation(("X-Request-ID", b"id-\xff")), 200),  # not usable: the gateway's own is used
+        (generation(("Host", b"h\xffst")), 200),  # in result URLs (proxy_results)
+        (request("POST", "/v1/images/edits", [("Authorization", f"Bearer {KEY}"),
+                 ("Content-Type", b"image/\xff")], b"x"), 415),
+    ]  # fmt: skip
+    if parser == "python-parser":  # llhttp itself refuses a request target that is not ASCII
+        refused.append((request("GET", b"/v1/images/tasks/t\xff"), 401))
+        refused.append((request("GET", b"/nowhere/\xff?x=\xfe"), 404))
+    for data, status in refused:
+        answer = await exchange(process.url, data)
+        assert answer.status == status, (data, answer)
+        assert answer.json()
+    stderr = await stopped(process)
+    assert "Traceback" not in stderr and "UnicodeEncodeError" not in stderr, stderr
+    lines = access_lines(tmp_path)
+    assert len(lines) == 1 + len(refused)  # every request has its line
+    assert lines[0]["status"] == 200 and lines[0]["client"] == "curl/8.5 \ufffd\ufffd\ufffd"
+    assert lines[0]["cost_cny"] == 0.2
+
+
+# --- 2. malformed request heads: no key or result path in any log -----------------------------
+
+AUTH = f"Authorization: Bearer {KEY}".encode()
+MALFORMED = {
+    "trailing CR (a CRLF key file)": AUTH + b"\r",
+    "control character": AUTH + b"\x01",
+    "NUL": AUTH + b"\x00",
+    "space before the colon": AUTH.replace(b":", b" :", 1),
+    "overlong value": AUTH + b"x" * 9000,
+    "folded line": b"Authorization: Bearer\r\n " + KEY.encode(),
+    "no colon": b"Bearer " + KEY.encode(),
+}
+
+
+def malformed(header_line: bytes, target: bytes = b"/v1/models") -> bytes:
+    return b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n" + header_line + b"\r\nX-A: b\r\n\r\n"
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("parser", PARSERS)
+async def test_malformed_heads_are_answered_and_logged_without_their_content(
+    start_process: Start, tmp_path: Path, parser: str
+) -> None:
+    process = await start_process(env=PARSERS[parser], upstream={"proxy_results": True})
+    sent = [malformed(line) for line in MALFORMED.values()]
+    sent += [
+        malformed(b"X-Junk: \x01", RESULT_PATH.encode()),  # a bad header after a result path
+        b"GET " + RESULT_PATH.encode() + b"\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET " + RESULT_PATH.encode() + b"\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+    ]
+    for data in sent:
+        answer = await exchange(process.url, data)
+        assert_nothing_secret(answer.body.decode("latin-1"))
+        assert answer.status == 400, (data, answer)
+        error = answer.json()["error"]  # the gateway's error shape, never aiohttp's text
+        assert error["code"] == "bad_request" and error["type"] == "invalid_request_error"
+        assert error["message"].startswith("Malformed HTTP request: ")
+    stderr = await stopped(process)
+    assert_nothing_secret(stderr)
+    assert "Traceback" not in stderr, stderr
+    diagnostics = re.findall(r"malformed request from 127\.0\.0\.1: (.*)", stderr)
+    assert len(diagnostics) == len(sent), stderr  # one line each, naming the problem
+    assert any("authorization header" in line for line in diagnostics), diagnostics
+    assert access_lines(tmp_path) == []  # none of them reached the app
+
+
+def test_describe_keeps_the_parsers_words_and_drops_the_bytes() -> None:
+    line = AUTH + b"\x01"
+    llhttp = BadHttpMessage(f"Invalid header value char:\n\n  {line!r}\n      ^")
+    assert describe(llhttp) == "Invalid header value char (in the authorization header)"
+    assert describe(InvalidHeader(AUTH + b"\r")) == (
+        "Invalid HTTP header (in the authorization header)"
+    )
+    assert describe(InvalidHeader(b"Bearer " + KEY.encode())) == "Invalid HTTP header"
+    assert describe(LineTooLong(AUTH[:100] + b"...", 8190)).startswith("Got more than 8190 bytes")
+    unquoted = InvalidURLError(RESULT_PATH + "\x01")  # the pure-Python parser does not quote it
+    assert describe(unquoted) == "Invalid request target"
+    assert describe(BadHttpMessage(f"Bad thing {KEY} here")) == "Malformed request"
+    assert describe(BadHttpMessage("Duplicate 'Content-Length' header found.")) == (
+        "Duplicate (in the content-length header)"
+    )
+
+
+def test_aiohttp_loggers_keep_their_words_but_not_the_exception_text() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in AIOHTTP_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    install_log_filter()
+    try:
+        try:
+            raise InvalidHeader(AUTH + b"\r")
+        except InvalidHeader:
+            logging.getLogger("aiohttp.server").exception("Error handling request from %s", "1.2")
+        logging.getLogger("aiohttp.access").info('1.2 "GET %s HTTP/1.1" 405', RESULT_PATH)
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+            logger.filters.clear()
+    text = stream.getvalue()
+    assert text.startswith("aiohttp.server: Error handling request from 1.2\nTraceback")
+    assert "InvalidHeader" in text and "aiohttp.access" not in text
+    assert_nothing_secret(text)
