@@ -72,6 +72,8 @@ class ServerConfig:
     max_image_bytes: int = 20 * MIB
     drain_s: float = 240.0
     backlog: int = 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
 
     @property
     def tz(self) -> ZoneInfo:
@@ -352,6 +354,8 @@ def _server(t: _Table) -> ServerConfig:
             "drain_s", float, 240.0, lambda v: None if v >= 0 else "must not be negative"
         ),
         backlog=t.get("backlog", int, 1024, _at_least_one),
+        header_timeout_s=t.get("header_timeout_s", float, 10.0, _positive),
+        keepalive_timeout_s=t.get("keepalive_timeout_s", float, 75.0, _positive),
     )
     t.finish()
     return config

@@ -1,4 +1,4 @@
-"""The HTTP connection layer under the app: aiohttp's RequestHandler, minus request content.
+"""The HTTP connection layer under the app: aiohttp's RequestHandler with the gateway's limits.
 
 What aiohttp 3.14 does on its own, and what this module changes:
 
@@ -11,6 +11,15 @@ What aiohttp 3.14 does on its own, and what this module changes:
   with a result path). Here it is answered with the gateway's JSON error and logged as one line
   naming the problem, never the request's bytes; ``install_log_filter`` strips exception text
   from anything aiohttp's own loggers still emit.
+- The only clock on a connection's first request head is ``keepalive_timeout`` (default 3630 s),
+  armed when the connection is made. Here the first head must arrive within
+  ``header_timeout_s``; after a response, ``keepalive_timeout_s`` (aiohttp's timer, a deadline
+  that trickled bytes do not extend) bounds the idle time and the next head.
+- Nothing bounds the number of connections: past the open-file limit, ``accept()`` fails with
+  EMFILE and nothing else (not the upstream call of a paying request) gets a descriptor either.
+  Here at most ``max_connections`` client connections are kept; a new one beyond that closes
+  the oldest connection that is not in the middle of a request (idle keep-alive, or a head that
+  has not arrived), or, when every connection is busy, is itself closed at once.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import asyncio
 import logging
 import re
 import sys
+import time
 import traceback
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -44,6 +55,9 @@ from gateway.safe_log import clean, is_clean
 
 log = logging.getLogger("gateway.http")
 
+RESERVED_FDS = 64  # database, access log, listening and notify sockets, stdio, epoll, imports
+MIN_CONNECTIONS = 8
+REPORT_EVERY_S = 60.0
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal")
 KNOWN_HEADERS = frozenset(
     value.lower() for name, value in vars(hdrs).items() if name.isupper() and isinstance(value, str)
@@ -61,18 +75,39 @@ PLAIN_REASONS: dict[type[HttpProcessingError], str] = {  # most specific first
 }
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    header_timeout_s: float
+    keepalive_timeout_s: float
+    max_connections: int
+
+
+def max_connections(open_files: int, backlog: int) -> int:
+    """Client connections that fit in ``open_files`` descriptors, each with an upstream one.
+
+    Kept free besides: one accept burst (asyncio accepts up to ``backlog`` sockets per wakeup
+    before any protocol sees them) and RESERVED_FDS for what the process holds anyway.
+    """
+    burst = min(backlog, open_files // 4)
+    return max(MIN_CONNECTIONS, (open_files - burst - RESERVED_FDS) // 2)
+
+
 class GatewayRunner(web.AppRunner):
-    """``web.AppRunner`` whose connections are ``GatewayRequestHandler``s."""
+    """``web.AppRunner`` whose connections are ``GatewayRequestHandler``s under ``limits``."""
+
+    def __init__(self, app: web.Application, limits: ConnectionLimits, **kwargs: Any) -> None:
+        super().__init__(app, keepalive_timeout=limits.keepalive_timeout_s, **kwargs)
+        self.limits = limits
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()  # the app's startup runs here
-        return GatewayServer(plain)
+        return GatewayServer(plain, self.limits)
 
 
 class GatewayServer(web.Server):
-    """The protocol factory: aiohttp's ``Server`` for the app, with clean requests."""
+    """The protocol factory: aiohttp's ``Server`` for the app, plus connection bookkeeping."""
 
-    def __init__(self, plain: web.Server) -> None:
+    def __init__(self, plain: web.Server, limits: ConnectionLimits) -> None:
         super().__init__(
             plain.request_handler,
             request_factory=plain.request_factory,
@@ -80,11 +115,68 @@ class GatewayServer(web.Server):
             loop=plain._loop,
             **plain._kwargs,
         )
+        self.limits = limits
         self._app_request_factory = self.request_factory
         self.request_factory = self._make_clean_request
+        self._live: set[GatewayRequestHandler] = set()
+        self._idle: dict[GatewayRequestHandler, None] = {}  # oldest first
+        self.shed = 0  # idle or slow connections closed to make room
+        self.refused = 0  # new connections closed because every other one was busy
+        self._reported_at = float("-inf")
+        self._reported = (0, 0)
 
     def __call__(self) -> RequestHandler:
-        return GatewayRequestHandler(self, loop=self._loop, **self._kwargs)
+        return GatewayRequestHandler(
+            self, loop=self._loop, header_timeout=self.limits.header_timeout_s, **self._kwargs
+        )
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if not isinstance(handler, GatewayRequestHandler):
+            return
+        self._live.add(handler)
+        self._idle[handler] = None
+        if len(self._live) > self.limits.max_connections:
+            self._make_room(handler)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._forget(handler)
+
+    def request_started(self, handler: GatewayRequestHandler) -> None:
+        self._idle.pop(handler, None)
+
+    def request_finished(self, handler: GatewayRequestHandler) -> None:
+        if handler in self._live and handler.transport is not None:
+            self._idle[handler] = None  # now the newest idle connection
+
+    def _make_room(self, newcomer: GatewayRequestHandler) -> None:
+        victim = next(iter(self._idle))  # the newcomer is idle, so there is one
+        if victim is newcomer:
+            self.refused += 1
+        else:
+            self.shed += 1
+        self._forget(victim)
+        victim.force_close()
+        self._report()
+
+    def _forget(self, handler: RequestHandler) -> None:
+        self._live.discard(handler)  # type: ignore[arg-type]
+        self._idle.pop(handler, None)  # type: ignore[call-overload]
+
+    def _report(self) -> None:
+        now = time.monotonic()
+        if now - self._reported_at < REPORT_EVERY_S:
+            return
+        shed, refused = self.shed - self._reported[0], self.refused - self._reported[1]
+        self._reported_at, self._reported = now, (self.shed, self.refused)
+        log.warning(
+            "connection limit (%d) reached: closed %d idle or slow connection(s) and refused %d "
+            "while every connection was busy (reported at most once a minute)",
+            self.limits.max_connections,
+            shed,
+            refused,
+        )
 
     def _make_clean_request(
         self,
@@ -100,15 +192,37 @@ class GatewayServer(web.Server):
 
 
 class GatewayRequestHandler(RequestHandler):
-    """One connection, whose errors are answered and logged without the request's content."""
+    """One connection: a deadline for the first request head, and errors without content."""
 
-    def __init__(self, manager: GatewayServer, **kwargs: Any) -> None:
+    def __init__(self, manager: GatewayServer, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
+        self._server = manager  # aiohttp drops its own reference when the connection is lost
+        self._header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
         self._requests = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # may have closed it already: no room
+        if self.transport is not None and self._requests == 0:
+            self._head_timer = self._loop.call_later(self._header_timeout, self._head_too_slow)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
 
     def request_started(self) -> None:
         """A whole request head has arrived (called as aiohttp turns it into a request)."""
         self._requests += 1
+        self._cancel_head_timer()
+        self._server.request_started(self)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        try:
+            return await super().finish_response(request, resp, start_time)
+        finally:
+            self._server.request_finished(self)
 
     def handle_error(
         self,
@@ -157,6 +271,19 @@ class GatewayRequestHandler(RequestHandler):
         except (TypeError, ValueError):
             text = str(message)
         self.logger.error("%s%s", text, _frames(exc))
+
+    def _head_too_slow(self) -> None:
+        self._head_timer = None
+        if self._requests == 0 and self.transport is not None:
+            log.debug(
+                "closing a connection whose first request head took over %ss", self._header_timeout
+            )
+            self.force_close()
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
 
 
 def clean_message(message: RawRequestMessage) -> RawRequestMessage:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -13,10 +15,14 @@ from aiohttp import web
 from gateway.app import StartupError, create_app, create_metrics_app
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.keys import ACCESS_LOG, CONFIG
-from gateway.protocol import GatewayRunner, install_log_filter
+from gateway.protocol import ConnectionLimits, GatewayRunner, install_log_filter, max_connections
 from gateway.sdnotify import monotonic_usec, notify
 
 log = logging.getLogger("gateway")
+
+METRICS_CONNECTIONS = 32  # the separate /metrics listener, if any, is for a scraper or two
+FEW_CONNECTIONS = 1000  # below this, the open-file limit is probably the distribution's default
+UNLIMITED_FILES = 1 << 20
 
 
 async def serve(
@@ -28,8 +34,13 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
     install_log_filter()
     app = create_app(settings)
+    limits = connection_limits(settings)
     runner = GatewayRunner(
-        app, shutdown_timeout=settings.server.drain_s, access_log=None, handle_signals=False
+        app,
+        limits,
+        shutdown_timeout=settings.server.drain_s,
+        access_log=None,
+        handle_signals=False,
     )
     await runner.setup()
     metrics_runner: web.AppRunner | None = None
@@ -41,7 +52,10 @@ async def serve(
         url = _url(runner)
         if settings.metrics.enabled and settings.metrics.port:
             metrics_runner = GatewayRunner(
-                create_metrics_app(app), access_log=None, handle_signals=False
+                create_metrics_app(app),
+                replace(limits, max_connections=METRICS_CONNECTIONS),
+                access_log=None,
+                handle_signals=False,
             )
             await metrics_runner.setup()
             metrics_site = web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port)
@@ -64,6 +78,23 @@ async def serve(
             await metrics_runner.cleanup()
         await runner.cleanup()
     log.info("stopped cleanly")
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """The [server] timeouts, and as many connections as the open-file limit has room for."""
+    open_files = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if open_files == resource.RLIM_INFINITY:
+        open_files = UNLIMITED_FILES
+    server = settings.server
+    most = max_connections(open_files - METRICS_CONNECTIONS, server.backlog)
+    log_it = log.warning if most < FEW_CONNECTIONS else log.info
+    log_it(
+        "open-file limit %d: up to %d client connections at once%s",
+        open_files,
+        most,
+        " (raise it: LimitNOFILE= in the systemd unit)" if most < FEW_CONNECTIONS else "",
+    )
+    return ConnectionLimits(server.header_timeout_s, server.keepalive_timeout_s, most)
 
 
 def reload(app: web.Application, config_path: Path | None) -> None:

@@ -15,8 +15,11 @@ import io
 import json
 import logging
 import re
+import resource
+import sys
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +27,11 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLError, LineTooLong
 
-from gateway.protocol import AIOHTTP_LOGGERS, describe, install_log_filter
+from gateway.config import parse_settings
+from gateway.protocol import AIOHTTP_LOGGERS, describe, install_log_filter, max_connections
 from gateway.safe_log import clean
-from tests.conftest import SECRETS, TEAM_KEYS, Gateway, Upstream, base_config, merge
+from tests.conftest import SECRETS, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream, base_config, merge
+from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -393,3 +398,171 @@ def test_aiohttp_loggers_keep_their_words_but_not_the_exception_text() -> None:
     assert text.startswith("aiohttp.server: Error handling request from 1.2\nTraceback")
     assert "InvalidHeader" in text and "aiohttp.access" not in text
     assert_nothing_secret(text)
+
+
+# --- 3. slow clients: header and keep-alive timeouts, the connection cap -----------------------
+
+PARTIAL_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"  # the blank line never comes
+
+
+@pytest.mark.process
+async def test_a_first_request_head_must_arrive_within_header_timeout(
+    start_process: Start, upstream: Upstream
+) -> None:
+    process = await start_process(server={"header_timeout_s": 0.5, "keepalive_timeout_s": 600})
+    release, arrived = asyncio.Event(), asyncio.Event()
+    upstream.faults.add(gate(release, arrived))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=IO_TIMEOUT_S)) as http:
+        held = asyncio.create_task(
+            http.post(
+                process.url + "/v1/images/generations",
+                headers={"Authorization": f"Bearer {KEY}"},
+                json={"prompt": "slow"},
+            )
+        )
+        await arrived.wait()  # the held request's head arrived; its generation is running
+        silent = await asyncio.open_connection(*address(process.url))
+        slow = await asyncio.open_connection(*address(process.url))
+        slow[1].write(PARTIAL_HEAD)
+        assert await closed_by_gateway(slow[0]) == b""  # closed without an answer
+        assert await closed_by_gateway(silent[0]) == b""
+        for _, writer in (silent, slow):
+            writer.close()
+        release.set()  # more than header_timeout_s has passed: the held request lives on
+        response = await held
+        assert response.status == 200 and (await response.json())["data"]
+        response.release()
+    await stopped(process)
+
+
+@pytest.mark.process
+async def test_an_idle_keepalive_connection_is_closed_after_keepalive_timeout(
+    start_process: Start,
+) -> None:
+    process = await start_process(server={"header_timeout_s": 600, "keepalive_timeout_s": 0.5})
+    reader, writer = await asyncio.open_connection(*address(process.url))
+    writer.write(request("GET", "/healthz", close=False))
+    answer = parse(await asyncio.wait_for(reader.readuntil(b'{"status": "ok"}'), IO_TIMEOUT_S))
+    assert answer.status == 200 and answer.headers.get("connection") != "close"
+    writer.write(PARTIAL_HEAD)  # the next head trickles: the keep-alive deadline still holds
+    assert await closed_by_gateway(reader) == b""
+    writer.close()
+    await stopped(process)
+
+
+OPEN_FILES = 512  # the gateway's RLIMIT_NOFILE in the attack test
+ATTACKERS = 600  # slow connections kept open at once, above OPEN_FILES
+CLIENT = """
+import socket, sys
+data = sys.stdin.buffer.read()
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as conn:
+    conn.sendall(data)  # at once, like a real client: the head is there when it is accepted
+    while chunk := conn.recv(65536):
+        sys.stdout.buffer.write(chunk)
+"""
+
+
+async def exchange_from_another_process(url: str, data: bytes) -> Answer:
+    """``exchange``, from a client process of its own: no waiting on this busy event loop."""
+    host, port = address(url)
+    client = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, host, str(port),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(client.communicate(data), IO_TIMEOUT_S)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    assert client.returncode == 0 and out, "the gateway closed or reset a normal request"
+    return parse(out)
+
+
+@dataclass
+class Attack:
+    """Slowloris: connections that send a partial head, reopened whenever the gateway closes one."""
+
+    url: str
+    opened: int = 0
+    closed_by_gateway: int = 0
+    enough: asyncio.Event = field(default_factory=asyncio.Event)
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    stop: bool = False
+
+    async def one(self) -> None:
+        while not self.stop:  # a flag too: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(IO_TIMEOUT_S):
+                reader, writer = await asyncio.open_connection(*address(self.url))
+            self.writers.add(writer)
+            self.opened += 1
+            if self.opened >= ATTACKERS:
+                self.enough.set()
+            try:
+                writer.write(PARTIAL_HEAD)
+                await reader.read()  # until the gateway closes it
+                self.closed_by_gateway += 1
+            except ConnectionError:
+                self.closed_by_gateway += 1
+            finally:
+                self.writers.discard(writer)
+                writer.close()
+
+
+@pytest.mark.process
+async def test_slow_connections_past_the_open_file_limit_do_not_stop_paying_requests(
+    start_process: Start,
+) -> None:
+    def low_open_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+
+    process = await start_process(preexec_fn=low_open_file_limit, server={"backlog": 16})
+    attack = Attack(process.url)
+    attackers = [asyncio.create_task(attack.one()) for _ in range(ATTACKERS)]
+    try:
+        await asyncio.wait_for(attack.enough.wait(), IO_TIMEOUT_S)
+        for _ in range(3):  # each a new connection, made while the attack goes on
+            answer = await exchange_from_another_process(process.url, generation())
+            assert answer.status == 200 and answer.json()["data"]
+        assert attack.opened > OPEN_FILES and attack.closed_by_gateway > 0
+    finally:
+        attack.stop = True
+        for task in attackers:
+            task.cancel()
+        await asyncio.gather(*attackers, return_exceptions=True)
+        for writer in attack.writers:
+            writer.close()
+    stderr = await stopped(process)
+    assert "Too many open files" not in stderr, stderr
+    assert f"open-file limit {OPEN_FILES}: up to " in stderr
+    assert "connection limit (" in stderr
+
+
+def test_the_connection_cap_leaves_room_for_upstream_descriptors() -> None:
+    assert max_connections(65536, 1024) >= 30_000
+    assert max_connections(OPEN_FILES, 16) * 2 + 16 + 64 <= OPEN_FILES
+    assert max_connections(1024, 1024) * 2 + 1024 // 4 + 64 <= 1024
+    assert max_connections(10, 1024) == 8  # never none at all
+
+
+def test_systemd_unit_has_room_for_ten_thousand_held_requests() -> None:
+    unit = (ROOT / "systemd" / "image-gateway.service").read_text()
+    limits = re.findall(r"^LimitNOFILE=(\d+)$", unit, re.M)
+    assert limits, "the unit must raise the open-file limit (the default soft limit is 1024)"
+    assert max_connections(int(limits[-1]), 1024) >= 10_000  # client + upstream fd each
+
+
+def test_new_server_keys_are_documented_and_parsed() -> None:
+    example = ROOT / "config" / "gateway.example.toml"
+    text = example.read_text()
+    for key in ("header_timeout_s", "keepalive_timeout_s"):
+        assert f"\n{key} = " in text, key
+    server = tomllib.loads(text)["server"]
+    assert (server["header_timeout_s"], server["keepalive_timeout_s"]) == (10, 75)
+    settings = parse_settings(
+        merge(base_config(ROOT, "http://127.0.0.1:1"), {"server": {"header_timeout_s": 2.5}}),
+        base_dir=ROOT,
+        env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+    )
+    assert (settings.server.header_timeout_s, settings.server.keepalive_timeout_s) == (2.5, 75.0)
