@@ -9,6 +9,7 @@ rebuilt (the ledger keeps them whole, and ``ledger list`` finds an entry by its 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,6 +18,8 @@ import sys
 import time
 from collections.abc import Callable
 from typing import IO, Any
+
+from gateway.safe_log import scrub
 
 FIELDS: tuple[str, ...] = (
     "ts", "request_id", "team", "method", "path", "endpoint", "mode", "model", "n", "size",
@@ -111,8 +114,10 @@ def timestamp(now: float) -> str:
 class AccessLog:
     """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away.
 
-    A line that cannot be written (disk full, bad value) is reported on stderr and dropped:
-    a log failure must never cost a client its answer.
+    ``write`` never raises into the request it describes: a record that cannot be encoded is
+    written cleaned (lone surrogates replaced), and a write that fails anyway (disk full, file
+    gone) is reported on stderr once, the lost lines counted, and the file reopened so that the
+    next line has a chance; when writing works again that is reported too.
     """
 
     def __init__(self, target: str, monotonic: Callable[[], float] = time.monotonic) -> None:
@@ -121,45 +126,58 @@ class AccessLog:
         self._stream: IO[str] = sys.stdout
         self._identity: tuple[int, int] | None = None
         self._checked = 0.0
-        self._failures = 0
+        self.lost = 0
+        self._failing = False
         if target != "-":
             self._open()
 
     def write(self, record: dict[str, Any]) -> None:
         try:
             line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
-            line.encode("utf-8")  # a lone surrogate would fail half-way through the write
-        except (TypeError, ValueError) as exc:
-            self._failed(f"unserializable record ({type(exc).__name__})")
-            return
-        try:
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate would fail half-way through the write
+                line = json.dumps(scrub(record), ensure_ascii=False, separators=(",", ":")) + "\n"
             if self._identity is not None:
                 self._reopen_if_rotated()
             self._stream.write(line)
             self._stream.flush()
-        except OSError as exc:
-            self._failed(exc.strerror or type(exc).__name__)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("access log writable again; %d line(s) were lost", self.lost)
 
     def reopen(self) -> None:
-        if self._target != "-":
-            try:
-                self._stream.close()
-            except OSError as exc:  # the last buffered line could not be flushed
-                self._failed(exc.strerror or type(exc).__name__)
+        if self._target == "-":
+            return
+        with contextlib.suppress(OSError):  # the last buffered line could not be flushed
+            self._stream.close()
+        try:
             self._open()
+        except OSError as exc:
+            self._failed(exc)
 
     def close(self) -> None:
         if self._target != "-":
-            try:
+            with contextlib.suppress(OSError):
                 self._stream.close()
-            except OSError as exc:
-                self._failed(exc.strerror or type(exc).__name__)
 
-    def _failed(self, why: str) -> None:
-        self._failures += 1
-        if self._failures == 1 or self._failures % 1000 == 0:
-            log.error("access log %s: a line could not be written (%s); %d lost so far",
-                      self._target, why, self._failures)  # fmt: skip
+    def _failed(self, exc: Exception) -> None:
+        self.lost += 1
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "access log write failed (%s: %s); requests are still answered, lost lines are "
+                "counted and reported once writing works again",
+                type(exc).__name__,
+                getattr(exc, "strerror", None) or exc,
+            )
+        if self._target != "-":
+            with contextlib.suppress(Exception):  # drop whatever the failed stream still buffers
+                self._stream.close()
+                self._open()
 
     def _open(self) -> None:
         fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)

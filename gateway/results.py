@@ -24,11 +24,6 @@ FILES_PATH = "/v1/images/files/"
 RESULT_PATH = re.compile(r"/v1/images/files(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}){1,8}")
 
 
-def logged_path(path: str) -> str:
-    """``path`` as the logs may show it: a result file's path is a credential, so it is cut."""
-    return FILES_PATH + "…" if path.startswith(FILES_PATH) else path
-
-
 async def as_b64_json(
     payload: dict[str, Any], upstream: UpstreamClient
 ) -> tuple[dict[str, Any], dict[str, str]]:
