@@ -7,9 +7,10 @@ stays small and quick however long a benchmark runs. ``GET /_bench/stats`` retur
 
 Delays: ``--delay-s`` for sync generations and ``--task-delay-s`` for async tasks, overridable
 per request by a ``[sleep=S]`` or ``[task=S]`` tag in the prompt, so one process can answer a
-warm-up quickly and then hold 2,000 requests for 20 s. Bodies over 1 MiB are not parsed (the
-upload scenario measures the gateway, not this process); their reference images are counted
-from the bytes instead.
+warm-up quickly and then hold 2,000 requests for 20 s. Bodies over 1 MiB (or of unknown length)
+are neither parsed nor held: they are read a chunk at a time and their reference images counted
+from the bytes, so a 100 MB upload never stalls this process (the upload and fairness scenarios
+measure the gateway, not the fake).
 """
 
 from __future__ import annotations
@@ -61,9 +62,13 @@ class FakeUpstream:
         if request.headers.get("Authorization") != self.auth:
             self.stats["unauthorized"] += 1
             return _error(401, "authentication_error", "Invalid API key.")
-        raw = await request.read()
-        self.stats["bytes_in"] += len(raw)
-        prompt, problem = self._inspect(raw, request.content_type)
+        length = request.content_length
+        if length is None or length > PARSE_LIMIT or request.content_type != "application/json":
+            prompt, problem = await self._swallow(request)
+        else:
+            raw = await request.read()
+            self.stats["bytes_in"] += len(raw)
+            prompt, problem = self._inspect(raw)
         if problem:
             self.stats["invalid"] += 1
             return _error(400, "invalid_request_error", problem)
@@ -113,23 +118,33 @@ class FakeUpstream:
         self.stats["held_now"] = held
         return web.json_response({"ok": True})
 
-    def _inspect(self, raw: bytes, content_type: str) -> tuple[str, str | None]:
+    async def _swallow(self, request: web.Request) -> tuple[str, None]:
+        """Read a big body chunk by chunk, counting its reference images; keep none of it."""
+        mark = DATA_URL_MARK if request.content_type == "application/json" else PART_MARK
+        refs = total = 0
+        tail = b""
+        async for chunk in request.content.iter_any():
+            total += len(chunk)
+            window = tail + chunk[: len(mark) - 1] if tail else b""
+            refs += window.count(mark) + chunk.count(mark)
+            tail = chunk[-(len(mark) - 1) :]
+        self.stats["bytes_in"] += total
+        self._count_refs(refs)
+        return "", None
+
+    def _count_refs(self, refs: int) -> None:
+        self.stats["refs_seen"] += refs
+        self.stats["max_refs"] = max(self.stats["max_refs"], refs)
+
+    def _inspect(self, raw: bytes) -> tuple[str, str | None]:
         """The prompt (for delay tags) and a validation problem, or None when acceptable."""
-        if len(raw) > PARSE_LIMIT or content_type != "application/json":
-            mark = DATA_URL_MARK if content_type == "application/json" else PART_MARK
-            refs = raw.count(mark)
-            self.stats["refs_seen"] += refs
-            self.stats["max_refs"] = max(self.stats["max_refs"], refs)
-            return "", None
         try:
             body = json.loads(raw)
         except ValueError:
             return "", "body must be JSON"
         if not isinstance(body, dict):
             return "", "body must be a JSON object"
-        refs = len(body.get("image_urls") or [])
-        self.stats["refs_seen"] += refs
-        self.stats["max_refs"] = max(self.stats["max_refs"], refs)
+        self._count_refs(len(body.get("image_urls") or []))
         return str(body.get("prompt", "")), validate(body)
 
 

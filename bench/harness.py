@@ -23,18 +23,29 @@ from typing import Any
 from bench.load import LoadRunner
 from bench.procs import REPO
 from bench.report import Row, format_table, write_json
-from bench.scenarios import Context, Scenario, budget, held, overhead, polling, throughput, uploads
+from bench.scenarios import (
+    Context,
+    Scenario,
+    budget,
+    fairness,
+    held,
+    overhead,
+    polling,
+    throughput,
+    uploads,
+)
 from bench.serving import raise_fd_limit
 
-SCENARIOS: dict[int, Scenario] = {
-    1: overhead.run,
-    2: throughput.run,
-    3: held.run,
-    4: uploads.run,
-    5: polling.run,
-    6: budget.run,
+SCENARIOS: dict[str, Scenario] = {
+    "1": overhead.run,
+    "2": throughput.run,
+    "3": held.run,
+    "4": uploads.run,
+    "5": polling.run,
+    "6": budget.run,
+    "fairness": fairness.run,
 }
-DB_BOUND = (1, 2, 6)  # scenarios whose cost is mostly the durable SQLite writes
+DB_BOUND = ("1", "2", "6")  # scenarios whose cost is mostly the durable SQLite writes
 SCENARIO_TIMEOUT_S = 240.0
 
 
@@ -42,7 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="shorter runs, one round each")
     parser.add_argument(
-        "--scenarios", default="1,2,3,4,5,6", help="comma-separated scenario numbers"
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated scenario numbers or names (" + ", ".join(SCENARIOS) + ")",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/latest.json")
     parser.add_argument(
@@ -57,7 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     args = parser.parse_args(argv)
-    args.scenario_ids = [int(s) for s in args.scenarios.split(",") if s.strip()]
+    args.scenario_ids = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = set(args.scenario_ids) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenarios: {sorted(unknown)}")

@@ -76,6 +76,51 @@ class LoadRunner:
         }
         return await self._loadgen(spec, timeout_s=duration_s + warmup_s + 120)
 
+    async def repeat_file(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body_file: Path,
+        *,
+        concurrency: int,
+        duration_s: float,
+        timeout_s: float = 120.0,
+    ) -> dict[str, Any]:
+        """Closed-loop load of a large body read from a file (always ``bench.loadgen``)."""
+        spec = {
+            "url": url,
+            "headers": headers,
+            "body_file": str(body_file),
+            "mode": "duration",
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "timeout_s": timeout_s,
+        }
+        return await self._loadgen(spec, timeout_s=duration_s + timeout_s + 60)
+
+    async def small(
+        self,
+        url: str,
+        headers: dict[str, str],
+        body: str,
+        *,
+        concurrency: int,
+        duration_s: float,
+        warmup_s: float,
+    ) -> dict[str, Any]:
+        """Closed-loop load of a small body from ``bench.loadgen`` even when wrk is installed,
+        so latency figures measured by this client compare across machines and runs."""
+        spec = {
+            "url": url,
+            "headers": headers,
+            "body": body,
+            "mode": "duration",
+            "concurrency": concurrency,
+            "duration_s": duration_s,
+            "warmup_s": warmup_s,
+        }
+        return await self._loadgen(spec, timeout_s=duration_s + warmup_s + 120)
+
     async def count(
         self,
         url: str,
