@@ -1,8 +1,10 @@
 """Read an images request body (JSON, multipart or urlencoded) into fields and uploads.
 
 Limits are enforced while reading: the whole body, each file, each text field, and the number of
-files. Past any of them the reading stops and the client gets 413 (or 400), so an oversized upload
-is never held in memory.
+references. Past any of them the reading stops and the client gets 413 (or 400), so an oversized
+upload is never held in memory. A JSON body is scanned chunk by chunk as it arrives
+(``jsonsplit``): its data URLs are checked on the way and kept as the bytes they came as, so no
+step holds the event loop for longer than one chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from gateway.errors import (
     UnsupportedMediaType,
 )
 from gateway.images import sniff_image_type
+from gateway.jsonsplit import Splitter, resolve
 from gateway.normalize import MAX_REFERENCES, REFERENCE_FIELDS, Upload
 from gateway.streams import TooLarge, read_capped
 
@@ -64,7 +67,7 @@ async def _read_body(request: web.Request, limits: BodyLimits) -> Body:
     if ctype == "multipart/form-data":
         return Body(*await _read_multipart(request, limits), form=True)
     if ctype == "application/json" or ctype.endswith("+json"):
-        return Body(_json_fields(await _read_text(request, limits)), [], form=False)
+        return Body(await _read_json(request, limits), [], form=False)
     if ctype == "application/x-www-form-urlencoded":
         text = await _read_text(request, limits)
         if text.lstrip().startswith("{"):
@@ -75,6 +78,26 @@ async def _read_body(request: web.Request, limits: BodyLimits) -> Body:
         "multipart/form-data.",
         param="Content-Type",
     )
+
+
+async def _read_json(request: web.Request, limits: BodyLimits) -> dict[str, Any]:
+    """The JSON body's fields, its data URL references as ``DataUrl`` values."""
+    splitter = Splitter(limits.max_image_bytes)
+    total = 0
+    async for chunk in request.content.iter_any():
+        total += len(chunk)
+        if total > limits.max_body_bytes:
+            raise _too_large(limits.max_body_bytes)
+        splitter.feed(chunk)
+    skeleton = splitter.finish()
+    try:
+        text = skeleton.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not UTF-8 text.", code="invalid_json") from None
+    del skeleton
+    fields = _json_fields(text)
+    resolve(fields, splitter.references)
+    return fields
 
 
 async def _read_text(request: web.Request, limits: BodyLimits) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, Literal
 
+from gateway.dataurls import DataUrl
 from gateway.errors import InvalidRequest
 from gateway.images import BadReference, check_reference
 
@@ -55,7 +56,7 @@ class Upload:
     data: bytes = dataclass_field(repr=False)
 
 
-Reference = str | Upload
+Reference = str | Upload | DataUrl
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +269,7 @@ def _flag(value: object, name: str, form: bool) -> bool:
 def _references(
     fields: Mapping[str, Any], uploads: Sequence[Upload], max_image_bytes: int
 ) -> tuple[Reference, ...]:
+    _count_references(fields, uploads)
     refs: list[Reference] = []
     for name in REFERENCE_FIELDS:
         value = fields.get(name)
@@ -279,15 +281,23 @@ def _references(
             refs.append(_checked(item, f"{name}[{index}]", max_image_bytes))
     refs.extend(_openai_images(fields.get("images"), max_image_bytes))
     refs.extend(u for u in uploads if u.field != "mask")
-    if len(refs) > MAX_REFERENCES:
-        raise InvalidRequest(
-            f"At most {MAX_REFERENCES} reference images are allowed; got {len(refs)}.",
-            param="image_urls",
-        )
     return tuple(refs)
 
 
-def _openai_images(value: object, max_image_bytes: int) -> list[str]:
+def _count_references(fields: Mapping[str, Any], uploads: Sequence[Upload]) -> None:
+    """Refuse more than 16 references before checking (decoding) any of them."""
+    count = sum(u.field != "mask" for u in uploads)
+    for name in (*REFERENCE_FIELDS, "images"):
+        value = fields.get(name)
+        count += len(value) if isinstance(value, list) else 0
+    if count > MAX_REFERENCES:
+        raise InvalidRequest(
+            f"At most {MAX_REFERENCES} reference images are allowed; got {count}.",
+            param="image_urls",
+        )
+
+
+def _openai_images(value: object, max_image_bytes: int) -> list[str | DataUrl]:
     """OpenAI's JSON edits shape ``images: [{"image_url": ...}]``; no file ids (no file store)."""
     if value is None:
         return []
@@ -308,7 +318,11 @@ def _openai_images(value: object, max_image_bytes: int) -> list[str]:
     return refs
 
 
-def _checked(value: object, param: str, max_image_bytes: int) -> str:
+def _checked(value: object, param: str, max_image_bytes: int) -> str | DataUrl:
+    if isinstance(value, DataUrl):  # checked while the body streamed in
+        if value.problem is not None:
+            raise InvalidRequest(f"{param}: {value.problem}.", param=param)
+        return value
     try:
         return check_reference(value, max_image_bytes)
     except BadReference as exc:

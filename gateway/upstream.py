@@ -209,7 +209,7 @@ class UpstreamClient:
             "Content-Type": "application/json",
             "Content-Length": str(body.length),
         }
-        data: bytes | AsyncIterator[bytes]
+        data: bytes | AsyncIterator[bytes | memoryview]
         data = b"".join(body.chunks()) if body.length <= SMALL_BODY else _stream(body)
         try:
             async with self._session.post(
@@ -322,7 +322,7 @@ async def _mark_sent(
         state.sent = True
 
 
-async def _stream(body: UpstreamBody) -> AsyncIterator[bytes]:
+async def _stream(body: UpstreamBody) -> AsyncIterator[bytes | memoryview]:
     for chunk in body.chunks():
         yield chunk
         await asyncio.sleep(0)

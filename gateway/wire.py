@@ -1,7 +1,8 @@
 """The bytes sent upstream for an ``ImageRequest``, and the fingerprint that identifies a request.
 
 Uploaded files are base64-encoded while the body is being sent, a slice at a time, so a request
-with sixteen 4 MB uploads never holds a second, encoded copy of them in memory.
+with sixteen 4 MB uploads never holds a second, encoded copy of them in memory. Data URLs that
+came in a JSON body go out as the bytes they arrived as (``DataUrl``), a slice at a time.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gateway.normalize import ImageRequest, Upload
+from gateway.dataurls import DataUrl
+from gateway.normalize import ImageRequest, Reference, Upload
 
 ENCODE_SLICE = 3 * 256 * 1024  # a multiple of 3, so slices encode without padding
+SEND_SLICE = 256 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +27,7 @@ class UpstreamBody:
     request: ImageRequest
     length: int
 
-    def chunks(self) -> Iterator[bytes]:
+    def chunks(self) -> Iterator[bytes | memoryview]:
         head, refs = _head_and_refs(self.request)
         yield head
         if refs:
@@ -57,19 +60,29 @@ def fingerprint(request: ImageRequest, *, async_mode: bool) -> str:
     }
     digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
     for ref in request.references:
+        if isinstance(ref, DataUrl):  # the sha256 of the URL's text, as for a str reference
+            digest.update(b"\x00" + ref.digest)
+            continue
         data = ref.data if isinstance(ref, Upload) else ref.encode()
         digest.update(b"\x00" + hashlib.sha256(data).digest())
     return digest.hexdigest()
 
 
-def _head_and_refs(request: ImageRequest) -> tuple[bytes, tuple[str | Upload, ...]]:
+def _head_and_refs(request: ImageRequest) -> tuple[bytes, tuple[Reference, ...]]:
     text = json.dumps(request.upstream_fields(), ensure_ascii=False, separators=(",", ":"))
     return text[:-1].encode(), request.references
 
 
-def _reference_chunks(ref: str | Upload) -> Iterator[bytes]:
+def _reference_chunks(ref: Reference) -> Iterator[bytes | memoryview]:
     if isinstance(ref, str):
         yield json.dumps(ref).encode()
+        return
+    if isinstance(ref, DataUrl):  # plain base64: already valid JSON string content
+        yield f'"{ref.prefix}'.encode()
+        view = memoryview(ref.payload)
+        for start in range(0, len(view), SEND_SLICE):
+            yield view[start : start + SEND_SLICE]
+        yield b'"'
         return
     yield f'"data:{ref.mime};base64,'.encode()
     view = memoryview(ref.data)
@@ -78,7 +91,9 @@ def _reference_chunks(ref: str | Upload) -> Iterator[bytes]:
     yield b'"'
 
 
-def _reference_length(ref: str | Upload) -> int:
+def _reference_length(ref: Reference) -> int:
     if isinstance(ref, str):
         return len(json.dumps(ref).encode())
+    if isinstance(ref, DataUrl):
+        return ref.length + 2
     return len(f'"data:{ref.mime};base64,') + 4 * ((len(ref.data) + 2) // 3) + 1

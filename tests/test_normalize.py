@@ -176,3 +176,13 @@ def test_ignored_names_are_safe_for_a_header() -> None:
     assert odd == ("?", "??", "a??Set-Cookie: x", "k" * 40)
     many = norm({"prompt": "x", **{f"extra{i:02d}": i for i in range(30)}}).ignored
     assert len(many) == 21 and many[-1] == "…" and many[0] == "extra00"
+
+
+def test_too_many_references_are_counted_before_any_is_checked() -> None:
+    """Issue 12, item 12: two million tiny references must not be decoded to learn there are
+    too many. Every one here is invalid: checking even the first would name it instead."""
+    bad = "data:image/png;base64,!!!!"
+    with pytest.raises(InvalidRequest) as excinfo:
+        norm({"prompt": "x", "image_urls": [bad] * 10, "images": [{"image_url": bad}] * 7})
+    assert excinfo.value.param == "image_urls"
+    assert "got 17" in excinfo.value.message
