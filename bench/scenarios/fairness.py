@@ -38,25 +38,32 @@ async def run(ctx: Context) -> Outcome:
     name = ctx.label("fairness")
     duration = 4.0 if ctx.quick else 8.0
     workdir = ctx.workdir("fairness")
-    async with running_stack(workdir, ctx.options("fairness")) as stack:
-        pictures = payloads.images(IMAGES, IMAGE_MIB * MIB)
-        bodies = {
-            "data URLs": payloads.data_urls(workdir, pictures, "restyle these"),
-            "multipart": payloads.multipart(workdir, pictures, "restyle these"),
-        }
-        del pictures
-        small = _small_load(ctx, stack, duration)
-        await ctx.load.count(
-            stack.gateway.url + GENERATION_PATH,
-            stack.team_headers(),
-            body=generation_body(),
-            count=50,
-            concurrency=SMALL_CONCURRENCY,
-        )
-        measured: dict[str, dict[str, Any]] = {"alone": {"small": await small("alone")}}
-        for kind, upload in bodies.items():
+    workdir.mkdir(parents=True, exist_ok=True)
+    pictures = payloads.images(IMAGES, IMAGE_MIB * MIB)
+    bodies = {
+        "data URLs": payloads.data_urls(workdir, pictures, "restyle these"),
+        "multipart": payloads.multipart(workdir, pictures, "restyle these"),
+    }
+    del pictures
+    measured: dict[str, dict[str, Any]] = {}
+    logged: dict[str, dict[str, float | None]] = {}
+    problems: dict[str, list[str]] = {}
+    for kind, upload in bodies.items():  # a fresh gateway each: peak RSS starts from the same
+        stack_dir = workdir / kind.replace(" ", "-")
+        async with running_stack(stack_dir, ctx.options(f"fairness-{stack_dir.name}")) as stack:
+            small = _small_load(ctx, stack, duration)
+            await ctx.load.count(
+                stack.gateway.url + GENERATION_PATH,
+                stack.team_headers(),
+                body=generation_body(),
+                count=50,
+                concurrency=SMALL_CONCURRENCY,
+            )
+            if not measured:
+                measured["alone"] = {"small": await small("alone")}
             measured[kind] = await _under_load(ctx, stack, upload, small, duration)
-        logged = _logged(stack.workdir / "access.log")
+            logged |= _logged(stack.workdir / "access.log")
+        problems |= {f"{kind}: {proc}": lines for proc, lines in stack.problems.items()}
     rows = _rows(name, measured, bodies, logged)
     reports = {k: m.pop("profile") for k, m in measured.items() if m.get("profile")}
     for upload in bodies.values():
@@ -71,7 +78,7 @@ async def run(ctx: Context) -> Outcome:
         report = ctx.results_dir / "profile-fairness.txt"
         report.write_text("".join(f"== {kind}\n{text}\n" for kind, text in reports.items()))
         details["profile"] = {"report": str(report)}
-    return Outcome(rows, details, stack.problems)
+    return Outcome(rows, details, problems)
 
 
 def _small_load(ctx: Context, stack: Stack, duration: float) -> Any:
