@@ -10,7 +10,7 @@ step holds the event loop for longer than one chunk.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -26,10 +26,12 @@ from gateway.errors import (
 from gateway.images import sniff_image_type
 from gateway.jsonsplit import Splitter, resolve
 from gateway.normalize import MAX_REFERENCES, REFERENCE_FIELDS, Upload
+from gateway.offload import digest
 from gateway.streams import TooLarge, read_capped
 
 FILE_FIELDS = ("image", "image[]", "mask", "mask[]")
 MAX_FIELD_BYTES = 1024 * 1024
+PART_CHUNK = 256 * 1024  # aiohttp's default of 8 KiB costs ~9,000 loop steps per 72 MB
 LIST_FIELD_SUFFIX = "[]"
 
 
@@ -96,7 +98,11 @@ async def _read_json(request: web.Request, limits: BodyLimits) -> dict[str, Any]
         raise InvalidRequest("The request body is not UTF-8 text.", code="invalid_json") from None
     del skeleton
     fields = _json_fields(text)
-    resolve(fields, splitter.references)
+    references = {
+        name: replace(ref, digest=await digest(ref.parts()))
+        for name, ref in splitter.references.items()
+    }
+    resolve(fields, references)
     return fields
 
 
@@ -209,19 +215,21 @@ async def _read_file(
         raise InvalidRequest(
             f"{param} is not a PNG, JPEG, WebP or GIF image (judged by its content).", param=param
         )
-    return Upload(field=name, filename=part.filename, mime=mime, data=data)
+    return Upload(
+        field=name, filename=part.filename, mime=mime, data=data, digest=await digest((data,))
+    )
 
 
 async def _read_part(
     part: BodyPartReader, limit: int, what: str, request: web.Request, limits: BodyLimits
-) -> bytes:
-    chunks: list[bytes] = []
-    total = 0
-    while chunk := await part.read_chunk():
-        total += len(chunk)
-        if total > limit:
+) -> bytearray:
+    """The part's bytes, grown in place chunk by chunk: one ``b"".join`` of a 12 MB file held
+    the loop for ~7 ms, most of it faulting in the fresh pages at once."""
+    data = bytearray()
+    while chunk := await part.read_chunk(PART_CHUNK):
+        if len(data) + len(chunk) > limit:
             raise PayloadTooLarge(f"{what[0].upper()}{what[1:]} is larger than {limit} bytes.")
         if request.content.total_bytes > limits.max_body_bytes:
             raise _too_large(limits.max_body_bytes)
-        chunks.append(chunk)
-    return b"".join(chunks)
+        data += chunk
+    return data

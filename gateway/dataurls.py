@@ -2,14 +2,14 @@
 
 Decoding a 16 MB base64 string to validate it, then encoding it again to send it on, costs two
 copies and ~100 ms of the event loop held at once. Instead the base64 text is checked a slice
-at a time (strict RFC 4648, exactly what ``binascii.a2b_base64(strict_mode=True)`` accepts),
-hashed on the way, and passed upstream unchanged: it already is valid JSON string content.
+at a time (strict RFC 4648, exactly what ``binascii.a2b_base64(strict_mode=True)`` accepts) and
+passed upstream unchanged: it already is valid JSON string content. Its sha256 (for the
+request's fingerprint) is left to ``offload.digest``, off the event loop.
 """
 
 from __future__ import annotations
 
 import binascii
-import hashlib
 from dataclasses import dataclass, field
 
 BASE64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
@@ -18,17 +18,21 @@ BASE64_CHARS = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+
 @dataclass(frozen=True, slots=True)
 class DataUrl:
     """A ``data:image/...;base64,`` reference: its prefix, its base64 text (padding included,
-    never mutated once built), the sha256 of the whole URL, and why the upstream would refuse
-    it (None when it is valid)."""
+    never mutated once built), why the upstream would refuse it (None when it is valid), and
+    once known the sha256 of the whole URL (the same as of the equivalent ``str``)."""
 
     prefix: str
     payload: bytearray = field(repr=False)
-    digest: bytes = field(repr=False)
     problem: str | None = None
+    digest: bytes = field(default=b"", repr=False)
 
     @property
     def length(self) -> int:
         return len(self.prefix) + len(self.payload)
+
+    def parts(self) -> tuple[bytes, bytearray]:
+        """The URL's text in two pieces, for hashing without joining them."""
+        return self.prefix.encode(), self.payload
 
 
 class ImageTooLarge(ValueError):
@@ -49,7 +53,6 @@ class DataUrlBuilder:
         self._prefix = prefix
         self._max = max_image_bytes
         self._payload = bytearray()
-        self._hash = hashlib.sha256(prefix.encode())
         self._first_pad = -1
 
     @property
@@ -67,7 +70,6 @@ class DataUrlBuilder:
         if self._first_pad < 0 and (found := data.find(b"=")) >= 0:
             self._first_pad = len(self._payload) + found
         self._payload += data
-        self._hash.update(data)
         return True
 
     def finish(self) -> DataUrl:
@@ -85,4 +87,4 @@ class DataUrlBuilder:
                 problem = "data URL is empty"
             elif size > self._max:
                 problem = f"image is larger than {self._max} bytes"
-        return DataUrl(self._prefix, self._payload, self._hash.digest(), problem)
+        return DataUrl(self._prefix, self._payload, problem)

@@ -53,7 +53,8 @@ class Upload:
     field: str
     filename: str | None
     mime: str
-    data: bytes = dataclass_field(repr=False)
+    data: bytes | bytearray = dataclass_field(repr=False)
+    digest: bytes = dataclass_field(default=b"", repr=False)  # sha256 of data, when already known
 
 
 Reference = str | Upload | DataUrl

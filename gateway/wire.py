@@ -14,9 +14,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from gateway.dataurls import DataUrl
-from gateway.normalize import ImageRequest, Reference, Upload
+from gateway.normalize import ImageRequest, Reference
+from gateway.offload import sha256_of
 
-ENCODE_SLICE = 3 * 256 * 1024  # a multiple of 3, so slices encode without padding
+ENCODE_SLICE = 3 * 64 * 1024  # a multiple of 3, so slices encode without padding; ~0.15 ms each
 SEND_SLICE = 256 * 1024
 
 
@@ -60,12 +61,18 @@ def fingerprint(request: ImageRequest, *, async_mode: bool) -> str:
     }
     digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
     for ref in request.references:
-        if isinstance(ref, DataUrl):  # the sha256 of the URL's text, as for a str reference
-            digest.update(b"\x00" + ref.digest)
-            continue
-        data = ref.data if isinstance(ref, Upload) else ref.encode()
-        digest.update(b"\x00" + hashlib.sha256(data).digest())
+        digest.update(b"\x00" + reference_digest(ref))
     return digest.hexdigest()
+
+
+def reference_digest(ref: Reference) -> bytes:
+    """The sha256 of an upload's bytes or a URL's text (a ``DataUrl`` hashes as its ``str``),
+    precomputed off the loop where the body reader did so."""
+    if isinstance(ref, str):
+        return hashlib.sha256(ref.encode()).digest()
+    if ref.digest:
+        return ref.digest
+    return sha256_of(ref.parts() if isinstance(ref, DataUrl) else (ref.data,))
 
 
 def _head_and_refs(request: ImageRequest) -> tuple[bytes, tuple[Reference, ...]]:
