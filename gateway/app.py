@@ -17,6 +17,7 @@ from aiohttp import web
 
 from gateway import admin_handlers, handlers
 from gateway.accesslog import AccessLog
+from gateway.admission import ByteBudget
 from gateway.books import Books, MoneyMoved
 from gateway.config import Settings
 from gateway.durable import Durable
@@ -25,6 +26,7 @@ from gateway.generation import Generations
 from gateway.idempotency import Idempotency
 from gateway.keys import (
     ACCESS_LOG,
+    BODIES,
     BOOKS,
     CLOCK,
     CONFIG,
@@ -51,6 +53,7 @@ from gateway.upstream import UpstreamClient
 log = logging.getLogger("gateway")
 
 PURGE_EVERY_S = 3600.0
+LARGE_BODIES_AT_ONCE = 2  # max_body_mb-sized bodies read and checked at the same time
 
 
 class StartupError(Exception):
@@ -65,6 +68,7 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -
     app[CLOCK] = clock
     app[METRICS] = Metrics()
     app[LIMITER] = TeamLimiter(lambda: clock().timestamp())
+    app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
     app.cleanup_ctx.extend([_access_log_ctx, _database_ctx, _upstream_ctx, _services_ctx])
     app.on_shutdown.append(_begin_drain)
     for prefix in ("/v1", ""):

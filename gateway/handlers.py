@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.accesslog import FILES_PATH, result_id, short_id
+from gateway.admission import body_cost
 from gateway.body import BodyLimits, read_body
 from gateway.config import Settings, TeamConfig
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
@@ -20,6 +21,7 @@ from gateway.generation import Job, Outcome
 from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.idempotency import check_key
 from gateway.keys import (
+    BODIES,
     CLOCK,
     CONFIG,
     DB,
@@ -69,15 +71,17 @@ async def create_image(request: web.Request) -> web.Response:
     settings = snapshot.settings
     with app[LIMITER].admit(team):
         limits = BodyLimits(settings.server.max_body_bytes, settings.server.max_image_bytes)
-        body = await read_body(request, limits)
-        image_request = normalize(
-            body.fields,
-            body.uploads,
-            endpoint=endpoint,
-            rules=snapshot.rules_for(team.name),
-            form=body.form,
-        )
-        del body  # the normalized request keeps what it needs; the rest can go
+        cost = body_cost(request.content_length, limits.max_body_bytes)
+        async with app[BODIES].hold(cost):
+            body = await read_body(request, limits)
+            image_request = normalize(
+                body.fields,
+                body.uploads,
+                endpoint=endpoint,
+                rules=snapshot.rules_for(team.name),
+                form=body.form,
+            )
+            del body  # the normalized request keeps what it needs; the rest can go
         _describe(record, image_request, settings.log.prompts)
         now = app[CLOCK]()
         period = period_at(team.period, now, settings.server.tz)

@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.accesslog import AccessLog
+from gateway.admission import ByteBudget
 from gateway.books import Books, LogSlot
 from gateway.generation import Generations
 from gateway.idempotency import Idempotency
@@ -31,6 +32,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
+BODIES = web.AppKey("bodies", ByteBudget)
 
 RECORD = web.RequestKey("record", dict[str, Any])
 SLOT = web.RequestKey("slot", LogSlot)
