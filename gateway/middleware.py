@@ -26,6 +26,7 @@ from gateway.errors import (
     PayloadTooLarge,
 )
 from gateway.keys import BOOKS, LEDGER_ID, METRICS, RECORD, SETTLING, SLOT
+from gateway.queueing import queued_ms
 from gateway.responses import error_response
 
 log = logging.getLogger("gateway")
@@ -46,6 +47,7 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request_id = offered if CLIENT_REQUEST_ID.fullmatch(offered) else own_id
     request[LEDGER_ID] = own_id  # unique even when a client reuses its X-Request-ID
     record = new_record(request.method, request.path, request_id, request.headers.get("User-Agent"))
+    record["queued_ms"] = queued_ms(request)  # the wait before this handler; see gateway/queueing
     request[RECORD] = record
     slot = LogSlot(record)
     request[SLOT] = slot
