@@ -27,6 +27,7 @@ from bench.scenarios import (
     Context,
     Scenario,
     budget,
+    capacity,
     fairness,
     held,
     overhead,
@@ -44,6 +45,7 @@ SCENARIOS: dict[str, Scenario] = {
     "5": polling.run,
     "6": budget.run,
     "fairness": fairness.run,
+    "capacity": capacity.run,
 }
 DB_BOUND = ("1", "2", "6")  # scenarios whose cost is mostly the durable SQLite writes
 SCENARIO_TIMEOUT_S = 240.0

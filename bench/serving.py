@@ -15,13 +15,20 @@ from aiohttp import web
 
 from gateway.sdnotify import notify
 
+WANTED_FDS = 65_536  # the capacity scenario: 10,000 client plus 10,000 upstream sockets
 
-def raise_fd_limit() -> int:
-    """Lift the soft open-files limit to the hard one (2,000 held requests need ~4,000 fds)."""
+
+def raise_fd_limit(wanted: int = WANTED_FDS) -> int:
+    """Lift the open-files limit to ``wanted`` (raising the hard limit too where allowed, as
+    root), else the soft limit to the hard one; children inherit it. Returns the soft limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
+    if soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 async def serve_until_signalled(

@@ -33,6 +33,7 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
     install_log_filter()
+    raise_open_files_limit()
     app = create_app(settings)
     limits = connection_limits(settings)
     runner = GatewayRunner(
@@ -95,6 +96,19 @@ def connection_limits(settings: Settings) -> ConnectionLimits:
         " (raise it: LimitNOFILE= in the systemd unit)" if most < FEW_CONNECTIONS else "",
     )
     return ConnectionLimits(server.header_timeout_s, server.keepalive_timeout_s, most)
+
+
+def raise_open_files_limit() -> int:
+    """Lift the soft open-files limit to the hard one and return it: every held request needs
+    two sockets (client and upstream), and the common soft limit of 1,024 would cap the
+    gateway near 500 held requests whatever the hard limit (systemd's LimitNOFILE) allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # a sandbox that forbids it: live with the soft limit
+            return soft
+    return hard
 
 
 def reload(app: web.Application, config_path: Path | None) -> None:
