@@ -20,7 +20,7 @@ class BadReference(ValueError):
     """A reference image the upstream would refuse; the message says why."""
 
 
-def sniff_image_type(data: bytes) -> str | None:
+def sniff_image_type(data: bytes | bytearray) -> str | None:
     """The MIME type named by the file's magic bytes, or None if it is not PNG/JPEG/WebP/GIF."""
     for magic, mime in MIME_BY_MAGIC:
         if data.startswith(magic):

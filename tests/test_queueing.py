@@ -38,12 +38,12 @@ async def test_counts_the_time_a_request_waited_for_a_held_loop(gateway: Gateway
     assert sent.wait(10)
     time.sleep(HELD_S)  # noqa: ASYNC251 - holding the loop is the point (not a synchronization)
     await asyncio.to_thread(thread.join)
-    (line,) = [line for line in gateway.log_lines() if line["client"] == "queued-probe"]
+    (line,) = [line for line in await gateway.log_lines() if line["client"] == "queued-probe"]
     assert line["queued_ms"] >= HELD_S * 1000 - 10  # the kernel clock ticks every 1-4 ms
 
 
 async def test_is_small_for_a_request_served_at_once(gateway: Gateway) -> None:
     async with gateway.async_openai() as client:
         await client.images.generate(prompt="x")
-    line = next(line for line in gateway.log_lines() if line["endpoint"] == "generations")
+    line = next(line for line in await gateway.log_lines() if line["endpoint"] == "generations")
     assert isinstance(line["queued_ms"], int) and line["queued_ms"] >= 0
