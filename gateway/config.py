@@ -252,7 +252,7 @@ def parse_settings(
         admin_keys_sha256=admin_keys,
         tasks=_tasks(root.table("tasks")),
         idempotency=_idempotency(root.table("idempotency")),
-        metrics=_metrics(root.table("metrics")),
+        metrics=_metrics(root.table("metrics"), admin_keys),
         model_aliases=aliases,
     )
     for table in (storage, log_table, admin, models):
@@ -532,11 +532,16 @@ def _idempotency(t: _Table) -> IdempotencyConfig:
     return config
 
 
-def _metrics(t: _Table) -> MetricsConfig:
+def _metrics(t: _Table, admin_keys: tuple[str, ...]) -> MetricsConfig:
+    """``/metrics`` shows every team's name and spend: with admin keys configured it needs one
+    by default; ``require_admin = false`` keeps it open, as an explicit choice."""
+    require_admin = t.get("require_admin", bool, None)
+    if require_admin and not admin_keys:
+        t.errors.append(f"{t.name('require_admin')} needs at least one admin.keys_sha256")
     config = MetricsConfig(
         enabled=t.get("enabled", bool, True),
         port=t.get("port", int, 0, _port),
-        require_admin=t.get("require_admin", bool, False),
+        require_admin=bool(admin_keys) if require_admin is None else require_admin,
     )
     t.finish()
     return config

@@ -270,6 +270,8 @@ class Generations:
             return outcome, release(exc.message, upstream_id=None)
         except UpstreamFailure as exc:  # never sent (released) or the answer was lost (uncertain)
             self._metrics.upstream_errors.labels(error_label(exc)).inc()
+            if exc.uncertain:  # the id an admin needs to resolve it
+                exc.message = f"{exc.message} (ledger id {job.request_id})"
             outcome = _failed(exc, final=exc.uncertain, **base)
             if exc.uncertain:
                 return outcome, uncertain(hold, exc.code or "upstream_error")

@@ -174,6 +174,7 @@ def clock() -> FakeClock:
 
 
 SECRETS = (UPSTREAM_KEY, *TEAM_KEYS.values(), ADMIN_KEY)
+CLIENT_LOGGERS = ("httpx", "httpcore", "openai")
 
 
 def secret_guard(leaks: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -237,9 +238,27 @@ async def start_gateway(
             else:
                 client.close()
     assert leaks == [], leaks
-    logs = caplog.text + "".join(g.access_log.read_text() for g in started if g.access_log.exists())
+    logs = gateway_log_text(caplog) + "".join(
+        g.access_log.read_text() for g in started if g.access_log.exists()
+    )
     for needle in (*SECRETS, "base64,"):
         assert needle not in logs, f"{needle[:8]}... found in a log"
+    # Upstream ids whole (with the date and count they rebuild a result URL) are never logged.
+    for upstream_id in {*(i for i, _ in upstream.sim.served), *upstream.sim.tasks}:
+        assert upstream_id not in logs, f"upstream id {upstream_id[:8]}... found in a log"
+
+
+def gateway_log_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Every diagnostic record of the test so far, in all phases (``caplog.text`` alone is
+    only the current phase's). Left out: aiohttp's access logger (the gateway turns it off
+    when it serves; in tests it is also the fake upstream's) and the test clients' own loggers
+    (what a team's SDK logs on its side is the team's business)."""
+    records = [*caplog.get_records("setup"), *caplog.get_records("call"), *caplog.records]
+    return "\n".join(
+        caplog.handler.format(r)
+        for r in records
+        if r.name != "aiohttp.access" and not r.name.startswith(CLIENT_LOGGERS)
+    )
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import UPSTREAM_KEY
+from tests.conftest import SECRETS, UPSTREAM_KEY
 
 STARTUP_TIMEOUT_S = 30
 
@@ -31,7 +31,11 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 class GatewayProcess:
-    """``python -m gateway serve --config`` with its own NOTIFY_SOCKET."""
+    """``python -m gateway serve --config`` with its own NOTIFY_SOCKET.
+
+    Its stderr is read all along (a full pipe would stall it) and checked when it is closed:
+    no key of any kind and no base64 data may ever appear there, however it ended.
+    """
 
     def __init__(
         self,
@@ -51,6 +55,8 @@ class GatewayProcess:
         self.messages: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
+        self._stderr = bytearray()
+        self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         env = {
@@ -64,6 +70,7 @@ class GatewayProcess:
             env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
             preexec_fn=self.preexec_fn,
         )  # fmt: skip
+        self._reader = asyncio.create_task(self._read_stderr(self.proc))
         ready = await self.expect("READY=1", seconds=STARTUP_TIMEOUT_S)
         status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
         self.url = status.removeprefix("STATUS=listening on ")
@@ -91,8 +98,14 @@ class GatewayProcess:
         assert self.proc is not None
         if signal_it and self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
-        _, stderr = await asyncio.wait_for(self.proc.communicate(), 60)
-        return self.proc.returncode or 0, stderr.decode()
+        await asyncio.wait_for(self.proc.wait(), 60)
+        return self.proc.returncode or 0, await self.stderr()
+
+    async def stderr(self) -> str:
+        """Everything written to stderr, once the process has ended."""
+        if self._reader is not None:
+            await asyncio.wait_for(asyncio.shield(self._reader), 30)
+        return self._stderr.decode(errors="replace")
 
     async def kill(self) -> None:
         assert self.proc is not None
@@ -103,10 +116,18 @@ class GatewayProcess:
         if self.proc is not None:
             if self.proc.returncode is None:
                 self.proc.kill()
-            await self.proc.communicate()  # reap it and close its pipes inside this event loop
+            await self.proc.wait()
+            text = await self.stderr()
+            for needle in (*SECRETS, "base64,"):
+                assert needle not in text, f"{needle[:8]}... found in a gateway's stderr"
         self.notify.close()
         self.notify_path.unlink(missing_ok=True)
         self._dir.rmdir()
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        while chunk := await proc.stderr.read(65536):
+            self._stderr += chunk
 
 
 async def wait_for_lines(path: Path, count: int, seconds: float = 10) -> list[str]:

@@ -113,21 +113,30 @@ async def test_sdk_does_not_retry_a_402(start_gateway, upstream: Upstream) -> No
 
 
 @pytest.mark.parametrize(
-    "fault",
+    ("fault", "expected"),
     [
-        json_error(500, "server_error", "Image generation failed"),
-        json_error(400, "invalid_request_error", "Your request was rejected by the safety system."),
-        json_error(503, "server_error", "busy"),
+        (json_error(500, "server_error", "Image generation failed"), 500),
+        (
+            json_error(
+                400, "invalid_request_error", "Your request was rejected by the safety system."
+            ),
+            400,
+        ),
+        (json_error(503, "server_error", "busy"), 503),
     ],
 )
 async def test_upstream_reported_failures_cost_nothing(
-    gateway: Gateway, upstream: Upstream, fault
+    gateway: Gateway, upstream: Upstream, fault, expected: int
 ) -> None:
     upstream.faults.add(fault)
     async with aiohttp.ClientSession() as http:
         status, body, _ = await generate(http, gateway)
-    assert status in (400, 500, 503)
-    assert body["error"]["message"]
+    assert status == expected
+    assert body["error"]["message"] in (
+        "Image generation failed",
+        "Your request was rejected by the safety system.",
+        "busy",
+    )
     final, _ = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 0)
     rows = await gateway.db._rows("SELECT state FROM ledger")
@@ -143,15 +152,19 @@ async def test_content_refusal_from_the_simulator_costs_nothing(gateway: Gateway
     assert final.committed == 0
 
 
-@pytest.mark.parametrize("fault", [hang(), html_error(502), html_error(504)])
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [(hang(), (504, "upstream_timeout")), (html_error(502), (502, "upstream_bad_gateway")),
+     (html_error(504), (504, "upstream_bad_gateway"))],
+)  # fmt: skip
 async def test_unknown_outcomes_keep_the_hold_as_uncertain(
-    start_gateway, upstream: Upstream, fault
+    start_gateway, upstream: Upstream, fault, expected: tuple[int, str]
 ) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5})
     upstream.faults.add(fault)
     async with aiohttp.ClientSession() as http:
         status, body, headers = await generate(http, gateway, quality="high")
-    assert status in (502, 504)
+    assert (status, body["error"]["code"]) == expected
     assert headers["x-should-retry"] == "false"
     assert body["error"]["type"] == "upstream_error"
     final, _ = await usage(gateway)

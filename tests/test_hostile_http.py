@@ -30,7 +30,16 @@ from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLErr
 from gateway.config import parse_settings
 from gateway.protocol import AIOHTTP_LOGGERS, describe, install_log_filter, max_connections
 from gateway.safe_log import clean
-from tests.conftest import SECRETS, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream, base_config, merge
+from tests.conftest import (
+    ADMIN_KEY,
+    SECRETS,
+    TEAM_KEYS,
+    UPSTREAM_KEY,
+    Gateway,
+    Upstream,
+    base_config,
+    merge,
+)
 from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml
 
@@ -184,7 +193,9 @@ async def test_retry_count_takes_ascii_digits_only(
 
 async def requests_by_status(url: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as http:
-        async with http.get(url + "/metrics") as response:
+        async with http.get(
+            url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+        ) as response:
             text = await response.text()
     counts: dict[str, float] = {}
     for status, value in re.findall(

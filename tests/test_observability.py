@@ -92,7 +92,7 @@ async def traffic(gateway: Gateway, upstream: Upstream) -> list[tuple[int, str, 
         await call("GET", "/v1/models", headers=gateway.headers())
         await call("GET", "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         await call("GET", "/healthz")
-        await call("GET", "/metrics")
+        await call("GET", "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     return seen
 
 
@@ -178,7 +178,10 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def scrape(gateway: Gateway, headers: dict[str, str] | None = None) -> tuple[int, str]:
     async with aiohttp.ClientSession() as http:
-        async with http.get(gateway.url + "/metrics", headers=headers or {}) as resp:
+        async with http.get(
+            gateway.url + "/metrics",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"} if headers is None else headers,
+        ) as resp:
             return resp.status, await resp.text()
 
 
@@ -226,10 +229,14 @@ async def test_metrics_move_with_traffic(gateway: Gateway) -> None:
 async def test_metrics_can_be_disabled_or_require_the_admin_key(start_gateway) -> None:
     disabled = await start_gateway(metrics={"enabled": False})
     assert (await scrape(disabled))[0] == 404
-    guarded = await start_gateway(metrics={"require_admin": True})
-    assert (await scrape(guarded))[0] == 401
+    guarded = await start_gateway()  # admin keys configured: required by default
+    assert (await scrape(guarded, {}))[0] == 401
     assert (await scrape(guarded, {"Authorization": f"Bearer {TEAM_KEYS['design']}"}))[0] == 401
     assert (await scrape(guarded, {"Authorization": f"Bearer {ADMIN_KEY}"}))[0] == 200
+    opened = await start_gateway(metrics={"require_admin": False})  # an explicit choice
+    assert (await scrape(opened, {}))[0] == 200
+    no_admins = await start_gateway(admin={"keys_sha256": []})
+    assert (await scrape(no_admins, {}))[0] == 200
 
 
 async def test_server_timing_on_every_response(gateway: Gateway) -> None:

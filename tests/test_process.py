@@ -193,6 +193,11 @@ async def test_metrics_on_their_own_port(start_process: Start, unused_tcp_port: 
         async with http.get(process.url + "/metrics") as resp:
             assert resp.status == 404
         async with http.get(f"http://127.0.0.1:{unused_tcp_port}/metrics") as resp:
+            assert resp.status == 401  # admin keys are configured: /metrics needs one
+        async with http.get(
+            f"http://127.0.0.1:{unused_tcp_port}/metrics",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        ) as resp:
             assert resp.status == 200
             assert "gateway_requests_in_flight" in await resp.text()
 

@@ -34,7 +34,7 @@ import pytest
 from gateway.auth import key_digest
 from gateway.cli import _parser
 from gateway.config import ServerConfig, parse_settings
-from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, Upstream
+from tests.conftest import SECRETS, TEAM_KEYS, UPSTREAM_KEY, Upstream
 from tests.process import wait_for_lines
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -467,5 +467,8 @@ budget_cny = 10
                 proc.kill()
                 with contextlib.suppress(ProcessLookupError):
                     await proc.wait()
+            stderr_text = stderr_path.read_text(errors="replace")
+            for needle in (*SECRETS, "base64,"):
+                assert needle not in stderr_text, f"{needle[:8]}... found in the gateway's stderr"
     if not mdwe:
         pytest.skip("contract kept, but not under MemoryDenyWriteExecute: no PR_SET_MDWE here")
