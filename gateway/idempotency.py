@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -34,6 +34,16 @@ HEADER = "Idempotency-Key"
 REPLAYED = {"Idempotent-Replayed": "true"}
 
 Slot = tuple[str, str]  # (team, key)
+
+
+@dataclass(frozen=True, slots=True)
+class _Local:
+    """A request with this key in this process: ``original`` says (once its claim is in)
+    whether it runs the generation itself; ``answer`` is what it came to."""
+
+    fingerprint: str
+    original: asyncio.Future[bool]
+    answer: asyncio.Future[Outcome]
 
 
 def check_key(value: str | None) -> str | None:
@@ -61,7 +71,7 @@ class Idempotency:
         self._clock = clock
         self._keep_s = keep_hours * 3600
         self._durable = durable
-        self._originals: dict[Slot, tuple[str, asyncio.Future[Outcome]]] = {}
+        self._local: dict[Slot, _Local] = {}
         self._storing: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -73,22 +83,27 @@ class Idempotency:
         generate: Callable[[], Awaitable[Outcome]],
     ) -> Outcome:
         slot = (team, key)
-        local = self._originals.get(slot)
-        if local is not None:  # the first request with this key is (or was just) in this process
-            return await self._from_memory(local, fingerprint)
-        answer: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-        self._originals[slot] = (fingerprint, answer)
+        local = self._local.get(slot)
+        if local is not None:  # another request with this key is (or was just) in this process
+            return await self._follow(local, fingerprint)
+        loop = asyncio.get_running_loop()
+        local = _Local(fingerprint, loop.create_future(), loop.create_future())
+        self._local[slot] = local
         try:
-            outcome = await self._run(team, key, fingerprint, request_id, generate)
+            outcome = await self._run(
+                team=team, key=key, fingerprint=fingerprint, request_id=request_id,
+                generate=generate, local=local,
+            )  # fmt: skip
         except BaseException:
-            self._forget(slot, answer)
-            answer.cancel()
+            self._forget(slot, local)
+            local.original.cancel()
+            local.answer.cancel()
             raise
-        answer.set_result(outcome)
-        if outcome.final and not outcome.extra.get("Idempotent-Replayed"):
-            await self._store(slot, outcome, answer)
+        local.answer.set_result(outcome)
+        if local.original.result() and outcome.final:
+            await self._store(slot, outcome, local)
         else:
-            self._forget(slot, answer)
+            self._forget(slot, local)
         return outcome
 
     async def stored(self) -> None:
@@ -104,26 +119,33 @@ class Idempotency:
             for task in pending:
                 task.cancel()
 
-    async def _from_memory(
-        self, local: tuple[str, asyncio.Future[Outcome]], fingerprint: str
-    ) -> Outcome:
-        known, answer = local
-        if known != fingerprint:
+    async def _follow(self, local: _Local, fingerprint: str) -> Outcome:
+        """Another request with this key is here: 409 while it runs as the original, else its
+        outcome (stored, or just replayed itself) replayed. Many replays at once all replay."""
+        if local.fingerprint != fingerprint:
             raise _mismatch()
-        if not answer.done() or answer.cancelled():
-            raise _in_flight()
-        outcome = answer.result()
+        try:
+            original = await asyncio.shield(local.original)
+            if original and not local.answer.done():
+                raise _in_flight()
+            outcome = await asyncio.shield(local.answer)
+        except asyncio.CancelledError:
+            if local.answer.cancelled():  # it was interrupted: what it came to is not known here
+                raise _in_flight() from None
+            raise
         if not outcome.final:
             raise _in_flight()
         return _replay_of(outcome)
 
     async def _run(
         self,
+        *,
         team: str,
         key: str,
         fingerprint: str,
         request_id: str,
         generate: Callable[[], Awaitable[Outcome]],
+        local: _Local,
     ) -> Outcome:
         now = self._clock().timestamp()
         earlier = await self._db.claim_idempotency_key(
@@ -134,6 +156,7 @@ class Idempotency:
                 raise _mismatch()
             replay = await self._replay(earlier)
             if replay is not None:
+                local.original.set_result(False)
                 return replay
             await self._db.release_idempotency_key(team, key)
             earlier = await self._db.claim_idempotency_key(
@@ -146,12 +169,13 @@ class Idempotency:
             )
             if earlier is not None:
                 raise _in_flight()
+        local.original.set_result(True)
         outcome = await generate()
         if not outcome.final:
             await self._db.release_idempotency_key(team, key)
         return outcome
 
-    async def _store(self, slot: Slot, outcome: Outcome, answer: asyncio.Future[Outcome]) -> None:
+    async def _store(self, slot: Slot, outcome: Outcome, local: _Local) -> None:
         """Store the outcome before it is answered (so it survives a crash right after); if the
         database cannot take it now, retry in the background and replay from memory meanwhile."""
         status, body, headers = _stored_form(outcome)
@@ -165,22 +189,22 @@ class Idempotency:
         except StorageUnavailable:
             pass
         else:
-            self._forget(slot, answer)
+            self._forget(slot, local)
             return
 
         async def store() -> None:
             try:
                 await self._durable.write(f"Idempotency-Key outcome of {outcome.request_id}", write)
             finally:
-                self._forget(slot, answer)
+                self._forget(slot, local)
 
         task = asyncio.create_task(store(), name=f"idempotency {outcome.request_id}")
         self._storing.add(task)
         task.add_done_callback(self._storing.discard)
 
-    def _forget(self, slot: Slot, answer: asyncio.Future[Outcome]) -> None:
-        if slot in self._originals and self._originals[slot][1] is answer:
-            del self._originals[slot]
+    def _forget(self, slot: Slot, local: _Local) -> None:
+        if self._local.get(slot) is local:
+            del self._local[slot]
 
     async def _replay(self, earlier: StoredOutcome) -> Outcome | None:
         """The stored outcome; for a claim left by a stopped process, what its ledger says."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +36,16 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
     install_log_filter()
     raise_open_files_limit()
+    server = settings.server
+    # Ports first: a port in use must fail before the database is opened or migrated.
+    sock = listening_socket(server.host, server.port, server.backlog)
+    metrics_sock = None
+    if settings.metrics.enabled and settings.metrics.port:
+        try:
+            metrics_sock = listening_socket(server.host, settings.metrics.port, 64)
+        except StartupError:
+            sock.close()
+            raise
     app = create_app(settings)
     limits = connection_limits(settings)
     runner = GatewayRunner(
@@ -43,15 +55,18 @@ async def serve(
         access_log=None,
         handle_signals=False,
     )
-    await runner.setup()
+    try:
+        await runner.setup()
+    except BaseException:
+        for unused in (sock, metrics_sock):
+            if unused is not None:
+                unused.close()
+        raise
     metrics_runner: web.AppRunner | None = None
     try:
-        site = web.TCPSite(
-            runner, settings.server.host, settings.server.port, backlog=settings.server.backlog
-        )
-        await _listen(site, settings.server.host, settings.server.port)
+        await web.SockSite(runner, sock, backlog=server.backlog).start()
         url = _url(runner)
-        if settings.metrics.enabled and settings.metrics.port:
+        if metrics_sock is not None:
             metrics_runner = GatewayRunner(
                 create_metrics_app(app),
                 replace(limits, max_connections=METRICS_CONNECTIONS),
@@ -59,8 +74,7 @@ async def serve(
                 handle_signals=False,
             )
             await metrics_runner.setup()
-            metrics_site = web.TCPSite(metrics_runner, settings.server.host, settings.metrics.port)
-            await _listen(metrics_site, settings.server.host, settings.metrics.port)
+            await web.SockSite(metrics_runner, metrics_sock).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # repeated while draining: no effect
@@ -132,11 +146,15 @@ def reload(app: web.Application, config_path: Path | None) -> None:
     notify("READY=1")
 
 
-async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A bound, listening TCP socket, or StartupError saying in one line why not."""
     try:
-        await site.start()
+        sock = socket.create_server((host, port), backlog=backlog)
     except OSError as exc:
-        raise StartupError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
+    sock.setblocking(False)
+    return sock
 
 
 def _url(runner: web.AppRunner) -> str:

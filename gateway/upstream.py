@@ -379,6 +379,21 @@ def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
     type_ = str(error.get("type") or "upstream_error")
     code = error.get("code") or ("upstream_refused" if not error else None)
     param = error.get("param")
+    if status == 402:
+        # The provider's balance or quota is used up: the gateway's account, not the team's
+        # budget, and nothing a retry fixes until an administrator tops it up.
+        log.error(
+            "the upstream refused for lack of balance or quota (HTTP 402); nothing was charged"
+        )
+        rejected = UpstreamRejected(
+            502,
+            "upstream_error",
+            "The upstream account has no balance or quota left; an administrator must top it "
+            "up. Nothing was charged.",
+            code="upstream_quota_exhausted",
+        )
+        rejected.should_retry = False
+        return rejected
     if status == 401:
         # The upstream refused the gateway's own key; "your key is wrong" would mislead the team.
         log.error("the upstream refused the central key (HTTP 401); nothing was charged")
