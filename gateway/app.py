@@ -113,7 +113,13 @@ async def _refresh_money(app: web.Application) -> None:
     settings = app[CONFIG].current.settings
     now = app[CLOCK]()
     metrics = app[METRICS]
+    for gauge in (metrics.budget, metrics.budget_remaining, metrics.reserved, metrics.uncertain):
+        gauge.clear()  # a team removed by a reload is no longer reported
+    metrics.key_expiry.clear()
     for team in settings.teams.values():
+        for key in team.all_keys():
+            if key.expires is not None:
+                metrics.key_expiry.labels(key.identity).set(key.expires.timestamp())
         period = period_at(team.period, now, settings.server.tz)
         usage = await app[DB].usage(team.name, period.key)
         metrics.budget.labels(team.name).set(units_to_cny(team.budget))

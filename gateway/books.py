@@ -38,7 +38,7 @@ class MoneyMoved:
         return cls(
             hold.request_id, hold.team, hold.mode, hold.quality, hold.n, settlement.state,
             settlement.charged, settlement.images, settlement.overrun, settlement.upstream_id,
-            task_id,
+            task_id, hold.key_id,
         )  # fmt: skip
 
     @classmethod
@@ -53,7 +53,7 @@ class MoneyMoved:
             images, overrun = r.images, r.overrun
         return cls(
             entry.request_id, entry.team, entry.mode, entry.quality, entry.n, entry.state,
-            charged, images, overrun, entry.upstream_id, entry.task_id,
+            charged, images, overrun, entry.upstream_id, entry.task_id, entry.key_id,
         )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway import __version__, cli_ledger
 from gateway.app import StartupError
-from gateway.auth import key_digest, new_team_key
+from gateway.auth import key_digest, new_team_key, plausible_key
 from gateway.cli_support import (
     STORE_ERRORS,
     CommandError,
@@ -21,9 +21,10 @@ from gateway.cli_support import (
     offline,
 )
 from gateway.config import Settings
+from gateway.keylist import format_keys, key_listing
 from gateway.periods import utc_now
 from gateway.store.sqlite import SQLiteStore
-from gateway.usage import format_report, usage_report
+from gateway.usage import GROUPINGS, check_report_args, format_report, usage_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +63,21 @@ def _parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="report each team's budget and spend")
     usage.add_argument("--config", type=Path, required=True)
     usage.add_argument("--team", help="only this team")
+    usage.add_argument("--period", help="YYYY-MM, YYYY-MM-DD or total (default: the current one)")
+    usage.add_argument("--by", choices=GROUPINGS, help="break each team down by this")
     usage.add_argument("--json", action="store_true", help="print JSON")
     usage.set_defaults(run=offline(_usage))
+
+    hash_key = commands.add_parser(
+        "hash-key", help="print the config line for a key (read from standard input)"
+    )
+    hash_key.add_argument("key", nargs="?", help="the key (default: read from standard input)")
+    hash_key.set_defaults(run=_hash_key)
+
+    keys = commands.add_parser("keys", help="every key of every team, never the key itself")
+    keys.add_argument("--config", type=Path, required=True)
+    keys.add_argument("--json", action="store_true", help="print JSON")
+    keys.set_defaults(run=offline(_keys))
 
     cli_ledger.add_commands(commands)
     return parser
@@ -106,6 +120,32 @@ def _new_key(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _hash_key(args: argparse.Namespace) -> int:
+    """``sha256 = "..."`` for a key; one trailing newline (from echo or a file) is not the key's."""
+    text = args.key if args.key is not None else sys.stdin.read()
+    key = text.removesuffix("\n").removesuffix("\r")
+    problem = plausible_key(key)
+    if problem is not None:
+        raise CommandError(f"not a key: {problem}")
+    print(f'sha256 = "{key_digest(key)}"')
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    last_used: dict[str, float] = {}
+    if settings.database.exists():
+        db = await SQLiteStore.open_read_only(settings.database)
+        try:
+            last_used = await db.key_last_used()
+        finally:
+            await db.close()
+    listing = key_listing(settings, utc_now(), last_used)
+    print(json.dumps({"keys": listing}, indent=2) if args.json else format_keys(listing), end="")
+    if args.json:
+        print()
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     settings = load_config(args.path)
     database = settings.database
@@ -117,9 +157,15 @@ def _check_config(args: argparse.Namespace) -> int:
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:
     if args.team is not None and args.team not in settings.teams:
         raise CommandError(f"unknown team {args.team!r}")
+    try:
+        check_report_args(args.period, args.by, settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     db = await SQLiteStore.open_read_only(settings.database)
     try:
-        result = await usage_report(db, settings, utc_now(), only=args.team)
+        result = await usage_report(
+            db, settings, utc_now(), only=args.team, period=args.period, by=args.by
+        )
     finally:
         await db.close()
     print(

@@ -12,6 +12,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -27,6 +28,9 @@ DEFAULT_ALIASES = dict.fromkeys(
     ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
 )
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+PLACEHOLDER_SHA256 = "0" * 64  # the example config's: never a real key
+KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+FINGERPRINT_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443}
 FILE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 MIB = 1024 * 1024
@@ -121,6 +125,29 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class KeyConfig:
+    """One team key, known by its SHA-256. Named keys carry their own optional expiry and caps."""
+
+    team: str
+    sha256: str
+    name: str | None = None
+    expires: datetime | None = None
+    budget: int | None = None  # per the team's period, inside the team's budget
+    rpm: int | None = None
+    max_concurrent: int | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the key in the ledger and in listings (never the key itself)."""
+        return self.sha256[:FINGERPRINT_CHARS]
+
+    @property
+    def identity(self) -> str:
+        """``team/name``, or ``team/sha256:<first 8 hex>`` for an unnamed key."""
+        return f"{self.team}/{self.name or 'sha256:' + self.sha256[:8]}"
+
+
+@dataclass(frozen=True)
 class TeamConfig:
     name: str
     keys_sha256: tuple[str, ...]
@@ -129,6 +156,11 @@ class TeamConfig:
     rpm: int | None = None
     max_concurrent: int | None = None
     default_response_format: Literal["url", "b64_json"] = "url"
+    keys: tuple[KeyConfig, ...] = ()
+
+    def all_keys(self) -> tuple[KeyConfig, ...]:
+        """Unnamed keys (``keys_sha256``) and named ones (``[[teams.X.keys]]``)."""
+        return tuple(KeyConfig(self.name, digest) for digest in self.keys_sha256) + self.keys
 
 
 @dataclass(frozen=True)
@@ -471,19 +503,90 @@ def _teams(t: _Table) -> dict[str, TeamConfig]:
             t.errors.append(f"{team.path}: team names are 1-64 letters, digits, _ . -")
         period = team.get("period", str, "monthly", _period)
         fmt = team.get("default_response_format", str, "url", _response_format)
+        budget = _units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0))
+        named = _named_keys(team, name, budget)
         teams[name] = TeamConfig(
             name=name,
-            keys_sha256=_key_hashes(team, "keys_sha256", required=True),
-            budget=_units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0)),
+            keys_sha256=_key_hashes(team, "keys_sha256", required=not named),
+            budget=budget,
             period=period,
             rpm=team.get("rpm", int, None, _at_least_one),
             max_concurrent=team.get("max_concurrent", int, None, _at_least_one),
             default_response_format=fmt,
+            keys=named,
         )
         if "budget_cny" not in team.data:
             t.errors.append(f"{team.name('budget_cny')} is required")
         team.finish()
     return teams
+
+
+def _named_keys(team: _Table, team_name: str, team_budget: int) -> tuple[KeyConfig, ...]:
+    """``[[teams.<team>.keys]]``: name, sha256 and optional expires, budget_cny, rpm,
+    max_concurrent, each checked."""
+    items = team.get("keys", list, [])
+    keys: list[KeyConfig] = []
+    for index, item in enumerate(items):
+        entry = _Table(item, f"{team.name('keys')}[{index}]", team.errors)
+        name = entry.get("name", str, None)
+        if name is None or not KEY_NAME.fullmatch(name):
+            team.errors.append(
+                f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
+                "letter or digit)"
+            )
+        elif any(k.name == name for k in keys):
+            team.errors.append(f"{entry.name('name')}: the name {name!r} is used twice")
+        digest = entry.get("sha256", str, None)
+        if digest is None or not SHA256_HEX.fullmatch(digest):
+            team.errors.append(
+                f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
+                "hash-key` prints it)"
+            )
+            digest = None
+        budget = None
+        if "budget_cny" in entry.data:
+            budget = _units(entry, "budget_cny", entry.get("budget_cny", (float, str), 0.0))
+            if budget > team_budget:
+                team.errors.append(
+                    f"{entry.name('budget_cny')} is above the team's budget_cny: a key's cap "
+                    "lives inside its team's budget"
+                )
+        keys.append(
+            KeyConfig(
+                team=team_name,
+                sha256=digest or "",
+                name=name,
+                expires=_expiry(entry),
+                budget=budget,
+                rpm=entry.get("rpm", int, None, _at_least_one),
+                max_concurrent=entry.get("max_concurrent", int, None, _at_least_one),
+            )
+        )
+        entry.finish()
+    return tuple(k for k in keys if k.sha256)
+
+
+def _expiry(entry: _Table) -> datetime | None:
+    """A TOML offset date-time, or a date (expiring at its midnight, UTC)."""
+    entry.seen.add("expires")
+    value = entry.data.get("expires")
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            entry.errors.append(
+                f"{entry.name('expires')} needs a time zone offset (such as "
+                "2027-03-31T00:00:00Z), or write a date: 2027-03-31"
+            )
+            return None
+        return value
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    entry.errors.append(
+        f"{entry.name('expires')} must be a TOML date or offset date-time (unquoted, such as "
+        "2027-03-31 or 2027-03-31T00:00:00Z), got {type(value).__name__}"
+    )
+    return None
 
 
 def _key_hashes(t: _Table, key: str, *, required: bool) -> tuple[str, ...]:
@@ -548,15 +651,22 @@ def _metrics(t: _Table, admin_keys: tuple[str, ...]) -> MetricsConfig:
 
 
 def _check_unique_keys(settings: Settings, errors: list[str]) -> None:
+    """A key hash belongs to one place, and the example's all-zero placeholder to none."""
     owner: dict[str, str] = {}
     for team in settings.teams.values():
-        for digest in team.keys_sha256:
+        listed = [(d, "keys_sha256") for d in team.keys_sha256]
+        for digest, where in [*listed, *((k.sha256, f"keys.{k.name}") for k in team.keys)]:
+            if digest == PLACEHOLDER_SHA256:
+                errors.append(
+                    f"teams.{team.name}.{where}: the all-zero hash is the example's placeholder; "
+                    "put a real key's hash (`image-gateway new-key`)"
+                )
             if digest in owner:
                 errors.append(
-                    f"teams.{team.name}.keys_sha256: key hash {digest[:12]}... is also used by "
-                    f"teams.{owner[digest]}"
+                    f"teams.{team.name}.{where}: key hash {digest[:12]}... is also used by "
+                    f"{owner[digest]}"
                 )
-            owner[digest] = team.name
+            owner.setdefault(digest, f"teams.{team.name}.{where}")
     for digest in settings.admin_keys_sha256:
         if digest in owner:
             errors.append(f"admin.keys_sha256: key hash {digest[:12]}... is also a team key")

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from gateway.books import Books, LogSlot, MoneyMoved
-from gateway.config import TeamConfig
+from gateway.config import KeyConfig, TeamConfig
 from gateway.durable import Durable
 from gateway.errors import (
     GatewayError,
@@ -60,6 +60,7 @@ class Job:
     period: Period
     now: datetime
     slot: LogSlot | None = None  # the request's access-log line, while money can join it
+    key: KeyConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,12 +215,14 @@ class Generations:
             now=job.now,
             mode=job.mode,
             fingerprint=job.fingerprint,
+            key=job.key,
         )
         started = time.perf_counter()
         try:
             usage = await self._reserve(hold)
         except BudgetRefused as refused:
-            error = budget_refusal(job.team, job.period, refused.usage, hold.amount)
+            key = job.key if refused.scope == "key" else None
+            error = budget_refusal(job.team, job.period, refused.usage, hold.amount, key)
             ready.set_result(
                 Outcome(error.status, job.request_id, error=error, usage=refused.usage)
             )

@@ -7,6 +7,7 @@ Money reaches the record through its ``LogSlot`` when it is committed, not from 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Literal
 
 import aiohttp
@@ -14,8 +15,9 @@ from aiohttp import web
 
 from gateway.accesslog import FILES_PATH, result_id, short_id
 from gateway.admission import body_cost
+from gateway.auth import check_expiry
 from gateway.body import BodyLimits, read_body
-from gateway.config import Settings, TeamConfig
+from gateway.config import KeyConfig, Settings, TeamConfig
 from gateway.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
 from gateway.generation import Job, Outcome
 from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -38,19 +40,26 @@ from gateway.keys import (
 )
 from gateway.live import Snapshot
 from gateway.money import units_to_cny
-from gateway.normalize import UPSTREAM_MODEL, Endpoint, ImageRequest, normalize
+from gateway.normalize import (
+    UPSTREAM_MODEL,
+    Endpoint,
+    ImageRequest,
+    end_user_label,
+    normalize,
+)
 from gateway.periods import period_at
 from gateway.pricing import remaining
 from gateway.responses import error_response, json_response
 from gateway.results import as_b64_json, is_result_path, through_gateway
 from gateway.upstream import DownloadError
-from gateway.usage import usage_report
+from gateway.usage import check_report_args, usage_report
 from gateway.wire import fingerprint
 
 log = logging.getLogger("gateway")
 
 ASYNC_VALUES = ("1", "true", "yes")
 RETRY_HEADER = "x-stainless-retry-count"
+END_USER_HEADER = "X-Gateway-End-User"
 FILE_CHUNK = 64 * 1024
 
 
@@ -65,11 +74,11 @@ async def create_image(request: web.Request) -> web.Response:
     )
     record.update(endpoint=endpoint, mode=mode)
     snapshot = app[CONFIG].current
-    team = _team(request, snapshot)
+    team, key = _caller(request, snapshot)
     retry_count = _retry_count(request, record)
     idempotency_key = check_key(request.headers.get(IDEMPOTENCY_HEADER))
     settings = snapshot.settings
-    with app[LIMITER].admit(team):
+    with app[LIMITER].admit(team, key):
         limits = BodyLimits(settings.server.max_body_bytes, settings.server.max_image_bytes)
         cost = body_cost(request.content_length, limits.max_body_bytes)
         async with app[BODIES].hold(cost):
@@ -82,6 +91,9 @@ async def create_image(request: web.Request) -> web.Response:
                 form=body.form,
             )
             del body  # the normalized request keeps what it needs; the rest can go
+        if image_request.end_user is None and END_USER_HEADER in request.headers:
+            end_user = end_user_label(request.headers[END_USER_HEADER])
+            image_request = replace(image_request, end_user=end_user)
         _describe(record, image_request, settings.log.prompts)
         now = app[CLOCK]()
         period = period_at(team.period, now, settings.server.tz)
@@ -97,6 +109,7 @@ async def create_image(request: web.Request) -> web.Response:
             period=period,
             now=now,
             slot=request[SLOT],
+            key=key,
         )
         record["ledger_id"] = job.request_id
         outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
@@ -110,7 +123,7 @@ async def get_task(request: web.Request) -> web.Response:
     """GET /v1/images/tasks/{task_id}: the owner's view of an async task."""
     record = request[RECORD]
     record.update(endpoint="tasks", mode="poll")
-    team = _team(request, request.app[CONFIG].current)
+    team, _ = _caller(request, request.app[CONFIG].current)
     task_id = request.match_info["task_id"]
     record["task_id"] = record["upstream_id"] = short_id(task_id)
     answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
@@ -169,7 +182,7 @@ def _origin(request: web.Request) -> str:
 async def list_models(request: web.Request) -> web.Response:
     request[RECORD]["endpoint"] = "models"
     snapshot = request.app[CONFIG].current
-    _team(request, snapshot)
+    _caller(request, snapshot)
     names = [UPSTREAM_MODEL, *sorted(snapshot.settings.model_aliases)]
     return json_response(
         {
@@ -213,7 +226,19 @@ async def admin_usage(request: web.Request) -> web.Response:
     team = request.query.get("team")
     if team is not None and team not in snapshot.settings.teams:
         raise InvalidRequest(f"Unknown team {team!r}.", param="team")
-    report = await usage_report(request.app[DB], snapshot.settings, request.app[CLOCK](), only=team)
+    period, by = request.query.get("period") or None, request.query.get("by") or None
+    try:
+        check_report_args(period, by, snapshot.settings)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="by" if "by must" in str(exc) else "period") from None
+    report = await usage_report(
+        request.app[DB],
+        snapshot.settings,
+        request.app[CLOCK](),
+        only=team,
+        period=period,
+        by=by,  # type: ignore[arg-type]
+    )
     return json_response(report)
 
 
@@ -223,14 +248,16 @@ def require_admin(request: web.Request, snapshot: Snapshot) -> None:
         raise PermissionDenied("An admin key is required.")
 
 
-def _team(request: web.Request, snapshot: Snapshot) -> TeamConfig:
+def _caller(request: web.Request, snapshot: Snapshot) -> tuple[TeamConfig, KeyConfig]:
+    """The team and key of the request's bearer key (401 for none, unknown or expired)."""
     try:
-        name = snapshot.team_keys.require(request.headers.get("Authorization"))
+        key = snapshot.team_keys.require(request.headers.get("Authorization"))
     except Unauthorized:
         request[RECORD]["team"] = None
         raise
-    request[RECORD]["team"] = name
-    return snapshot.settings.teams[name]
+    request[RECORD].update(team=key.team, key=key.identity)  # an expired key is named too
+    check_expiry(key, request.app[CLOCK]())
+    return snapshot.settings.teams[key.team], key
 
 
 def _retry_count(request: web.Request, record: dict[str, Any]) -> int:
@@ -251,6 +278,7 @@ def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> N
         quality=req.quality,
         refs=len(req.references),
         ignored_params=list(req.ignored),
+        end_user=req.end_user,
     )
     if log_prompts:
         record["prompt"] = req.prompt

@@ -39,6 +39,10 @@ class Hold:
     unit_price: int
     budget: int
     fingerprint: str
+    key_id: str | None = None  # the key's identity when the request was made
+    key_fp: str | None = None  # the key's hash prefix: its spend stays its own across renames
+    key_budget: int | None = None  # the key's own cap, checked in the same step as the team's
+    end_user: str | None = None
 
     @property
     def amount(self) -> int:
@@ -160,6 +164,9 @@ class LedgerEntry:
     reason: str | None
     settled_at: float | None
     resolution: ResolutionRecord | None
+    key_id: str | None = None
+    key_fp: str | None = None
+    end_user: str | None = None
 
     @property
     def state(self) -> HoldState:

@@ -1,4 +1,9 @@
-"""Per-team request rate (``rpm``) and concurrency (``max_concurrent``) limits, in memory."""
+"""Request rate (``rpm``) and concurrency (``max_concurrent``) limits per team and per key.
+
+Held in this process's memory: one gateway process per SQLite database. A request is admitted
+only if every scope it belongs to (its team, its key) has room, and it counts against all of
+them; a refusal counts against none.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,31 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from gateway.config import TeamConfig
+from gateway.config import KeyConfig, TeamConfig
 from gateway.errors import RateLimited
 
 WINDOW_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a limit applies to, as its refusal names it."""
+
+    id: str
+    label: str
+    rpm: int | None
+    max_concurrent: int | None
+
+
+def scopes(team: TeamConfig, key: KeyConfig | None) -> list[Scope]:
+    found = [Scope(f"team:{team.name}", f"Team '{team.name}'", team.rpm, team.max_concurrent)]
+    if key is not None and (key.rpm is not None or key.max_concurrent is not None):
+        found.append(
+            Scope(f"key:{key.identity}", f"Key '{key.identity}'", key.rpm, key.max_concurrent)
+        )
+    return found
 
 
 class TeamLimiter:
@@ -22,37 +47,43 @@ class TeamLimiter:
         self._in_flight: dict[str, int] = {}
 
     @contextmanager
-    def admit(self, team: TeamConfig) -> Iterator[None]:
-        self._check_concurrency(team)
-        self._check_rate(team)
-        self._in_flight[team.name] = self._in_flight.get(team.name, 0) + 1
+    def admit(self, team: TeamConfig, key: KeyConfig | None = None) -> Iterator[None]:
+        checked = scopes(team, key)
+        now = self._clock()
+        for scope in checked:
+            self._check_concurrency(scope)
+        for scope in checked:
+            self._check_rate(scope, now)
+        for scope in checked:
+            if scope.rpm is not None:
+                self._recent.setdefault(scope.id, deque()).append(now)
+            self._in_flight[scope.id] = self._in_flight.get(scope.id, 0) + 1
         try:
             yield
         finally:
-            self._in_flight[team.name] -= 1
+            for scope in checked:
+                self._in_flight[scope.id] -= 1
 
-    def in_flight(self, team: str) -> int:
-        return self._in_flight.get(team, 0)
+    def in_flight(self, scope_id: str) -> int:
+        return self._in_flight.get(scope_id, 0)
 
-    def _check_concurrency(self, team: TeamConfig) -> None:
-        if team.max_concurrent is not None and self.in_flight(team.name) >= team.max_concurrent:
+    def _check_concurrency(self, scope: Scope) -> None:
+        if scope.max_concurrent is not None and self.in_flight(scope.id) >= scope.max_concurrent:
             raise RateLimited(
-                f"Team '{team.name}' already has {team.max_concurrent} requests in flight "
+                f"{scope.label} already has {scope.max_concurrent} requests in flight "
                 "(its max_concurrent limit).",
                 headers={"Retry-After": "1"},
             )
 
-    def _check_rate(self, team: TeamConfig) -> None:
-        if team.rpm is None:
+    def _check_rate(self, scope: Scope, now: float) -> None:
+        if scope.rpm is None:
             return
-        now = self._clock()
-        recent = self._recent.setdefault(team.name, deque())
+        recent = self._recent.setdefault(scope.id, deque())
         while recent and recent[0] <= now - WINDOW_S:
             recent.popleft()
-        if len(recent) >= team.rpm:
+        if len(recent) >= scope.rpm:
             wait = max(1, math.ceil(recent[0] + WINDOW_S - now))
             raise RateLimited(
-                f"Team '{team.name}' is over its limit of {team.rpm} requests per minute.",
+                f"{scope.label} is over its limit of {scope.rpm} requests per minute.",
                 headers={"Retry-After": str(wait)},
             )
-        recent.append(now)

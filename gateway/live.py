@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.auth import KeyIndex
-from gateway.config import Settings
+from gateway.config import KeyConfig, Settings
 from gateway.normalize import Rules
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     settings: Settings
-    team_keys: KeyIndex
-    admin_keys: KeyIndex
+    team_keys: KeyIndex[KeyConfig]
+    admin_keys: KeyIndex[str]
 
     @classmethod
     def of(cls, settings: Settings) -> Snapshot:

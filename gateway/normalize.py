@@ -40,6 +40,7 @@ PIXEL_SIZE = re.compile(r"(\d{1,6})x(\d{1,6})")
 KNOWN_FIELDS = frozenset(
     {"model", "prompt", "n", "size", "resolution", "quality", "stream", "images", "response_format"}
 ).union(REFERENCE_FIELDS)
+MAX_END_USER = 64
 TRUE_TEXT = ("true", "1", "yes")
 FALSE_TEXT = ("false", "0", "no")
 
@@ -73,6 +74,7 @@ class ImageRequest:
     references: tuple[Reference, ...] = dataclass_field(repr=False)
     response_format: Literal["url", "b64_json"]
     ignored: tuple[str, ...]
+    end_user: str | None = None  # OpenAI's ``user``: recorded (and named as ignored), not sent
 
     def upstream_fields(self) -> dict[str, Any]:
         """The documented upstream fields except the references, in a stable order."""
@@ -135,7 +137,22 @@ def normalize(
             fields.get("response_format"), rules.default_response_format
         ),
         ignored=ignored,
+        end_user=_end_user(fields.get("user")),
     )
+
+
+def end_user_label(value: str) -> str | None:
+    """An end user's id as records keep it: control characters removed, at most 64 chars."""
+    cleaned = "".join(ch for ch in value if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF)
+    return cleaned.strip()[:MAX_END_USER] or None
+
+
+def _end_user(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest("user must be a string (your end user's id).", param="user")
+    return end_user_label(value)
 
 
 def _ignored_names(fields: Mapping[str, Any]) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
@@ -9,6 +10,7 @@ from zoneinfo import ZoneInfo
 
 PeriodKind = Literal["monthly", "daily", "total"]
 PERIOD_KINDS: tuple[PeriodKind, ...] = ("monthly", "daily", "total")
+PERIOD_LABEL = re.compile(r"[0-9]{4}-[0-9]{2}(-[0-9]{2})?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +54,9 @@ def window(label: str, tz: ZoneInfo) -> tuple[datetime | None, datetime | None]:
     cut at midnight in ``tz`` as budget periods are; ValueError for anything else."""
     if label == "total":
         return None, None
-    parts = label.split("-")
-    if len(parts) not in (2, 3) or not all(part.isascii() and part.isdigit() for part in parts):
+    if not PERIOD_LABEL.fullmatch(label):
         raise ValueError(f"{label!r} is not a period: use YYYY-MM, YYYY-MM-DD or total")
+    parts = label.split("-")
     try:
         if len(parts) == 2:
             start = datetime(int(parts[0]), int(parts[1]), 1, tzinfo=tz)

@@ -18,6 +18,7 @@ from gateway.ledger import LedgerEntry, Mismatch
 from gateway.money import format_cny, units_to_cny
 from gateway.periods import period_at, period_label, window
 from gateway.store.base import LedgerQuery
+from gateway.tables import aligned
 
 STATES = ("held", "captured", "released", "uncertain")
 EXPORT_FIELDS = (
@@ -143,9 +144,7 @@ def table(entries: Iterable[LedgerEntry]) -> str:
                 reason[:60].replace("\n", " "),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines) + "\n"
+    return aligned(rows)
 
 
 def resolved_line(entry: LedgerEntry) -> str:

@@ -31,6 +31,11 @@ TEAM_KEYS = {
     "ops": "igw_ops_key_for_tests_111111111111111",
 }
 ADMIN_KEY = "igw_admin_key_for_tests_22222222222222"
+NAMED_KEYS = {  # more keys of the design team, for named-key tests
+    "web-app": "igw_design_web_app_key_3333333333333",
+    "batch": "igw_design_batch_key_44444444444444444",
+    "contractor": "igw_design_contractor_555555555555555",
+}
 
 
 @dataclass
@@ -173,7 +178,7 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-SECRETS = (UPSTREAM_KEY, *TEAM_KEYS.values(), ADMIN_KEY)
+SECRETS = (UPSTREAM_KEY, *TEAM_KEYS.values(), *NAMED_KEYS.values(), ADMIN_KEY)
 CLIENT_LOGGERS = ("httpx", "httpcore", "openai")
 
 

@@ -10,6 +10,7 @@ import socket
 import sys
 import tempfile
 from collections.abc import Callable
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,31 @@ STARTUP_TIMEOUT_S = 30
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
-    """Just enough TOML for test configs: scalars, lists of scalars, nested tables."""
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    """Just enough TOML for test configs: scalars, dates, lists of scalars, nested tables and
+    arrays of tables."""
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not _tables(v)}
     tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in data.items() if _tables(v)}
     lines = [f"[{prefix}]"] if prefix and scalars else []
-    lines += [f"{key} = {json.dumps(value)}" for key, value in scalars.items()]
+    lines += [f"{key} = {_scalar(value)}" for key, value in scalars.items()]
     text = "\n".join(lines) + ("\n" if lines else "")
     for key, value in tables.items():
         text += to_toml(value, f"{prefix}.{key}" if prefix else key)
+    for key, items in arrays.items():
+        for item in items:
+            name = f"{prefix}.{key}" if prefix else key
+            text += f"[[{name}]]\n" + to_toml(item, "").replace(f"[{name}]\n", "")
     return text
+
+
+def _tables(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, date | datetime):
+        return value.isoformat()  # a TOML date or date-time, unquoted
+    return json.dumps(value)
 
 
 class GatewayProcess:

@@ -293,7 +293,7 @@ base_url = "{upstream.url}"
 [storage]
 database = "gateway.db"
 [teams.design]
-keys_sha256 = ["{"0" * 64}"]
+keys_sha256 = ["{"1" * 64}"]
 budget_cny = 100.0
 period = "total"
 """
@@ -327,7 +327,7 @@ async def test_usage_cli_never_creates_files_when_the_gateway_is_stopped(
     assert "gateway.db-wal" not in before
     config = tmp_path / "usage.toml"
     config.write_text(
-        f'[storage]\ndatabase = "gateway.db"\n[teams.design]\nkeys_sha256 = ["{"0" * 64}"]\nbudget_cny = 1.0\nperiod = "total"\n'
+        f'[storage]\ndatabase = "gateway.db"\n[teams.design]\nkeys_sha256 = ["{"1" * 64}"]\nbudget_cny = 1.0\nperiod = "total"\n'
     )
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "usage", "--config", str(config), "--json",

@@ -121,17 +121,25 @@ def test_all_problems_are_reported_together() -> None:
     assert len(found) >= 4
 
 
-def test_example_config_is_valid_and_documents_every_key() -> None:
-    settings = load_settings(EXAMPLE, env=ENV)
-    assert settings.teams
+def test_example_config_is_valid_once_its_placeholder_is_replaced_and_documents_every_key(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(ConfigError) as refused:  # the all-zero placeholder is never a key
+        load_settings(EXAMPLE, env=ENV)
+    assert len(refused.value.problems) == 1 and "placeholder" in refused.value.problems[0]
     text = EXAMPLE.read_text()
+    filled = tmp_path / "gateway.toml"
+    filled.write_text(text.replace("0" * 64, HASH))
+    settings = load_settings(filled, env=ENV)
+    assert settings.teams
     for key in ("host", "port", "timezone", "max_body_mb", "max_image_mb", "drain_s", "backlog", "base_url",
                 "api_key_env", "api_key_file", "timeout_s", "connect_timeout_s", "file_hosts",
                 "max_attempts", "retry_after_cap_s", "download_max_mb", "download_timeout_s",
                 "proxy_results", "database", "access", "prompts", "keys_sha256", "budget_cny", "period",
                 "rpm", "max_concurrent", "default_response_format", "poll_cache_ttl_s",
                 "settle_interval_s", "settle_max_interval_s", "max_pending_age_s", "keep_hours",
-                "retry_dedupe_minutes", "enabled", "require_admin", "aliases"):  # fmt: skip
+                "retry_dedupe_minutes", "enabled", "require_admin", "aliases", "name", "sha256",
+                "expires", "header_timeout_s", "keepalive_timeout_s"):  # fmt: skip
         assert f"{key} =" in text or f"# {key} =" in text, key
 
 

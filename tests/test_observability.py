@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.accesslog import FIELDS
+from gateway.auth import key_digest
 from tests.conftest import ADMIN_KEY, PNG, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import hang, json_error
 
@@ -185,11 +186,14 @@ async def scrape(gateway: Gateway, headers: dict[str, str] | None = None) -> tup
             return resp.status, await resp.text()
 
 
+DESIGN_KEY = f"design/sha256:{key_digest(TEAM_KEYS['design'])[:8]}"
+
+
 async def test_metrics_move_with_traffic(gateway: Gateway) -> None:
     _, before = await scrape(gateway)
     assert (
         "gateway_requests_total",
-        (("endpoint", "generations"), ("key", "-"), ("status", "200"), ("team", "design")),
+        (("endpoint", "generations"), ("key", DESIGN_KEY), ("status", "200"), ("team", "design")),
     ) not in samples(before)
     client = gateway.async_openai()
     await client.images.generate(prompt="x", n=2, quality="high")
@@ -207,15 +211,20 @@ async def test_metrics_move_with_traffic(gateway: Gateway) -> None:
         values[
             (
                 "gateway_requests_total",
-                (("endpoint", "generations"), ("key", "-"), ("status", "200"), ("team", "design")),
+                (
+                    ("endpoint", "generations"),
+                    ("key", DESIGN_KEY),
+                    ("status", "200"),
+                    ("team", "design"),
+                ),
             )
         ]
         == 1
     )
     assert values[("gateway_images_total", (("quality", "high"), ("team", "design")))] == 2
-    assert values[("gateway_spent_cny_total", (("key", "-"), ("team", "design")))] == pytest.approx(
-        0.8
-    )
+    assert values[
+        ("gateway_spent_cny_total", (("key", DESIGN_KEY), ("team", "design")))
+    ] == pytest.approx(0.8)
     assert values[("gateway_budget_remaining_cny", (("team", "design"),))] == pytest.approx(99.0)
     assert (
         values[("gateway_upstream_seconds_count", (("endpoint", "generations"), ("mode", "sync")))]

@@ -25,6 +25,7 @@ from gateway.ledger import (
     Usage,
 )
 from gateway.settlement import NotResolvable, admin_resolution
+from gateway.store import migrations
 from gateway.store.base import LedgerQuery, UnknownEntry
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
 from gateway.store.sqlite import SQLiteStore, StoreLocked, StoreOpenError
@@ -229,7 +230,7 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
         assert await store.usage(team, period) == Usage(spent, reserved, uncertain, 0)
     assert (await store.verify()).mismatches == ()
     rows = await store._rows("SELECT value FROM meta WHERE key = 'schema_version'")
-    assert rows == [("2",)]
+    assert rows == [(str(migrations.load("sqlite")[-1].version),)]
     await store.close()
     with sqlite3.connect(path) as new:
         assert new.execute("SELECT * FROM tasks ORDER BY task_id").fetchall() == before_tasks

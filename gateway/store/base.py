@@ -65,6 +65,24 @@ class LedgerQuery:
     limit: int | None = None
 
 
+Grouping = Literal["key", "end_user", "day", "quality"]
+
+
+@dataclass(frozen=True, slots=True)
+class ReportRow:
+    """One group of a team's ledger entries in a time window (``group`` None: all of them)."""
+
+    group: str | None
+    spent: int
+    reserved: int
+    uncertain: int
+    overrun: int
+    images: int
+    requests: int
+    last_at: float | None
+    key_id: str | None = None  # for a key group: the identity it last had
+
+
 @dataclass(frozen=True, slots=True)
 class Verification:
     entries: int
@@ -110,10 +128,27 @@ class Store(abc.ABC):
     async def usage(self, team: str, period: str) -> Usage: ...
 
     @abc.abstractmethod
-    async def images_by_quality(self, team: str, period: str) -> dict[str, int]: ...
+    async def entries(self, query: LedgerQuery) -> list[LedgerEntry]: ...
 
     @abc.abstractmethod
-    async def entries(self, query: LedgerQuery) -> list[LedgerEntry]: ...
+    async def report(
+        self,
+        team: str,
+        *,
+        since: float | None,
+        until: float | None,
+        by: Grouping | None,
+        tz: str,
+    ) -> list[ReportRow]:
+        """Spend of ``team`` in ``[since, until)`` from the ledger, grouped ``by`` (days cut in
+        the IANA zone ``tz``)."""
+
+    @abc.abstractmethod
+    async def key_last_used(self) -> dict[str, float]:
+        """When each key (by fingerprint) last reached the ledger."""
+
+    @abc.abstractmethod
+    async def key_usage(self, team: str, key_fp: str, period: str) -> Usage: ...
 
     @abc.abstractmethod
     async def find_entry(self, entry_id: str) -> LedgerEntry | None:

@@ -21,8 +21,11 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from zoneinfo import ZoneInfo
 
 import aiosqlite
 
@@ -41,7 +44,9 @@ from gateway.settlement import ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     Decide,
+    Grouping,
     LedgerQuery,
+    ReportRow,
     Store,
     StoredOutcome,
     TaskClosed,
@@ -86,6 +91,7 @@ class SQLiteStore(Store):
         self._identity = _fd_identity(lock_fd) if lock_fd is not None else None
         self._wal_identity = _identity(_wal(path))
         self._last_error_log = 0.0
+        self._local_day = False
 
     @classmethod
     async def open(cls, path: Path, *, exclusive: bool = True, migrate: bool = True) -> SQLiteStore:
@@ -216,6 +222,9 @@ class SQLiteStore(Store):
             except sqlite3.IntegrityError as exc:
                 if str(exc) == "budget_exceeded":
                     raise BudgetRefused(_usage(conn, hold.team, hold.period)) from None
+                if str(exc) == "key_budget_exceeded" and hold.key_fp is not None:
+                    usage = _key_usage(conn, hold.team, hold.key_fp, hold.period)
+                    raise BudgetRefused(usage, scope="key") from None
                 raise
             return _usage(conn, hold.team, hold.period)
 
@@ -244,14 +253,6 @@ class SQLiteStore(Store):
         )
         return Usage(*rows[0]) if rows else Usage()
 
-    async def images_by_quality(self, team: str, period: str) -> dict[str, int]:
-        rows = await self._rows(
-            "SELECT quality, SUM(COALESCE(resolved_images, images)) FROM ledger"
-            " WHERE team = ? AND period = ? AND state = 'captured' GROUP BY quality",
-            (team, period),
-        )
-        return dict(rows)
-
     async def entries(self, query: LedgerQuery) -> list[LedgerEntry]:
         clauses, params = [], []
         for column, value, op in (
@@ -272,6 +273,52 @@ class SQLiteStore(Store):
         )
         return [_entry(row) for row in rows]
 
+    async def report(
+        self,
+        team: str,
+        *,
+        since: float | None,
+        until: float | None,
+        by: Grouping | None,
+        tz: str,
+    ) -> list[ReportRow]:
+        await self._local_day_function()
+        group = _GROUPS[by] if by is not None else "NULL"
+        key_id = (
+            "(SELECT h.key_id FROM holds h WHERE h.key_fp = ledger.key_fp"
+            " ORDER BY h.created_at DESC LIMIT 1)"
+            if by == "key"
+            else "NULL"
+        )
+        params: list[Any] = [tz] if by == "day" else []
+        params += [team, -1e18 if since is None else since, 1e18 if until is None else until]
+        rows = await self._rows(
+            f"SELECT {group}, {_SUMS}, SUM({_IMAGES}), COUNT(*), MAX(created_at), {key_id}"
+            " FROM ledger WHERE team = ? AND created_at >= ? AND created_at < ?"
+            " GROUP BY 1 ORDER BY 1",
+            params,
+        )
+        return [ReportRow(*row) for row in rows if row[6]]
+
+    async def key_last_used(self) -> dict[str, float]:
+        rows = await self._rows(
+            "SELECT key_fp, MAX(created_at) FROM holds WHERE key_fp IS NOT NULL GROUP BY key_fp"
+        )
+        return dict(rows)
+
+    async def key_usage(self, team: str, key_fp: str, period: str) -> Usage:
+        rows = await self._rows(
+            "SELECT spent, reserved, uncertain, overrun FROM key_usage"
+            " WHERE team = ? AND key_fp = ? AND period = ?",
+            (team, key_fp, period),
+        )
+        return Usage(*rows[0]) if rows else Usage()
+
+    async def _local_day_function(self) -> None:
+        if not self._local_day:
+            await self._reader.create_function("local_day", 2, _local_day, deterministic=True)
+            self._local_day = True
+
     async def find_entry(self, entry_id: str) -> LedgerEntry | None:
         rows = await self._rows(_ENTRY_BY_ANY_ID, (entry_id,) * 3)
         return _entry(rows[0]) if rows else None
@@ -280,17 +327,14 @@ class SQLiteStore(Store):
         # One statement, so counters and entries are read from the same snapshot.
         rows = await self._rows(
             "SELECT 'stored', team, period, spent, reserved, uncertain, overrun FROM usage"
-            f" UNION ALL SELECT 'summed', * FROM ({_SUMS_SQL})"
+            f" UNION ALL SELECT 'summed', team, period, {_SUMS} FROM ledger GROUP BY team, period"
+            " UNION ALL SELECT 'key stored', team || ' ' || key_fp, period, spent, reserved,"
+            " uncertain, overrun FROM key_usage"
+            f" UNION ALL SELECT 'key summed', team || ' ' || key_fp, period, {_SUMS} FROM ledger"
+            " WHERE key_fp IS NOT NULL GROUP BY team, key_fp, period"
             " UNION ALL SELECT 'count', '', '', COUNT(*), 0, 0, 0 FROM holds"
         )
-        tables: dict[str, dict[tuple[str, str], tuple[int, ...]]] = {"stored": {}, "summed": {}}
-        count = 0
-        for kind, team, period, *figures in rows:
-            if kind == "count":
-                count = figures[0]
-            else:
-                tables[kind][(team, period)] = tuple(figures)
-        return Verification(count, tuple(compare_counters(tables["stored"], tables["summed"])))
+        return verification(rows)
 
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         rows = await self._rows(
@@ -463,6 +507,24 @@ class SQLiteStore(Store):
         return await self._write("DELETE FROM idempotency WHERE created_at < ?", (before,))
 
 
+def verification(rows: list[Any]) -> Verification:
+    """Counters against the sums of their entries, from rows ``(kind, scope, period, spent,
+    reserved, uncertain, overrun)``; kinds are stored/summed (teams), key stored/key summed
+    (scope ``team key_fp``) and count."""
+    tables: dict[str, dict[tuple[str, str], tuple[int, ...]]] = {}
+    count = 0
+    for kind, scope, period, *figures in rows:
+        if kind == "count":
+            count = figures[0]
+        else:
+            tables.setdefault(kind, {})[(scope, period)] = tuple(figures)
+    mismatches = compare_counters(tables.get("stored", {}), tables.get("summed", {}))
+    for m in compare_counters(tables.get("key stored", {}), tables.get("key summed", {})):
+        team, _, key_fp = m.team.partition(" ")
+        mismatches.append(replace(m, team=team, counter=f"{m.counter} of key {key_fp[:8]}"))
+    return Verification(count, tuple(mismatches))
+
+
 def compare_counters(
     stored: dict[tuple[str, str], tuple[int, ...]], summed: dict[tuple[str, str], tuple[int, ...]]
 ) -> list[Mismatch]:
@@ -552,6 +614,11 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def _local_day(ts: float, tz: str) -> str:
+    """``YYYY-MM-DD`` of a Unix time in an IANA zone: the day a daily budget counts it in."""
+    return datetime.fromtimestamp(ts, ZoneInfo(tz)).date().isoformat()
+
+
 def _fd_identity(fd: int) -> tuple[int, int]:
     info = os.fstat(fd)
     return info.st_dev, info.st_ino
@@ -572,7 +639,8 @@ def _read_only_uri(path: Path) -> str:
 
 _RESERVE_SQL = (
     "INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality,"
-    " n, unit_price, amount, budget, fingerprint) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " n, unit_price, amount, budget, fingerprint, key_id, key_fp, key_budget, end_user)"
+    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 _SETTLE_SQL = (
@@ -585,7 +653,7 @@ _ENTRY_COLUMNS = (
     "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
     " settled, images, overrun, upstream_id, task_id, reason, settled_at, resolved_state,"
     " resolved_images, resolved_amount, resolved_overrun, resolved_reason, resolved_by,"
-    " resolved_at"
+    " resolved_at, key_id, key_fp, end_user"
 )
 _ENTRY_BY_REQUEST = f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE request_id = ?"
 _ENTRY_BY_ANY_ID = (
@@ -593,13 +661,19 @@ _ENTRY_BY_ANY_ID = (
     " OR task_id = ? ORDER BY created_at LIMIT 1"
 )
 
-_SUMS_SQL = (
-    "SELECT team, period, SUM(charged),"
-    " SUM(CASE WHEN settled_state = 'held' THEN held ELSE 0 END),"
+_GROUPS = {
+    "key": "key_fp",
+    "end_user": "end_user",
+    "quality": "quality",
+    "day": "local_day(created_at, ?)",
+}
+_IMAGES = "CASE WHEN state = 'captured' THEN COALESCE(resolved_images, images) ELSE 0 END"
+
+# What the counters of a group of ledger rows must be: spent, reserved, uncertain, overrun.
+_SUMS = (
+    "SUM(charged), SUM(CASE WHEN settled_state = 'held' THEN held ELSE 0 END),"
     " SUM(CASE WHEN settled_state = 'uncertain' AND resolved_state IS NULL THEN settled"
-    " ELSE 0 END),"
-    " SUM(overrun + COALESCE(resolved_overrun, 0))"
-    " FROM ledger GROUP BY team, period"
+    " ELSE 0 END), SUM(overrun + COALESCE(resolved_overrun, 0))"
 )
 
 _OPEN_MONEY = "(s.request_id IS NULL OR (s.state = 'uncertain' AND r.request_id IS NULL))"
@@ -617,7 +691,17 @@ def _hold_params(hold: Hold) -> tuple[Any, ...]:
     return (
         hold.request_id, hold.team, hold.period, hold.created_at, hold.endpoint, hold.mode,
         hold.quality, hold.n, hold.unit_price, hold.amount, hold.budget, hold.fingerprint,
+        hold.key_id, hold.key_fp, hold.key_budget, hold.end_user,
     )  # fmt: skip
+
+
+def _key_usage(conn: sqlite3.Connection, team: str, key_fp: str, period: str) -> Usage:
+    row = conn.execute(
+        "SELECT spent, reserved, uncertain, overrun FROM key_usage"
+        " WHERE team = ? AND key_fp = ? AND period = ?",
+        (team, key_fp, period),
+    ).fetchone()
+    return Usage(*row) if row else Usage()
 
 
 def _usage(conn: sqlite3.Connection, team: str, period: str) -> Usage:
@@ -698,6 +782,9 @@ def _entry(row: Any) -> LedgerEntry:
         reason=row[15],
         settled_at=row[16],
         resolution=resolution,
+        key_id=row[24],
+        key_fp=row[25],
+        end_user=row[26],
     )
 
 
