@@ -33,12 +33,10 @@ from gateway.keys import (
     DB,
     GENERATIONS,
     IDEMPOTENCY,
-    LIMITER,
     METRICS,
     TASKS,
     UPSTREAM,
 )
-from gateway.limits import TeamLimiter
 from gateway.live import LiveConfig
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import gateway_middleware
@@ -67,7 +65,6 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -
     app[CONFIG] = LiveConfig(settings)
     app[CLOCK] = clock
     app[METRICS] = Metrics()
-    app[LIMITER] = TeamLimiter(lambda: clock().timestamp())
     app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
     app.cleanup_ctx.extend([_access_log_ctx, _database_ctx, _upstream_ctx, _services_ctx])
     app.on_shutdown.append(_begin_drain)

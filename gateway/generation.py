@@ -25,6 +25,7 @@ from gateway.books import Books, LogSlot, MoneyMoved
 from gateway.config import KeyConfig, TeamConfig
 from gateway.durable import Durable
 from gateway.errors import (
+    Conflict,
     GatewayError,
     StorageUnavailable,
     UpstreamFailure,
@@ -36,7 +37,7 @@ from gateway.normalize import ImageRequest
 from gateway.periods import Period
 from gateway.pricing import budget_refusal, hold_for
 from gateway.settlement import capture_reply, interrupted, release, uncertain
-from gateway.store.base import Store
+from gateway.store.base import Attempt, Store
 from gateway.tasks import TaskTracker
 from gateway.upstream import Reply, SendState, UpstreamClient, error_label
 from gateway.wire import upstream_body
@@ -45,6 +46,7 @@ log = logging.getLogger("gateway.generation")
 
 Mode = Literal["sync", "async"]
 CANCEL_GRACE_S = 5.0
+ATTACH_POLL_S = 0.1  # how often a retry looks at the shared ledger for its original's outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,7 @@ class Generations:
         books: Books,
         durable: Durable,
         clock: Callable[[], datetime],
+        attach_timeout_s: float = 300.0,
     ) -> None:
         self._db = db
         self._upstream = upstream
@@ -113,6 +116,7 @@ class Generations:
         self._books = books
         self._durable = durable
         self._clock = clock
+        self._attach_timeout_s = attach_timeout_s
         self._latest: dict[tuple[str, str], _Running] = {}
         self._by_request: dict[str, _Running] = {}
         self._drain_started: float | None = None
@@ -144,26 +148,27 @@ class Generations:
         return await asyncio.shield(ready)
 
     async def attach(self, team: str, fingerprint: str, since: float) -> Outcome | None:
-        """For a client retry: the outcome of the attempt it repeats, if running or succeeded."""
+        """For a client retry: the outcome of the attempt it repeats, wherever it ran.
+
+        Running here: its answer. Running on another live instance: waited for (a bounded
+        poll of the shared ledger). Captured: its stored result. Uncertain: a clear error,
+        never a second paid generation. Failed for sure (released): None, try again.
+        """
         running = self._latest.get((team, fingerprint))
         if running is not None:
             outcome = await asyncio.shield(running.ready)
             if outcome.error is None or outcome.final:
                 return _as_dedupe(outcome)  # its image, or its unknown outcome: never buy again
-            # It failed for sure and cost nothing: the retry may try again.
-        stored = await self._db.recent_success(team, fingerprint, since)
-        if stored is None:
-            return None
-        request_id, result = stored
-        payload = json.loads(result)
-        return Outcome(
-            200,
-            request_id,
-            payload=payload,
-            upstream_id=payload.get("id"),
-            final=True,
-            dedupe_of=request_id,
-        )
+            return None  # it failed for sure and cost nothing: the retry may try again
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._attach_timeout_s
+        attempt = await self._db.latest_attempt(team, fingerprint, since)
+        while attempt is not None and attempt.state == "held" and attempt.live:
+            if loop.time() >= deadline:
+                return Outcome(409, attempt.request_id, error=_still_running(), final=True)
+            await asyncio.sleep(ATTACH_POLL_S)
+            attempt = await self._db.latest_attempt(team, fingerprint, since)
+        return _from_attempt(attempt)
 
     async def settled(self) -> None:
         """Wait until every generation started so far has committed its settlement."""
@@ -365,6 +370,37 @@ def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: A
         attempts=error.attempts,
         final=final,
         **base,
+    )
+
+
+def _from_attempt(attempt: Attempt | None) -> Outcome | None:
+    """A retry's answer from the ledger's record of the request it repeats."""
+    if attempt is None or attempt.state == "released":
+        return None
+    request_id = attempt.request_id
+    if attempt.task_id is not None:  # an async submit: its task, whatever came of it
+        payload = {"status": "pending", "task_id": attempt.task_id}
+        return Outcome(202, request_id, payload=payload, task_id=attempt.task_id, final=True,
+                       dedupe_of=request_id)  # fmt: skip
+    if attempt.state == "captured" and attempt.result is not None:
+        payload = json.loads(attempt.result)
+        return Outcome(200, request_id, payload=payload, upstream_id=payload.get("id"),
+                       final=True, dedupe_of=request_id)  # fmt: skip
+    error = UpstreamFailure(
+        "The request this retry repeats reached the upstream and its outcome is not known; "
+        "it may have been generated. Ask your admin about ledger id " + request_id + ".",
+        code="outcome_unknown",
+        uncertain=True,
+    )
+    return Outcome(error.status, request_id, error=error, final=True, dedupe_of=request_id)
+
+
+def _still_running() -> GatewayError:
+    return Conflict(
+        "The request this retry repeats is still running on another gateway instance; retry "
+        "after it finishes.",
+        code="original_in_progress",
+        headers={"Retry-After": "5"},
     )
 
 

@@ -6,7 +6,10 @@ Money reaches the record through its ``LogSlot`` when it is committed, not from 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -30,7 +33,6 @@ from gateway.keys import (
     GENERATIONS,
     IDEMPOTENCY,
     LEDGER_ID,
-    LIMITER,
     METRICS,
     RECORD,
     SETTLING,
@@ -38,6 +40,7 @@ from gateway.keys import (
     TASKS,
     UPSTREAM,
 )
+from gateway.limits import scopes
 from gateway.live import Snapshot
 from gateway.money import units_to_cny
 from gateway.normalize import (
@@ -78,7 +81,7 @@ async def create_image(request: web.Request) -> web.Response:
     retry_count = _retry_count(request, record)
     idempotency_key = check_key(request.headers.get(IDEMPOTENCY_HEADER))
     settings = snapshot.settings
-    with app[LIMITER].admit(team, key):
+    async with _admitted(request, team, key):
         limits = BodyLimits(settings.server.max_body_bytes, settings.server.max_image_bytes)
         cost = body_cost(request.content_length, limits.max_body_bytes)
         async with app[BODIES].hold(cost):
@@ -258,6 +261,21 @@ def _caller(request: web.Request, snapshot: Snapshot) -> tuple[TeamConfig, KeyCo
     request[RECORD].update(team=key.team, key=key.identity)  # an expired key is named too
     check_expiry(key, request.app[CLOCK]())
     return snapshot.settings.teams[key.team], key
+
+
+@contextlib.asynccontextmanager
+async def _admitted(request: web.Request, team: TeamConfig, key: KeyConfig) -> AsyncIterator[None]:
+    """Inside the team's and the key's rpm and max_concurrent limits, or 429."""
+    limited = scopes(team, key)
+    if not any(s.rpm is not None or s.max_concurrent is not None for s in limited):
+        yield
+        return
+    db, request_id = request.app[DB], request[LEDGER_ID]
+    await db.admit(request_id, limited, request.app[CLOCK]().timestamp())
+    try:
+        yield
+    finally:
+        await asyncio.shield(db.release(request_id, limited))
 
 
 def _retry_count(request: web.Request, record: dict[str, Any]) -> int:

@@ -14,7 +14,6 @@ from gateway.admission import ByteBudget
 from gateway.books import Books, LogSlot
 from gateway.generation import Generations
 from gateway.idempotency import Idempotency
-from gateway.limits import TeamLimiter
 from gateway.live import LiveConfig
 from gateway.metrics import Metrics
 from gateway.store.base import Store
@@ -24,7 +23,6 @@ from gateway.upstream import UpstreamClient
 CONFIG = web.AppKey("config", LiveConfig)
 CLOCK = web.AppKey[Callable[[], datetime]]("clock")
 METRICS = web.AppKey("metrics", Metrics)
-LIMITER = web.AppKey("limiter", TeamLimiter)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 BOOKS = web.AppKey("books", Books)
 DB = web.AppKey("db", Store)

@@ -1,16 +1,14 @@
 """Request rate (``rpm``) and concurrency (``max_concurrent``) limits per team and per key.
 
-Held in this process's memory: one gateway process per SQLite database. A request is admitted
-only if every scope it belongs to (its team, its key) has room, and it counts against all of
-them; a refusal counts against none.
+A request is admitted only if every scope it belongs to (its team, its key) has room, and it
+counts against all of them; a refusal counts against none. The storage engine keeps the counts:
+in memory for SQLite (one process), in the database for PostgreSQL (the whole fleet).
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from gateway.config import KeyConfig, TeamConfig
@@ -38,52 +36,53 @@ def scopes(team: TeamConfig, key: KeyConfig | None) -> list[Scope]:
     return found
 
 
-class TeamLimiter:
-    """Admits a request or refuses it with 429 and ``Retry-After``, before anything is reserved."""
+class Limiter:
+    """Admits a request or refuses it with 429 and ``Retry-After``, before anything is reserved;
+    in this process's memory (the SQLite engine's; the PostgreSQL one shares them)."""
 
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self._clock = clock
+    def __init__(self) -> None:
         self._recent: dict[str, deque[float]] = {}
         self._in_flight: dict[str, int] = {}
 
-    @contextmanager
-    def admit(self, team: TeamConfig, key: KeyConfig | None = None) -> Iterator[None]:
-        checked = scopes(team, key)
-        now = self._clock()
+    def admit(self, request_id: str, checked: list[Scope], now: float) -> None:
         for scope in checked:
-            self._check_concurrency(scope)
-        for scope in checked:
-            self._check_rate(scope, now)
+            full = (
+                scope.max_concurrent is not None
+                and self.in_flight(scope.id) >= scope.max_concurrent
+            )
+            if full:
+                raise concurrency_refusal(scope)
         for scope in checked:
             if scope.rpm is not None:
-                self._recent.setdefault(scope.id, deque()).append(now)
-            self._in_flight[scope.id] = self._in_flight.get(scope.id, 0) + 1
-        try:
-            yield
-        finally:
-            for scope in checked:
-                self._in_flight[scope.id] -= 1
+                recent = self._recent.setdefault(scope.id, deque())
+                while recent and recent[0] <= now - WINDOW_S:
+                    recent.popleft()
+                if len(recent) >= scope.rpm:
+                    raise rate_refusal(scope, recent[0], now)
+        for scope in checked:
+            if scope.rpm is not None:
+                self._recent[scope.id].append(now)
+            self._in_flight[scope.id] = self.in_flight(scope.id) + 1
+
+    def release(self, request_id: str, checked: list[Scope]) -> None:
+        for scope in checked:
+            self._in_flight[scope.id] -= 1
 
     def in_flight(self, scope_id: str) -> int:
         return self._in_flight.get(scope_id, 0)
 
-    def _check_concurrency(self, scope: Scope) -> None:
-        if scope.max_concurrent is not None and self.in_flight(scope.id) >= scope.max_concurrent:
-            raise RateLimited(
-                f"{scope.label} already has {scope.max_concurrent} requests in flight "
-                "(its max_concurrent limit).",
-                headers={"Retry-After": "1"},
-            )
 
-    def _check_rate(self, scope: Scope, now: float) -> None:
-        if scope.rpm is None:
-            return
-        recent = self._recent.setdefault(scope.id, deque())
-        while recent and recent[0] <= now - WINDOW_S:
-            recent.popleft()
-        if len(recent) >= scope.rpm:
-            wait = max(1, math.ceil(recent[0] + WINDOW_S - now))
-            raise RateLimited(
-                f"{scope.label} is over its limit of {scope.rpm} requests per minute.",
-                headers={"Retry-After": str(wait)},
-            )
+def concurrency_refusal(scope: Scope) -> RateLimited:
+    return RateLimited(
+        f"{scope.label} already has {scope.max_concurrent} requests in flight "
+        "(its max_concurrent limit).",
+        headers={"Retry-After": "1"},
+    )
+
+
+def rate_refusal(scope: Scope, oldest: float, now: float) -> RateLimited:
+    wait = max(1, math.ceil(oldest + WINDOW_S - now))
+    return RateLimited(
+        f"{scope.label} is over its limit of {scope.rpm} requests per minute.",
+        headers={"Retry-After": str(wait)},
+    )

@@ -234,7 +234,8 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
     await store.close()
     with sqlite3.connect(path) as new:
         assert new.execute("SELECT * FROM tasks ORDER BY task_id").fetchall() == before_tasks
-        assert new.execute("SELECT * FROM idempotency").fetchall() == before_keys
+        kept = [row[: len(before_keys[0])] for row in new.execute("SELECT * FROM idempotency")]
+        assert kept == before_keys
     again = await SQLiteStore.open(path)  # a second start has nothing left to migrate
     assert len(await again.entries(LedgerQuery())) == 11
     await again.close()

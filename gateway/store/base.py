@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
+from gateway.limits import Scope
 
 
 class UnknownEntry(LookupError):
@@ -52,6 +53,28 @@ class StoredOutcome:
     status: int | None
     body: str | None
     headers: dict[str, str]
+    live: bool = False  # claimed by another instance that is still alive
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """An earlier request that a retry repeats: its state, stored result and task, and whether
+    another live instance is still working on it."""
+
+    request_id: str
+    state: str
+    result: str | None
+    task_id: str | None
+    live: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPoll:
+    """Who asks the upstream about a pending task: ``claimed`` (this caller), else the answer
+    another instance fetched within the cache time, if any."""
+
+    claimed: bool
+    answer: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,10 +190,9 @@ class Store(abc.ABC):
         """Holds left held by a stopped process become uncertain; the entries turned."""
 
     @abc.abstractmethod
-    async def recent_success(
-        self, team: str, fingerprint: str, since: float
-    ) -> tuple[str, str] | None:
-        """The newest captured sync (request id, result) with this fingerprint."""
+    async def latest_attempt(self, team: str, fingerprint: str, since: float) -> Attempt | None:
+        """The newest request of ``team`` with this fingerprint since ``since`` (a retry's
+        original), with what came of it."""
 
     @abc.abstractmethod
     async def unlogged_resolutions(self) -> list[LedgerEntry]:
@@ -218,6 +240,38 @@ class Store(abc.ABC):
         """Store a task's terminal answer and close its money in one step: settle a held hold
         with ``settlement``, or resolve an uncertain one with ``resolve``. None when no money
         moved (answered before, or already closed; a late answer is still stored)."""
+
+    @abc.abstractmethod
+    async def claim_task_poll(self, task_id: str, now: float, ttl_s: float) -> TaskPoll:
+        """Claim the next upstream poll of a pending task (fleet-wide one per ``ttl_s``)."""
+
+    @abc.abstractmethod
+    async def store_task_answer(self, task_id: str, answer: str, now: float) -> None:
+        """Share a pending task's fresh answer with the fleet."""
+
+    @abc.abstractmethod
+    async def task_answer_since(self, task_id: str, since: float) -> str | None:
+        """A pending answer fetched at or after ``since``, or the terminal result, if any."""
+
+    # -- the fleet ---------------------------------------------------------------------------
+
+    instance_id: str = "local"
+
+    @abc.abstractmethod
+    async def heartbeat(self) -> None:
+        """Tell the fleet this instance is alive."""
+
+    @abc.abstractmethod
+    async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
+        """Holds of instances silent for ``lease_s`` become uncertain; the entries turned."""
+
+    @abc.abstractmethod
+    async def admit(self, request_id: str, scopes: list[Scope], now: float) -> None:
+        """Count the request against every scope's rpm and max_concurrent, or RateLimited."""
+
+    @abc.abstractmethod
+    async def release(self, request_id: str, scopes: list[Scope]) -> None:
+        """The admitted request has ended."""
 
     # -- idempotency -------------------------------------------------------------------------
 

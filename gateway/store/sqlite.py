@@ -40,9 +40,11 @@ from gateway.ledger import (
     Settlement,
     Usage,
 )
+from gateway.limits import Limiter, Scope
 from gateway.settlement import ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
+    Attempt,
     Decide,
     Grouping,
     LedgerQuery,
@@ -50,6 +52,7 @@ from gateway.store.base import (
     Store,
     StoredOutcome,
     TaskClosed,
+    TaskPoll,
     TaskRow,
     UnknownEntry,
     Verification,
@@ -92,6 +95,7 @@ class SQLiteStore(Store):
         self._wal_identity = _identity(_wal(path))
         self._last_error_log = 0.0
         self._local_day = False
+        self._limiter = Limiter()
 
     @classmethod
     async def open(cls, path: Path, *, exclusive: bool = True, migrate: bool = True) -> SQLiteStore:
@@ -361,16 +365,18 @@ class SQLiteStore(Store):
 
         return await self._run(recover, atomic=True)
 
-    async def recent_success(
-        self, team: str, fingerprint: str, since: float
-    ) -> tuple[str, str] | None:
+    async def latest_attempt(self, team: str, fingerprint: str, since: float) -> Attempt | None:
         rows = await self._rows(
-            "SELECT h.request_id, s.result FROM holds h JOIN settlements s USING (request_id)"
+            "SELECT l.request_id, l.state, s.result, l.task_id FROM ledger l"
+            " LEFT JOIN settlements s USING (request_id) JOIN holds h USING (request_id)"
             " WHERE h.team = ? AND h.fingerprint = ? AND h.created_at >= ?"
-            " AND s.state = 'captured' AND h.mode = 'sync' ORDER BY h.created_at DESC LIMIT 1",
+            " ORDER BY h.created_at DESC LIMIT 1",
             (team, fingerprint, since),
         )
-        return (rows[0][0], rows[0][1]) if rows else None
+        if not rows:
+            return None
+        request_id, state, result, task_id = rows[0]
+        return Attempt(request_id, state, result, task_id, live=False)  # one process: not live
 
     async def unlogged_resolutions(self) -> list[LedgerEntry]:
         rows = await self._rows(
@@ -463,6 +469,30 @@ class SQLiteStore(Store):
             )
 
         return await self._run(finish, atomic=True)
+
+    # One process per file: the poll cache and the limits live in this process's memory
+    # (TaskTracker's cache in front of these, and a Limiter), and there is no fleet.
+
+    async def claim_task_poll(self, task_id: str, now: float, ttl_s: float) -> TaskPoll:
+        return TaskPoll(claimed=True)
+
+    async def store_task_answer(self, task_id: str, answer: str, now: float) -> None:
+        return None
+
+    async def task_answer_since(self, task_id: str, since: float) -> str | None:
+        return None
+
+    async def heartbeat(self) -> None:
+        return None
+
+    async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
+        return []
+
+    async def admit(self, request_id: str, scopes: list[Scope], now: float) -> None:
+        self._limiter.admit(request_id, scopes, now)
+
+    async def release(self, request_id: str, scopes: list[Scope]) -> None:
+        self._limiter.release(request_id, scopes)
 
     # -- idempotency -------------------------------------------------------------------------
 
