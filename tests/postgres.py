@@ -446,12 +446,19 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture
-async def postgres_dsn(postgres_server: PostgresServer) -> AsyncIterator[str]:
-    """A fresh empty database, dropped after the test."""
+@contextlib.asynccontextmanager
+async def fresh_database(server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh empty database on ``server``, dropped afterwards."""
     name = f"test_{secrets.token_hex(6)}"
-    dsn = await create_database(postgres_server.dsn, name)
+    dsn = await create_database(server.dsn, name)
     try:
         yield dsn
     finally:
-        await drop_database(postgres_server.dsn, name)
+        await drop_database(server.dsn, name)
+
+
+@pytest.fixture
+async def postgres_dsn(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A fresh empty database, dropped after the test."""
+    async with fresh_database(postgres_server) as dsn:
+        yield dsn

@@ -4,12 +4,14 @@ caps, resolutions, recovery, verification, migrations and the one-process lock."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,13 +28,16 @@ from gateway.ledger import (
 )
 from gateway.settlement import NotResolvable, admin_resolution
 from gateway.store import migrations
-from gateway.store.base import LedgerQuery, UnknownEntry
+from gateway.store.base import LedgerQuery, Store, UnknownEntry
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
+from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore, StoreLocked, StoreOpenError
+from tests.postgres import fresh_database
 
 BUDGET = 10_000
 PERIOD = "monthly:2026-11"
 FIXTURE_01 = Path(__file__).parent / "fixtures" / "ledger" / "gateway-0.1.0.db"
+REFUSED = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
 def hold(
@@ -48,19 +53,36 @@ def hold(
     )  # type: ignore[arg-type]
 
 
-@pytest.fixture
-async def db(tmp_path: Path):
-    store = await SQLiteStore.open(tmp_path / "ledger.db")
-    yield store
-    assert (await store.verify()).mismatches == ()
-    await store.close()
+@pytest.fixture(params=["sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path):
+    """The same tests on both engines (PostgreSQL: a fresh database of the test server)."""
+    async with contextlib.AsyncExitStack() as stack:
+        if request.param == "sqlite":
+            store: Store = await SQLiteStore.open(tmp_path / "ledger.db")
+        else:
+            server = request.getfixturevalue("postgres_server")
+            store = await PostgresStore.open(
+                await stack.enter_async_context(fresh_database(server))
+            )
+        yield store
+        assert (await store.verify()).mismatches == ()
+        await store.close()
+
+
+async def raw(db: Store, sql: str) -> None:
+    """A statement the gateway itself never runs (tampering, to see the schema refuse it)."""
+    if isinstance(db, SQLiteStore):
+        await db._write(sql)
+    else:
+        assert isinstance(db, PostgresStore)
+        await db._execute(sql)
 
 
 def admin(state: str, images: int | None = None, reason: str = "checked with the provider"):
     return lambda entry: admin_resolution(entry, state, images, reason)  # type: ignore[arg-type]
 
 
-async def test_reservation_refused_past_the_budget(db: SQLiteStore) -> None:
+async def test_reservation_refused_past_the_budget(db: Store) -> None:
     for index in range(5):
         await db.reserve(hold(f"r{index}"))
     with pytest.raises(BudgetRefused):
@@ -69,7 +91,7 @@ async def test_reservation_refused_past_the_budget(db: SQLiteStore) -> None:
     assert len(await db.entries(LedgerQuery())) == 5  # the refused hold left no row
 
 
-async def test_settle_exactly_once(db: SQLiteStore) -> None:
+async def test_settle_exactly_once(db: Store) -> None:
     await db.reserve(hold("r1", n=2))
     assert await db.settle("r1", Capture(images=2, amount=4000), 1.0)
     assert not await db.settle("r1", Release("late"), 2.0)
@@ -77,7 +99,7 @@ async def test_settle_exactly_once(db: SQLiteStore) -> None:
     assert await db.usage("t", PERIOD) == Usage(spent=4000, reserved=0, uncertain=0)
 
 
-async def test_ledger_is_append_only(db: SQLiteStore) -> None:
+async def test_ledger_is_append_only(db: Store) -> None:
     await db.reserve(hold("r1"))
     await db.settle("r1", Uncertain(2000, "timeout"), 1.0)
     await db.resolve("r1", admin("released"), 2.0, logged=True)
@@ -89,8 +111,8 @@ async def test_ledger_is_append_only(db: SQLiteStore) -> None:
         "UPDATE resolutions SET amount = 1",
         "DELETE FROM resolutions",
     ):
-        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            await db._write(sql)
+        with pytest.raises(REFUSED, match="append-only"):
+            await raw(db, sql)
 
 
 @pytest.mark.parametrize(
@@ -102,15 +124,15 @@ async def test_ledger_is_append_only(db: SQLiteStore) -> None:
         Uncertain(1999, "less than the hold"),
     ],
 )
-async def test_the_schema_refuses_a_settlement_above_its_hold(db: SQLiteStore, settlement) -> None:
+async def test_the_schema_refuses_a_settlement_above_its_hold(db: Store, settlement) -> None:
     await db.reserve(hold("r1"))
-    with pytest.raises(sqlite3.IntegrityError, match="settlement_above_hold"):
+    with pytest.raises(REFUSED, match="settlement_above_hold"):
         await db.settle("r1", settlement, 1.0)
     assert await db.usage("t", PERIOD) == Usage(reserved=2000)
 
 
 async def test_only_a_task_may_overrun_its_hold_and_the_overrun_is_counted(
-    db: SQLiteStore,
+    db: Store,
 ) -> None:
     await db.reserve(hold("r1", mode="async"))
     await db.record_task("task-1", "t", "r1", 0.0, 5.0)
@@ -120,7 +142,7 @@ async def test_only_a_task_may_overrun_its_hold_and_the_overrun_is_counted(
     assert (entry.charged, entry.overrun_total) == (50_000, 48_000)
 
 
-async def test_resolutions_close_uncertain_money_once(db: SQLiteStore) -> None:
+async def test_resolutions_close_uncertain_money_once(db: Store) -> None:
     await db.reserve(hold("lost", n=2))
     await db.reserve(hold("kept", n=2))
     await db.settle("lost", Uncertain(4000, "timeout"), 1.0)
@@ -142,7 +164,7 @@ async def test_resolutions_close_uncertain_money_once(db: SQLiteStore) -> None:
 
 
 async def test_the_schema_refuses_a_resolution_the_rules_would_never_make(
-    db: SQLiteStore,
+    db: Store,
 ) -> None:
     await db.reserve(hold("r1"))
     await db.settle("r1", Uncertain(2000, "timeout"), 1.0)
@@ -150,12 +172,13 @@ async def test_the_schema_refuses_a_resolution_the_rules_would_never_make(
     def too_much(entry: LedgerEntry) -> Resolution:
         return Resolution("captured", 1, 2001, "wrong", "admin")
 
-    with pytest.raises(sqlite3.IntegrityError, match="resolution_above_hold"):
+    with pytest.raises(REFUSED, match="resolution_above_hold"):
         await db.resolve("r1", too_much, 2.0, logged=False)
     assert await db.usage("t", PERIOD) == Usage(uncertain=2000)
 
 
-async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(db: SQLiteStore) -> None:
+async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(tmp_path: Path) -> None:
+    db = await SQLiteStore.open(tmp_path / "ledger.db")  # one process: everything held is left
     await db.reserve(hold("sync-in-flight", n=2))
     await db.reserve(hold("settled"))
     await db.settle("settled", Capture(images=1, amount=2000), 1.0)
@@ -167,6 +190,32 @@ async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(db: SQLite
     ]
     assert (await db.hold_state("async-task"))[0] == "held"
     assert await db.usage("t", PERIOD) == Usage(spent=2000, reserved=2000, uncertain=4000)
+    await db.close()
+
+
+async def test_a_silent_instances_holds_turn_uncertain_after_its_lease_and_not_before(
+    postgres_dsn: str,
+) -> None:
+    alive = await PostgresStore.open(postgres_dsn, lease_s=30)
+    other = await PostgresStore.open(postgres_dsn, lease_s=30)
+    await other.reserve(hold("in-flight-elsewhere", n=2))
+    await other.reserve(hold("its-task"))
+    await other.record_task("task-1", "t", "its-task", 0.0, 5.0)
+    await alive.reserve(hold("mine"))
+    assert await alive.recover_in_flight(10.0) == []  # a start touches nobody's holds
+    assert await alive.reap_silent_instances(10.0, 30) == []  # the other is alive
+    await alive._execute(
+        "UPDATE instances SET heartbeat_at = now() - interval '31 seconds' WHERE instance_id = $1",
+        other.instance_id,
+    )  # ... until it has been silent for its lease
+    reaped = await alive.reap_silent_instances(10.0, 30)
+    assert [(e.request_id, e.state) for e in reaped] == [("in-flight-elsewhere", "uncertain")]
+    assert (await alive.hold_state("mine"))[0] == "held"
+    assert (await alive.hold_state("its-task"))[0] == "held"  # a task is the settler's
+    assert await alive.reap_silent_instances(11.0, 30) == []  # once only
+    assert (await alive.verify()).mismatches == ()
+    await other.close()
+    await alive.close()
 
 
 async def test_verify_finds_a_hand_corrupted_counter(tmp_path: Path) -> None:
@@ -180,7 +229,7 @@ async def test_verify_finds_a_hand_corrupted_counter(tmp_path: Path) -> None:
     await store.close()
 
 
-async def test_teams_and_periods_are_separate(db: SQLiteStore) -> None:
+async def test_teams_and_periods_are_separate(db: Store) -> None:
     await db.reserve(hold("a", n=5))
     await db.reserve(hold("b", n=5, team="other"))
     with pytest.raises(BudgetRefused):
@@ -191,7 +240,7 @@ async def test_teams_and_periods_are_separate(db: SQLiteStore) -> None:
     await db.reserve(other_period)
 
 
-async def test_a_lower_budget_applies_to_the_next_hold(db: SQLiteStore) -> None:
+async def test_a_lower_budget_applies_to_the_next_hold(db: Store) -> None:
     await db.reserve(hold("a", n=3))
     with pytest.raises(BudgetRefused):
         await db.reserve(hold("b", budget=7000))

@@ -21,7 +21,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -34,9 +33,7 @@ from gateway.ledger import (
     BudgetRefused,
     Hold,
     LedgerEntry,
-    Mismatch,
     Resolution,
-    ResolutionRecord,
     Settlement,
     Usage,
 )
@@ -56,6 +53,17 @@ from gateway.store.base import (
     TaskRow,
     UnknownEntry,
     Verification,
+)
+from gateway.store.common import (
+    ENTRY_COLUMNS,
+    IMAGES,
+    OPEN_MONEY,
+    SUMS,
+    TASK_SELECT,
+    hold_params,
+    to_entry,
+    to_task_row,
+    verification,
 )
 from gateway.store.sqlite_writer import Writer
 
@@ -222,7 +230,7 @@ class SQLiteStore(Store):
     async def reserve(self, hold: Hold) -> Usage:
         def reserve(conn: sqlite3.Connection) -> Usage:
             try:
-                conn.execute(_RESERVE_SQL, _hold_params(hold))
+                conn.execute(_RESERVE_SQL, hold_params(hold))
             except sqlite3.IntegrityError as exc:
                 if str(exc) == "budget_exceeded":
                     raise BudgetRefused(_usage(conn, hold.team, hold.period)) from None
@@ -244,9 +252,9 @@ class SQLiteStore(Store):
             rows = conn.execute(_ENTRY_BY_ANY_ID, (entry_id,) * 3).fetchall()
             if not rows:
                 raise UnknownEntry(entry_id)
-            entry = _entry(rows[0])
+            entry = to_entry(rows[0])
             _insert_resolution(conn, entry, decide(entry), now, logged=logged)
-            return _entry(conn.execute(_ENTRY_BY_REQUEST, (entry.request_id,)).fetchone())
+            return to_entry(conn.execute(_ENTRY_BY_REQUEST, (entry.request_id,)).fetchone())
 
         return await self._run(resolve, atomic=True)
 
@@ -271,11 +279,11 @@ class SQLiteStore(Store):
         where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
         limit = f" LIMIT {int(query.limit)}" if query.limit is not None else ""
         rows = await self._rows(
-            f"SELECT {_ENTRY_COLUMNS} FROM ledger{where}"
+            f"SELECT {ENTRY_COLUMNS} FROM ledger{where}"
             f" ORDER BY created_at DESC, request_id DESC{limit}",
             params,
         )
-        return [_entry(row) for row in rows]
+        return [to_entry(row) for row in rows]
 
     async def report(
         self,
@@ -297,7 +305,7 @@ class SQLiteStore(Store):
         params: list[Any] = [tz] if by == "day" else []
         params += [team, -1e18 if since is None else since, 1e18 if until is None else until]
         rows = await self._rows(
-            f"SELECT {group}, {_SUMS}, SUM({_IMAGES}), COUNT(*), MAX(created_at), {key_id}"
+            f"SELECT {group}, {SUMS}, SUM({IMAGES}), COUNT(*), MAX(created_at), {key_id}"
             " FROM ledger WHERE team = ? AND created_at >= ? AND created_at < ?"
             " GROUP BY 1 ORDER BY 1",
             params,
@@ -325,16 +333,16 @@ class SQLiteStore(Store):
 
     async def find_entry(self, entry_id: str) -> LedgerEntry | None:
         rows = await self._rows(_ENTRY_BY_ANY_ID, (entry_id,) * 3)
-        return _entry(rows[0]) if rows else None
+        return to_entry(rows[0]) if rows else None
 
     async def verify(self) -> Verification:
         # One statement, so counters and entries are read from the same snapshot.
         rows = await self._rows(
             "SELECT 'stored', team, period, spent, reserved, uncertain, overrun FROM usage"
-            f" UNION ALL SELECT 'summed', team, period, {_SUMS} FROM ledger GROUP BY team, period"
+            f" UNION ALL SELECT 'summed', team, period, {SUMS} FROM ledger GROUP BY team, period"
             " UNION ALL SELECT 'key stored', team || ' ' || key_fp, period, spent, reserved,"
             " uncertain, overrun FROM key_usage"
-            f" UNION ALL SELECT 'key summed', team || ' ' || key_fp, period, {_SUMS} FROM ledger"
+            f" UNION ALL SELECT 'key summed', team || ' ' || key_fp, period, {SUMS} FROM ledger"
             " WHERE key_fp IS NOT NULL GROUP BY team, key_fp, period"
             " UNION ALL SELECT 'count', '', '', COUNT(*), 0, 0, 0 FROM holds"
         )
@@ -359,7 +367,7 @@ class SQLiteStore(Store):
             for request_id, amount in left:
                 _settle(conn, request_id, recovered(amount), now)
             return [
-                _entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone())
+                to_entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone())
                 for request_id, _ in left
             ]
 
@@ -380,11 +388,11 @@ class SQLiteStore(Store):
 
     async def unlogged_resolutions(self) -> list[LedgerEntry]:
         rows = await self._rows(
-            f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE resolved_state IS NOT NULL"
+            f"SELECT {ENTRY_COLUMNS} FROM ledger WHERE resolved_state IS NOT NULL"
             " AND request_id NOT IN (SELECT request_id FROM resolution_log)"
             " ORDER BY resolved_at"
         )
-        return [_entry(row) for row in rows]
+        return [to_entry(row) for row in rows]
 
     async def claim_resolution_log(self, request_id: str, now: float) -> bool:
         changed = await self._write(
@@ -406,22 +414,22 @@ class SQLiteStore(Store):
         )
 
     async def task(self, task_id: str) -> TaskRow | None:
-        rows = await self._rows(_TASK_SELECT + " WHERE t.task_id = ?", (task_id,))
-        return _task_row(rows[0]) if rows else None
+        rows = await self._rows(TASK_SELECT + " WHERE t.task_id = ?", (task_id,))
+        return to_task_row(rows[0]) if rows else None
 
     async def due_tasks(self, now: float, limit: int) -> list[TaskRow]:
         rows = await self._rows(
-            _TASK_SELECT + f" WHERE t.status = 'pending' AND {_OPEN_MONEY}"
+            TASK_SELECT + f" WHERE t.status = 'pending' AND {OPEN_MONEY}"
             " AND t.next_poll_at <= ? ORDER BY t.next_poll_at LIMIT ?",
             (now, limit),
         )
-        return [_task_row(row) for row in rows]
+        return [to_task_row(row) for row in rows]
 
     async def next_task_due(self) -> float | None:
         rows = await self._rows(
             "SELECT MIN(t.next_poll_at) FROM tasks t LEFT JOIN settlements s USING (request_id)"
             " LEFT JOIN resolutions r USING (request_id) WHERE t.status = 'pending'"
-            f" AND {_OPEN_MONEY}"
+            f" AND {OPEN_MONEY}"
         )
         return rows[0][0]
 
@@ -451,7 +459,7 @@ class SQLiteStore(Store):
         def finish(conn: sqlite3.Connection) -> TaskClosed | None:
             if not _finish_task(conn, row.task_id, status, result):
                 return None  # another poll finished it first
-            entry = _entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
+            entry = to_entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
             if entry.settled_state == "held":
                 _settle(conn, row.request_id, settlement, now)
                 how: Literal["settled", "resolved"] = "settled"
@@ -465,7 +473,7 @@ class SQLiteStore(Store):
             else:
                 return None
             return TaskClosed(
-                how, _entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
+                how, to_entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
             )
 
         return await self._run(finish, atomic=True)
@@ -535,39 +543,6 @@ class SQLiteStore(Store):
 
     async def purge_idempotency(self, before: float) -> int:
         return await self._write("DELETE FROM idempotency WHERE created_at < ?", (before,))
-
-
-def verification(rows: list[Any]) -> Verification:
-    """Counters against the sums of their entries, from rows ``(kind, scope, period, spent,
-    reserved, uncertain, overrun)``; kinds are stored/summed (teams), key stored/key summed
-    (scope ``team key_fp``) and count."""
-    tables: dict[str, dict[tuple[str, str], tuple[int, ...]]] = {}
-    count = 0
-    for kind, scope, period, *figures in rows:
-        if kind == "count":
-            count = figures[0]
-        else:
-            tables.setdefault(kind, {})[(scope, period)] = tuple(figures)
-    mismatches = compare_counters(tables.get("stored", {}), tables.get("summed", {}))
-    for m in compare_counters(tables.get("key stored", {}), tables.get("key summed", {})):
-        team, _, key_fp = m.team.partition(" ")
-        mismatches.append(replace(m, team=team, counter=f"{m.counter} of key {key_fp[:8]}"))
-    return Verification(count, tuple(mismatches))
-
-
-def compare_counters(
-    stored: dict[tuple[str, str], tuple[int, ...]], summed: dict[tuple[str, str], tuple[int, ...]]
-) -> list[Mismatch]:
-    """Every counter that differs from its entries (a counter row with no entries sums to 0)."""
-    names = ("spent", "reserved", "uncertain", "overrun")
-    mismatches = []
-    for team, period in sorted(set(stored) | set(summed)):
-        have = stored.get((team, period), (0, 0, 0, 0))
-        want = summed.get((team, period), (0, 0, 0, 0))
-        for name, counter, entries in zip(names, have, want, strict=True):
-            if counter != entries:
-                mismatches.append(Mismatch(team, period, name, counter, entries))
-    return mismatches
 
 
 # -- opening ---------------------------------------------------------------------------------
@@ -679,15 +654,9 @@ _SETTLE_SQL = (
     " (SELECT 1 FROM holds WHERE request_id = ?1) ON CONFLICT (request_id) DO NOTHING"
 )
 
-_ENTRY_COLUMNS = (
-    "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
-    " settled, images, overrun, upstream_id, task_id, reason, settled_at, resolved_state,"
-    " resolved_images, resolved_amount, resolved_overrun, resolved_reason, resolved_by,"
-    " resolved_at, key_id, key_fp, end_user"
-)
-_ENTRY_BY_REQUEST = f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE request_id = ?"
+_ENTRY_BY_REQUEST = f"SELECT {ENTRY_COLUMNS} FROM ledger WHERE request_id = ?"
 _ENTRY_BY_ANY_ID = (
-    f"SELECT {_ENTRY_COLUMNS} FROM ledger WHERE request_id = ? OR upstream_id = ?"
+    f"SELECT {ENTRY_COLUMNS} FROM ledger WHERE request_id = ? OR upstream_id = ?"
     " OR task_id = ? ORDER BY created_at LIMIT 1"
 )
 
@@ -697,32 +666,6 @@ _GROUPS = {
     "quality": "quality",
     "day": "local_day(created_at, ?)",
 }
-_IMAGES = "CASE WHEN state = 'captured' THEN COALESCE(resolved_images, images) ELSE 0 END"
-
-# What the counters of a group of ledger rows must be: spent, reserved, uncertain, overrun.
-_SUMS = (
-    "SUM(charged), SUM(CASE WHEN settled_state = 'held' THEN held ELSE 0 END),"
-    " SUM(CASE WHEN settled_state = 'uncertain' AND resolved_state IS NULL THEN settled"
-    " ELSE 0 END), SUM(overrun + COALESCE(resolved_overrun, 0))"
-)
-
-_OPEN_MONEY = "(s.request_id IS NULL OR (s.state = 'uncertain' AND r.request_id IS NULL))"
-
-_TASK_SELECT = (
-    "SELECT t.task_id, t.team, t.request_id, t.created_at, t.status, t.result, t.polls,"
-    " t.next_poll_at, h.amount, h.unit_price, h.quality, h.n, s.state,"
-    " r.request_id IS NOT NULL FROM tasks t"
-    " JOIN holds h USING (request_id) LEFT JOIN settlements s USING (request_id)"
-    " LEFT JOIN resolutions r USING (request_id)"
-)
-
-
-def _hold_params(hold: Hold) -> tuple[Any, ...]:
-    return (
-        hold.request_id, hold.team, hold.period, hold.created_at, hold.endpoint, hold.mode,
-        hold.quality, hold.n, hold.unit_price, hold.amount, hold.budget, hold.fingerprint,
-        hold.key_id, hold.key_fp, hold.key_budget, hold.end_user,
-    )  # fmt: skip
 
 
 def _key_usage(conn: sqlite3.Connection, team: str, key_fp: str, period: str) -> Usage:
@@ -779,59 +722,3 @@ def _insert_resolution(
             "INSERT INTO resolution_log (request_id, logged_at) VALUES (?, ?)",
             (entry.request_id, now),
         )
-
-
-def _entry(row: Any) -> LedgerEntry:
-    resolution = None
-    if row[17] is not None:
-        resolution = ResolutionRecord(
-            state=row[17],
-            images=row[18],
-            amount=row[19],
-            overrun=row[20],
-            reason=row[21],
-            actor=row[22],
-            resolved_at=row[23],
-        )
-    return LedgerEntry(
-        request_id=row[0],
-        team=row[1],
-        period=row[2],
-        created_at=row[3],
-        mode=row[4],
-        quality=row[5],
-        n=row[6],
-        unit_price=row[7],
-        held=row[8],
-        settled_state=row[9],
-        settled_amount=row[10],
-        images=row[11],
-        overrun=row[12],
-        upstream_id=row[13],
-        task_id=row[14],
-        reason=row[15],
-        settled_at=row[16],
-        resolution=resolution,
-        key_id=row[24],
-        key_fp=row[25],
-        end_user=row[26],
-    )
-
-
-def _task_row(row: Any) -> TaskRow:
-    return TaskRow(
-        task_id=row[0],
-        team=row[1],
-        request_id=row[2],
-        created_at=row[3],
-        status=row[4],
-        result=row[5],
-        polls=row[6],
-        next_poll_at=row[7],
-        hold_amount=row[8],
-        unit_price=row[9],
-        quality=row[10],
-        n=row[11],
-        settled=row[12],
-        resolved=bool(row[13]),
-    )

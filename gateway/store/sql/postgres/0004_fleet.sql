@@ -36,3 +36,23 @@ CREATE INDEX rate_events_by_scope ON rate_events (scope, at);
 ALTER TABLE tasks ADD COLUMN answer TEXT;
 ALTER TABLE tasks ADD COLUMN answered_at DOUBLE PRECISION;
 ALTER TABLE tasks ADD COLUMN fetching_until DOUBLE PRECISION;
+
+-- The reservation in one round trip: insert the hold (its trigger checks and moves the money,
+-- or raises budget_exceeded / key_budget_exceeded) and return the team's usage after it.
+CREATE FUNCTION reserve_hold(
+    p_request_id TEXT, p_team TEXT, p_period TEXT, p_created_at DOUBLE PRECISION,
+    p_endpoint TEXT, p_mode TEXT, p_quality TEXT, p_n INTEGER, p_unit_price BIGINT,
+    p_amount BIGINT, p_budget BIGINT, p_fingerprint TEXT, p_key_id TEXT, p_key_fp TEXT,
+    p_key_budget BIGINT, p_end_user TEXT, p_instance_id TEXT
+) RETURNS TABLE (spent BIGINT, reserved BIGINT, uncertain BIGINT, overrun BIGINT)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality, n,
+                       unit_price, amount, budget, fingerprint, key_id, key_fp, key_budget,
+                       end_user, instance_id)
+    VALUES (p_request_id, p_team, p_period, p_created_at, p_endpoint, p_mode, p_quality, p_n,
+            p_unit_price, p_amount, p_budget, p_fingerprint, p_key_id, p_key_fp, p_key_budget,
+            p_end_user, p_instance_id);
+    RETURN QUERY SELECT u.spent, u.reserved, u.uncertain, u.overrun FROM usage u
+                  WHERE u.team = p_team AND u.period = p_period;
+END $$;
