@@ -226,7 +226,12 @@ async def serve(config: Path) -> tuple[int, list[str]]:
         env={**os.environ, "TEST_UPSTREAM_KEY": UPSTREAM_KEY},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    try:
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:  # it started after all: never leave it running
+            proc.kill()
+            await proc.wait()
     lines = [line for line in err.decode().splitlines() if " INFO " not in line]
     return proc.returncode or 0, lines
 
