@@ -48,14 +48,16 @@ def load_config(path: Path, *, require_central_key: bool = True) -> Settings:
     try:
         return load_settings(path, require_central_key=require_central_key)
     except ConfigError as exc:
-        print_problems(path, exc)
-        raise CommandError(f"{path}: invalid config") from None
+        raise CommandError(config_problems(path, exc.problems)) from None
 
 
-def print_problems(path: Path, exc: ConfigError) -> None:
-    print(f"{path}: invalid config", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  - {problem}", file=sys.stderr)
+def config_problems(path: Path, problems: list[str]) -> str:
+    """One line for one problem; a header and one indented line per problem for several."""
+    if len(problems) == 1:
+        return f"{path}: invalid config: {problems[0]}"
+    return f"{path}: invalid config ({len(problems)} problems):" + "".join(
+        f"\n  - {problem}" for problem in problems
+    )
 
 
 def fail(message: str) -> int:

@@ -7,6 +7,7 @@ variable or a file, typically a systemd credential). Every problem is collected,
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -335,8 +336,11 @@ class _Table:
         return _Table(self.data.get(key, {}), self.name(key), self.errors)
 
     def finish(self) -> None:
+        """Refuse every key nobody read, suggesting the known key it most likely misspells."""
         for key in sorted(set(self.data) - self.seen):
-            self.errors.append(f"{self.name(key)} is not a known setting")
+            close = difflib.get_close_matches(key, sorted(self.seen), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.errors.append(f"{self.name(key)} is not a known setting{hint}")
 
 
 def _non_empty(value: str) -> str | None:

@@ -238,3 +238,20 @@ def test_reload_keeps_what_needs_a_restart() -> None:
         24.0,
     )
     assert (merged.prices["high"], merged.idempotency.retry_dedupe_minutes) == (5000, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (
+            {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "budget": 1}}},
+            "teams.design.budget is not a known setting; did you mean budget_cny?",
+        ),
+        ({**MINIMAL, "server": {"prot": 8080}}, "server.prot is not a known setting; did you mean port?"),
+        ({**MINIMAL, "metric": {}}, "metric is not a known setting; did you mean metrics?"),
+        ({**MINIMAL, "prices": {"ultra": 1.0}}, "prices.ultra is not a known setting"),
+        ({**MINIMAL, "extra": {}}, "extra is not a known setting"),
+    ],
+)  # fmt: skip
+def test_an_unknown_key_suggests_the_known_one_it_is_close_to(data: dict, problem: str) -> None:
+    assert problems(data) == [problem]
