@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -25,6 +26,7 @@ log = logging.getLogger("gateway")
 METRICS_CONNECTIONS = 32  # the separate /metrics listener, if any, is for a scraper or two
 FEW_CONNECTIONS = 1000  # below this, the open-file limit is probably the distribution's default
 UNLIMITED_FILES = 1 << 20
+PRIVILEGED_PORTS = 1024
 
 
 async def serve(
@@ -152,6 +154,8 @@ def listening_socket(host: str, port: int, backlog: int) -> socket.socket:
         sock = socket.create_server((host, port), backlog=backlog)
     except OSError as exc:
         why = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+        if exc.errno == errno.EACCES and 0 < port < PRIVILEGED_PORTS:
+            why += " (ports below 1024 need privileges: use a higher port behind a front proxy)"
         raise StartupError(f"cannot listen on {host}:{port}: {why}") from None
     sock.setblocking(False)
     return sock

@@ -5,6 +5,7 @@ result proxy, concurrent replays of a finished Idempotency-Key, and start-up fai
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gzip
 import os
 import socket
@@ -289,3 +290,87 @@ async def test_a_database_that_cannot_be_used_is_one_line_naming_it(
     assert len(lines) == 1, lines
     assert lines[0].startswith("image-gateway: cannot start: ") and str(database) in lines[0]
     assert "Traceback" not in lines[0]
+
+
+PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE = 24, 10  # <linux/prctl.h>, <linux/capability.h>
+
+
+def privileged_port() -> int:
+    """A port this machine refuses to unprivileged users (Linux: below
+    ip_unprivileged_port_start, 1024 by default)."""
+    try:
+        start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        start = 1024
+    if start == 0:
+        pytest.skip("every port is open to unprivileged users here")
+    return start - 1
+
+
+def without_bind_privilege() -> None:
+    """In the child before exec: root without CAP_NET_BIND_SERVICE, as the systemd unit runs
+    the gateway (no capabilities). Dropped from the bounding set, so exec cannot regain it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_CAPBSET_DROP, CAP_NET_BIND_SERVICE, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.process
+async def test_permission_denied_on_the_port_is_one_line(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    port = privileged_port()
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except PermissionError:
+            pass  # an unprivileged user: the gateway will be refused as well
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("this user may bind privileged ports (CAP_NET_BIND_SERVICE)")
+    config = write_config(tmp_path, upstream, server={"port": port})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "serve", "--config", str(config),
+        env={**os.environ, "TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        preexec_fn=without_bind_privilege if os.geteuid() == 0 else None,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines = [line for line in err.decode().splitlines() if " INFO " not in line]
+    assert proc.returncode == 1
+    assert lines == [
+        f"image-gateway: cannot start: cannot listen on 127.0.0.1:{port}: permission denied "
+        "(ports below 1024 need privileges: use a higher port behind a front proxy)"
+    ]
+    assert not (tmp_path / "gateway.db").exists()
+
+
+@pytest.mark.process
+@pytest.mark.parametrize("where", ["a missing folder", "/proc"])
+async def test_an_access_log_that_cannot_be_written_is_one_line_naming_it(
+    tmp_path: Path, upstream: Upstream, where: str
+) -> None:
+    access = tmp_path / "no-such-folder" / "access.log" if where != "/proc" else None
+    target = str(access) if access is not None else "/proc/image-gateway-access.log"
+    code, lines = await serve(write_config(tmp_path, upstream, log={"access": target}))
+    assert code == 1
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(
+        f"image-gateway: cannot start: cannot open the access log {target}: "
+    )
+    assert not (tmp_path / "gateway.db").exists()  # refused before the ledger was touched
+
+
+@pytest.mark.process
+async def test_an_invalid_config_is_one_line_naming_the_key(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    config = write_config(tmp_path, upstream)
+    config.write_text(config.read_text().replace("budget_cny", "budget", 1))
+    code, lines = await serve(config)
+    assert code == 1
+    assert lines == [
+        f"image-gateway: {config}: invalid config (2 problems):",
+        "  - teams.design.budget_cny is required",
+        "  - teams.design.budget is not a known setting; did you mean budget_cny?",
+    ]
