@@ -34,6 +34,7 @@ from gateway.keys import (
     GENERATIONS,
     IDEMPOTENCY,
     METRICS,
+    SIMULATED,
     TASKS,
     UPSTREAM,
 )
@@ -58,12 +59,16 @@ class StartupError(Exception):
     """The gateway cannot start; the message is one line naming what and why."""
 
 
-def create_app(settings: Settings, *, clock: Callable[[], datetime] = utc_now) -> web.Application:
+def create_app(
+    settings: Settings, *, clock: Callable[[], datetime] = utc_now, simulated: bool = False
+) -> web.Application:
+    """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so)."""
     app = web.Application(
         middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes
     )
     app[CONFIG] = LiveConfig(settings)
     app[CLOCK] = clock
+    app[SIMULATED] = simulated
     app[METRICS] = Metrics()
     app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
     app.cleanup_ctx.extend([_access_log_ctx, _database_ctx, _upstream_ctx, _services_ctx])

@@ -26,6 +26,8 @@ from gateway.periods import utc_now
 from gateway.store.sqlite import SQLiteStore
 from gateway.usage import GROUPINGS, check_report_args, format_report, usage_report
 
+DEMO_HOST, DEMO_PORT = "127.0.0.1", 8080
+
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -49,8 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument(
         "--demo", action="store_true", help="run with an embedded simulated upstream"
     )
-    serve.add_argument("--host", default="127.0.0.1", help="demo only: address to listen on")
-    serve.add_argument("--port", type=int, default=8080, help="demo only: port to listen on")
+    serve.add_argument(
+        "--simulate-upstream",
+        action="store_true",
+        help="with --config: a rehearsal, the embedded simulator in place of [upstream]",
+    )
+    serve.add_argument("--host", help="demo only: address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="demo only: port to listen on (default 8080)")
     serve.set_defaults(run=_serve)
 
     new_key = commands.add_parser("new-key", help="print a new team key and its config line")
@@ -92,11 +99,21 @@ def _setup_logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    if args.demo and args.simulate_upstream:
+        raise CommandError("--simulate-upstream is only valid with --config (--demo always is)")
+    if args.config is not None and (args.host is not None or args.port is not None):
+        raise CommandError("--host and --port are for --demo; set [server] host and port instead")
     _setup_logging()
     if args.demo:
         from gateway.demo import run_demo  # noqa: PLC0415 - the simulator loads only for the demo
 
-        return _run_server(run_demo(args.host, args.port))
+        port = DEMO_PORT if args.port is None else args.port
+        return _run_server(run_demo(args.host or DEMO_HOST, port))
+    if args.simulate_upstream:
+        settings = load_config(args.config, require_central_key=False)
+        from gateway.simulated import rehearse  # noqa: PLC0415 - loads the simulator
+
+        return _run_server(rehearse(settings, args.config))
     settings = load_config(args.config)
     from gateway.server import serve  # noqa: PLC0415 - keeps `new-key` and `check-config` light
 

@@ -36,6 +36,7 @@ from gateway.keys import (
     METRICS,
     RECORD,
     SETTLING,
+    SIMULATED,
     SLOT,
     TASKS,
     UPSTREAM,
@@ -204,7 +205,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: config loaded, database the configured one and writable, central key present."""
+    """Ready: config loaded, database the configured one and writable, central key present.
+    A simulated upstream is named in the checks, so a rehearsal cannot pass for production."""
     request[RECORD]["endpoint"] = "health"
     settings = request.app[CONFIG].current.settings
     checks: dict[str, str] = {"config": "ok"}
@@ -216,6 +218,8 @@ async def readyz(request: web.Request) -> web.Response:
         checks["database"] = f"error: {type(exc).__name__}"
     checks["central_key"] = "ok" if settings.upstream.api_key.reveal() else "missing"
     ready = all(value == "ok" for value in checks.values())
+    if request.app[SIMULATED]:
+        checks["upstream"] = "simulated"
     return json_response(
         {"status": "ready" if ready else "not ready", "checks": checks}, 200 if ready else 503
     )

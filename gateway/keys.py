@@ -31,6 +31,7 @@ TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
 BODIES = web.AppKey("bodies", ByteBudget)
+SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
 
 RECORD = web.RequestKey("record", dict[str, Any])
 SLOT = web.RequestKey("slot", LogSlot)

@@ -28,14 +28,24 @@ FEW_CONNECTIONS = 1000  # below this, the open-file limit is probably the distri
 UNLIMITED_FILES = 1 << 20
 PRIVILEGED_PORTS = 1024
 
+Simulate = Callable[[Settings], Settings]
+"""Puts the embedded simulator in place of [upstream] (see gateway.simulated)."""
+
 
 async def serve(
     settings: Settings,
     *,
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
+    simulate: Simulate | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit."""
+    """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit.
+
+    With ``simulate``, the settings (at start and at every reload) get the simulated upstream it
+    puts in place of the configured one, and everything that reports the gateway's state says so.
+    """
+    if simulate is not None:
+        settings = simulate(settings)
     install_log_filter()
     raise_open_files_limit()
     server = settings.server
@@ -48,7 +58,7 @@ async def serve(
         except StartupError:
             sock.close()
             raise
-    app = create_app(settings)
+    app = create_app(settings, simulated=simulate is not None)
     limits = connection_limits(settings)
     runner = GatewayRunner(
         app,
@@ -81,8 +91,8 @@ async def serve(
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # repeated while draining: no effect
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, lambda: reload(app, config_path))
-        log.info("listening on %s (%d teams)", url, len(settings.teams))
+        loop.add_signal_handler(signal.SIGHUP, lambda: reload(app, config_path, simulate))
+        _log_listening(url, settings, simulated=simulate is not None)
         notify("READY=1", f"STATUS=listening on {url}")
         if on_ready is not None:
             on_ready(url)
@@ -95,6 +105,18 @@ async def serve(
             await metrics_runner.cleanup()
         await runner.cleanup()
     log.info("stopped cleanly")
+
+
+def _log_listening(url: str, settings: Settings, *, simulated: bool) -> None:
+    if simulated:
+        log.warning(
+            "SIMULATED UPSTREAM, NOT PRODUCTION: requests are answered by the embedded simulator "
+            "at %s (placeholder images; nothing leaves this machine), not by [upstream]; budgets "
+            "are charged to the ledger %s as usual",
+            settings.upstream.base_url,
+            settings.database,
+        )
+    log.info("listening on %s (%d teams)", url, len(settings.teams))
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:
@@ -127,7 +149,9 @@ def raise_open_files_limit() -> int:
     return hard
 
 
-def reload(app: web.Application, config_path: Path | None) -> None:
+def reload(
+    app: web.Application, config_path: Path | None, simulate: Simulate | None = None
+) -> None:
     """Re-read the config; apply it whole for new requests, or keep the running one and say why."""
     app[ACCESS_LOG].reopen()
     if config_path is None:
@@ -135,13 +159,13 @@ def reload(app: web.Application, config_path: Path | None) -> None:
         return
     notify("RELOADING=1", monotonic_usec())
     try:
-        new = load_settings(config_path)
+        new = load_settings(config_path, require_central_key=simulate is None)
     except ConfigError as exc:
         log.error(
             "reload refused, the running config stays in force:\n  %s", "\n  ".join(exc.problems)
         )
     else:
-        needs_restart = app[CONFIG].reload(new)
+        needs_restart = app[CONFIG].reload(new if simulate is None else simulate(new))
         log.info("config reloaded from %s (%d teams)", config_path, len(new.teams))
         if needs_restart:
             log.warning("changes to %s take effect only after a restart", ", ".join(needs_restart))

@@ -1,6 +1,6 @@
 """A simulated upstream that behaves like the real one: the demo's backend and the tests' fake.
 
-It validates requests the way ``shared/upstream-api.md`` documents (and independently of the
+It validates requests the way ``docs/upstream.md`` documents (and independently of the
 gateway's own normalizer, so the two check each other), answers sync and ``?async=1`` requests,
 keeps tasks, and serves result URLs that answer 302 to a real PNG. Everything it receives is
 recorded in ``received`` so tests can assert exactly what reached it.

@@ -48,20 +48,25 @@ def _scalar(value: Any) -> str:
 
 
 class GatewayProcess:
-    """``python -m gateway serve --config`` with its own NOTIFY_SOCKET.
+    """``python -m gateway serve --config`` (or ``serve ARGS``) with its own NOTIFY_SOCKET.
 
-    Its stderr is read all along (a full pipe would stall it) and checked when it is closed:
-    no key of any kind and no base64 data may ever appear there, however it ended.
+    Its stdout and stderr are read all along (a full pipe would stall it); stderr is checked
+    when it is closed: no key of any kind and no base64 data may ever appear there, however it
+    ended.
     """
 
     def __init__(
         self,
-        config: Path,
+        config: Path | None,
         *,
+        args: tuple[str, ...] = (),
+        cwd: Path | None = None,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        self.args = args  # after `serve [--config PATH]`, e.g. ("--simulate-upstream",)
+        self.cwd = cwd
         self.env = env or {}  # added to the test's own environment
         self.preexec_fn = preexec_fn  # run in the child before exec, e.g. to set an rlimit
         self._dir = Path(tempfile.mkdtemp(prefix="gw-notify-"))  # sun_path is short: keep it short
@@ -73,7 +78,11 @@ class GatewayProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.url = ""
         self._stderr = bytearray()
+        self._stdout = bytearray()
+        self._stdout_grew = asyncio.Condition()
+        self._stdout_closed = False
         self._reader: asyncio.Task[None] | None = None
+        self._out_reader: asyncio.Task[None] | None = None
 
     async def start(self) -> str:
         env = {
@@ -82,12 +91,14 @@ class GatewayProcess:
             "TEST_UPSTREAM_KEY": UPSTREAM_KEY,
             **self.env,
         }
+        config = () if self.config is None else ("--config", str(self.config))
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", "--config", str(self.config),
-            env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            sys.executable, "-m", "gateway", "serve", *config, *self.args,
+            env=env, cwd=self.cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             preexec_fn=self.preexec_fn,
         )  # fmt: skip
         self._reader = asyncio.create_task(self._read_stderr(self.proc))
+        self._out_reader = asyncio.create_task(self._read_stdout(self.proc))
         ready = await self.expect("READY=1", seconds=STARTUP_TIMEOUT_S)
         status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
         self.url = status.removeprefix("STATUS=listening on ")
@@ -124,6 +135,26 @@ class GatewayProcess:
             await asyncio.wait_for(asyncio.shield(self._reader), 30)
         return self._stderr.decode(errors="replace")
 
+    async def stdout_until(self, text: str, seconds: float = 20) -> str:
+        """Its stdout so far, once it contains ``text`` (e.g. the end of a banner)."""
+
+        async def grown() -> str:
+            async with self._stdout_grew:
+                await self._stdout_grew.wait_for(
+                    lambda: text.encode() in self._stdout or self._stdout_closed
+                )
+                out = self._stdout.decode(errors="replace")
+            assert text in out, f"stdout closed without {text!r}: {out!r}"
+            return out
+
+        return await asyncio.wait_for(grown(), seconds)
+
+    async def stdout(self) -> str:
+        """Everything written to stdout, once the process has ended."""
+        if self._out_reader is not None:
+            await asyncio.wait_for(asyncio.shield(self._out_reader), 30)
+        return self._stdout.decode(errors="replace")
+
     async def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -134,6 +165,7 @@ class GatewayProcess:
             if self.proc.returncode is None:
                 self.proc.kill()
             await self.proc.wait()
+            await self.stdout()
             text = await self.stderr()
             for needle in (*SECRETS, "base64,"):
                 assert needle not in text, f"{needle[:8]}... found in a gateway's stderr"
@@ -145,6 +177,16 @@ class GatewayProcess:
         assert proc.stderr is not None
         while chunk := await proc.stderr.read(65536):
             self._stderr += chunk
+
+    async def _read_stdout(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while chunk := await proc.stdout.read(65536):
+            async with self._stdout_grew:
+                self._stdout += chunk
+                self._stdout_grew.notify_all()
+        async with self._stdout_grew:
+            self._stdout_closed = True
+            self._stdout_grew.notify_all()
 
 
 async def wait_for_lines(path: Path, count: int, seconds: float = 10) -> list[str]:
