@@ -105,10 +105,10 @@ def _serve(args: argparse.Namespace) -> int:
         raise CommandError("--host and --port are for --demo; set [server] host and port instead")
     _setup_logging()
     if args.demo:
-        from gateway.demo import run_demo  # noqa: PLC0415 - the simulator loads only for the demo
+        from gateway.demo import DEMO_DIR, run_demo  # noqa: PLC0415 - loads the simulator
 
         port = DEMO_PORT if args.port is None else args.port
-        return _run_server(run_demo(args.host or DEMO_HOST, port))
+        return _run_server(run_demo(args.host or DEMO_HOST, port, DEMO_DIR.absolute()))
     if args.simulate_upstream:
         settings = load_config(args.config, require_central_key=False)
         from gateway.simulated import rehearse  # noqa: PLC0415 - loads the simulator

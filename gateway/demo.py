@@ -1,77 +1,93 @@
 """``image-gateway serve --demo``: the gateway in front of an embedded simulated upstream.
 
-No key, no network, a throwaway database; prints a team key and commands that work as printed.
+No key, no network. Prints a team key and commands that work as printed, and keeps working
+after a restart: the keys and the database live in ``./.image-gateway-demo/`` (made 0700, the
+key file 0600), so a snippet printed yesterday still runs and the ledger carries on.
 """
 
 from __future__ import annotations
 
-import secrets
-import tempfile
+import json
+import os
 from pathlib import Path
 
-from aiohttp import web
-
+from gateway.app import StartupError
 from gateway.auth import key_digest, new_team_key
 from gateway.config import parse_settings
-from gateway.server import serve
-from gateway.simulator import Simulator
+from gateway.simulated import SIM_DELAY_S, serve_simulated
 
-DEMO_KEY_ENV = "DEMO_UPSTREAM_KEY"
-DEMO_DELAY_S = 2.0
+DEMO_DIR = Path(".image-gateway-demo")  # in the current directory
+KEYS_FILE = "keys.json"
+DATABASE = "gateway.db"
+DEMO_BUDGET_CNY = "100.00"  # daily: a long exploration (500 medium images)
 
 
-async def run_demo(host: str = "127.0.0.1", port: int = 8080) -> None:
-    upstream_key = "sk_demo_" + secrets.token_hex(16)
-    simulator = Simulator(upstream_key, delay_s=DEMO_DELAY_S, task_delay_s=2 * DEMO_DELAY_S)
-    sim_runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False)
-    await sim_runner.setup()
+async def run_demo(host: str, port: int, folder: Path) -> None:
+    """Serve the demo; ``folder`` (absolute) keeps its keys and database."""
+    team_key, admin_key = demo_keys(folder)
+    settings = parse_settings(
+        {
+            "server": {"host": host, "port": port},
+            "storage": {"database": DATABASE},
+            "teams": {
+                "demo": {
+                    "keys_sha256": [key_digest(team_key)],
+                    "budget_cny": DEMO_BUDGET_CNY,
+                    "period": "daily",
+                }
+            },
+            "admin": {"keys_sha256": [key_digest(admin_key)]},
+        },
+        base_dir=folder,
+        env={},
+        require_central_key=False,
+    )
+    await serve_simulated(
+        settings, on_ready=lambda url: print(banner(url, team_key, admin_key, folder), flush=True)
+    )
+
+
+def demo_keys(folder: Path) -> tuple[str, str]:
+    """The demo's team and admin keys: made on the first run, read from ``folder`` after."""
+    path = folder / KEYS_FILE
     try:
-        await web.TCPSite(sim_runner, "127.0.0.1", 0).start()
-        sim_port = sim_runner.addresses[0][1]
-        team_key, admin_key = new_team_key(), new_team_key()
-        with tempfile.TemporaryDirectory(prefix="image-gateway-demo-") as tmp:
-            settings = parse_settings(
-                {
-                    "server": {"host": host, "port": port},
-                    "upstream": {
-                        "base_url": f"http://127.0.0.1:{sim_port}",
-                        "api_key_env": DEMO_KEY_ENV,
-                    },
-                    "storage": {"database": "gateway.db"},
-                    "teams": {
-                        "demo": {
-                            "keys_sha256": [key_digest(team_key)],
-                            "budget_cny": 5.0,
-                            "period": "daily",
-                        }
-                    },
-                    "admin": {"keys_sha256": [key_digest(admin_key)]},
-                },
-                base_dir=Path(tmp),
-                env={DEMO_KEY_ENV: upstream_key},
-            )
-            await serve(
-                settings, on_ready=lambda url: print(banner(url, team_key, admin_key), flush=True)
-            )
-    finally:
-        await sim_runner.cleanup()
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if not path.exists():
+            keys = {"team": new_team_key(), "admin": new_team_key()}
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(keys, fh)
+        keys = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StartupError(f"cannot keep the demo's keys in {path}: {exc.strerror}") from None
+    except ValueError:
+        keys = None
+    if not (
+        isinstance(keys, dict)
+        and all(isinstance(keys.get(k), str) and keys[k] for k in ("team", "admin"))
+    ):
+        raise StartupError(f"{path} is not the demo's key file (delete {folder} to start over)")
+    return keys["team"], keys["admin"]
 
 
-def banner(url: str, team_key: str, admin_key: str) -> str:
+def banner(url: str, team_key: str, admin_key: str, folder: Path) -> str:
     return f"""
-image-gateway demo is running on {url} (simulated upstream, throwaway database).
-Team "demo" has a daily budget of 5.00 CNY. Its key:
+image-gateway demo is running on {url} (simulated upstream: nothing leaves this machine).
+Team "demo" has a daily budget of {DEMO_BUDGET_CNY} CNY. Its key:
 
     {team_key}
 
-Generate an image with curl (about {DEMO_DELAY_S:.0f} s), then open the URL it returns:
+The keys and the database are kept in {folder}
+(the same key works after a restart from this directory; delete the folder to start over).
+
+Generate an image with curl (about {SIM_DELAY_S:.0f} s), then open the URL it returns:
 
     curl -s {url}/v1/images/generations \\
       -H "Authorization: Bearer {team_key}" \\
       -H "Content-Type: application/json" \\
       -d '{{"model": "gpt-image-2", "prompt": "an orange cat", "size": "1536x1024"}}'
 
-Or with the OpenAI Python SDK:
+Or, after `pip install openai`, with the OpenAI Python SDK:
 
     from openai import OpenAI
     client = OpenAI(base_url="{url}/v1", api_key="{team_key}")

@@ -205,6 +205,7 @@ async def test_metrics_on_their_own_port(start_process: Start, unused_tcp_port: 
 async def test_demo_mode_works_as_printed(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "serve", "--demo", "--port", "0",
+        cwd=tmp_path,  # its keys and database go to ./.image-gateway-demo/
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert proc.stdout is not None

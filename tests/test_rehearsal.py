@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -178,6 +179,68 @@ async def test_readyz_of_a_production_gateway_names_no_simulated_upstream(
     finally:
         await process.close()
     assert status == 200 and "upstream" not in body["checks"]
+
+
+# -- serve --demo -----------------------------------------------------------------------------
+
+
+def banner_keys(banner: str) -> tuple[str, str]:
+    team = re.search(r"Its key:\n\n    (igw_\S+)\n", banner)
+    admin = re.search(r"/admin/usage -H \"Authorization: Bearer (igw_\S+)\"", banner)
+    assert team and admin, banner
+    return team[1], admin[1]
+
+
+async def start_demo(cwd: Path) -> tuple[GatewayProcess, str]:
+    process = GatewayProcess(None, args=("--demo", "--port", "0"), cwd=cwd)
+    await process.start()
+    return process, await process.stdout_until(BANNER_END)
+
+
+async def test_the_demo_keeps_its_key_and_ledger_across_restarts(tmp_path: Path) -> None:
+    process, banner = await start_demo(tmp_path)
+    try:
+        budget = re.search(r'Team "demo" has a daily budget of ([0-9.]+) CNY', banner)
+        assert budget and float(budget[1]) >= 100, banner
+        key, admin_key = banner_keys(banner)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                process.url + "/v1/images/generations",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"prompt": "an orange cat"},
+            ) as resp:
+                assert resp.status == 200
+        code, stderr = await process.stop()
+    finally:
+        await process.close()
+    assert code == 0 and key not in stderr and admin_key not in stderr
+    folder = tmp_path / ".image-gateway-demo"
+    assert str(folder) in banner
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert (folder / "keys.json").stat().st_mode & 0o777 == 0o600
+    assert (folder / "gateway.db").exists()
+
+    again, banner = await start_demo(tmp_path)
+    try:
+        assert banner_keys(banner) == (key, admin_key)  # a printed snippet keeps working
+        status, report = await get_json(again.url + "/admin/usage", admin_key)
+        assert status == 200 and report["teams"]["demo"]["spent_cny"] == 0.2  # the ledger too
+    finally:
+        await again.close()
+
+
+async def test_the_demo_refuses_a_key_file_it_did_not_write(tmp_path: Path) -> None:
+    folder = tmp_path / ".image-gateway-demo"
+    folder.mkdir()
+    (folder / "keys.json").write_text("not json")
+    code, _, lines = await image_gateway("serve", "--demo", "--port", "0", cwd=tmp_path)
+    assert (code, lines) == (
+        1,
+        [
+            f"image-gateway: cannot start: {folder / 'keys.json'} is not the demo's key file "
+            f"(delete {folder} to start over)"
+        ],
+    )
 
 
 # -- start-up failures of both: one line, exit 1 ---------------------------------------------
