@@ -255,3 +255,28 @@ def test_reload_keeps_what_needs_a_restart() -> None:
 )  # fmt: skip
 def test_an_unknown_key_suggests_the_known_one_it_is_close_to(data: dict, problem: str) -> None:
     assert problems(data) == [problem]
+
+
+@pytest.mark.parametrize(
+    ("written", "units"),
+    [('"300.10"', 3_001_000), ("300.10", 3_001_000), ("300", 3_000_000), ('"0.0001"', 1),
+     ('"12345678901234.5678"', 123_456_789_012_345_678)],
+)  # fmt: skip
+def test_money_in_the_toml_file_is_exact(tmp_path: Path, written: str, units: int) -> None:
+    """Strings are read as decimal text, whatever their length; a float through its shortest
+    repr, which is the text written for up to 15 significant digits."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        f'[prices]\nhigh = {written}\n[teams.design]\nkeys_sha256 = ["{HASH}"]\nbudget_cny = {written}\n'
+    )
+    settings = load_settings(path, env=ENV)
+    assert (settings.teams["design"].budget, settings.prices["high"]) == (units, units)
+
+
+def test_a_float_of_more_than_15_digits_is_rounded_so_the_example_writes_strings(
+    tmp_path: Path,
+) -> None:
+    """Why config/gateway.example.toml writes money as strings: a TOML float is a double."""
+    path = tmp_path / "gateway.toml"
+    path.write_text(f'[teams.design]\nkeys_sha256 = ["{HASH}"]\nbudget_cny = 12345678901234.5678\n')
+    assert load_settings(path, env=ENV).teams["design"].budget == 123_456_789_012_345_680
