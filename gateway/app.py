@@ -45,7 +45,7 @@ from gateway.money import format_cny, units_to_cny
 from gateway.periods import period_at, utc_now
 from gateway.pricing import remaining
 from gateway.resolutions import log_outside
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.factory import open_store
 from gateway.tasks import TaskTracker
 from gateway.upstream import UpstreamClient
 
@@ -143,17 +143,20 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
-    path = app[CONFIG].current.settings.database
-    db = await SQLiteStore.open(path)
+    settings = app[CONFIG].current.settings
+    db = await open_store(settings)
     if db.created:
+        where = settings.database if settings.storage.backend == "sqlite" else "PostgreSQL"
         log.warning(
             "NEW LEDGER: no database existed at %s, so an empty one was created; every team's "
             "spend starts from zero. If this gateway ran before, stop it and restore the "
             "database: a lost ledger lets teams spend their budgets a second time.",
-            path,
+            where,
         )
     try:
-        recovered = await db.recover_in_flight(app[CLOCK]().timestamp())
+        now = app[CLOCK]().timestamp()
+        recovered = await db.recover_in_flight(now)
+        recovered += await db.reap_silent_instances(now, settings.storage.instance_lease_s)
     except BaseException:
         await db.close()
         raise
@@ -223,6 +226,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             name="resolution log",
         ),
     ]
+    if settings.storage.backend == "postgres":
+        lease = settings.storage.instance_lease_s
+        background += [
+            asyncio.create_task(_every(lease / 3, "heartbeat", db.heartbeat), name="heartbeat"),
+            asyncio.create_task(
+                _every(lease / 3, "closing silent instances' holds", lambda: _reap(app, lease)),
+                name="reaper",
+            ),
+        ]
     yield
     left = await generations.drain(settings.server.drain_s)
     if left:
@@ -237,6 +249,12 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in background:
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _reap(app: web.Application, lease_s: float) -> None:
+    """Holds of instances silent past their lease become uncertain, each with its line."""
+    for entry in await app[DB].reap_silent_instances(app[CLOCK]().timestamp(), lease_s):
+        app[BOOKS].moved(MoneyMoved.of_entry(entry))
 
 
 async def _begin_drain(app: web.Application) -> None:

@@ -23,7 +23,7 @@ from gateway.cli_support import (
 from gateway.config import Settings
 from gateway.keylist import format_keys, key_listing
 from gateway.periods import utc_now
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.factory import open_store
 from gateway.usage import GROUPINGS, check_report_args, format_report, usage_report
 
 DEMO_HOST, DEMO_PORT = "127.0.0.1", 8080
@@ -150,8 +150,11 @@ def _hash_key(args: argparse.Namespace) -> int:
 
 async def _keys(args: argparse.Namespace, settings: Settings) -> int:
     last_used: dict[str, float] = {}
-    if settings.database.exists():
-        db = await SQLiteStore.open_read_only(settings.database)
+    try:
+        db = await open_store(settings, "reader")
+    except FileNotFoundError:  # no ledger yet: no key was ever used
+        pass
+    else:
         try:
             last_used = await db.key_last_used()
         finally:
@@ -178,7 +181,7 @@ async def _usage(args: argparse.Namespace, settings: Settings) -> int:
         check_report_args(args.period, args.by, settings)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
-    db = await SQLiteStore.open_read_only(settings.database)
+    db = await open_store(settings, "reader")
     try:
         result = await usage_report(
             db, settings, utc_now(), only=args.team, period=args.period, by=args.by

@@ -27,7 +27,7 @@ from gateway.reconcile import (
 from gateway.resolutions import resolve
 from gateway.settlement import ResolutionRefused
 from gateway.store.base import Store, UnknownEntry
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.factory import open_store
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -68,7 +68,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 async def _list(args: argparse.Namespace, settings: Settings) -> int:
     if args.team is not None and args.team not in settings.teams:
         return fail(f"unknown team {args.team!r}")
-    db = await SQLiteStore.open_read_only(settings.database)
+    db = await open_store(settings, "reader")
     try:
         if args.entry_id is not None:
             found = await db.find_entry(args.entry_id)
@@ -87,7 +87,7 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
 async def _resolve(args: argparse.Namespace, settings: Settings) -> int:
     if args.images is not None and not args.captured:
         return fail("--images goes with --captured")
-    db = await SQLiteStore.open(settings.database, exclusive=False, migrate=False)
+    db = await open_store(settings, "writer")
     try:
         entry = await resolve(
             db,
@@ -109,7 +109,7 @@ async def _resolve(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _export(args: argparse.Namespace, settings: Settings) -> int:
-    db = await SQLiteStore.open_read_only(settings.database)
+    db = await open_store(settings, "reader")
     try:
         entries = await _entries(db, settings, None, None, args.period)
     finally:
@@ -123,7 +123,7 @@ async def _export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _verify(args: argparse.Namespace, settings: Settings) -> int:
-    db = await SQLiteStore.open_read_only(settings.database)
+    db = await open_store(settings, "reader")
     try:
         result = await db.verify()
     finally:

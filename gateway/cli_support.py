@@ -12,6 +12,7 @@ from typing import Any
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.errors import StorageUnavailable
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
+from gateway.store.postgres import PostgresOpenError
 from gateway.store.sqlite import StoreLocked, StoreOpenError
 
 Action = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
@@ -24,6 +25,7 @@ class CommandError(Exception):
 STORE_ERRORS = (
     StoreOpenError,
     StoreLocked,
+    PostgresOpenError,
     SchemaTooNew,
     SchemaTooOld,
     StorageUnavailable,

@@ -24,6 +24,7 @@ from gateway.normalize import QUALITIES, UPSTREAM_MODEL
 from gateway.periods import PERIOD_KINDS, PeriodKind
 
 DEFAULT_KEY_ENV = "IMAGE_GATEWAY_UPSTREAM_KEY"
+DEFAULT_DSN_ENV = "IMAGE_GATEWAY_DATABASE_URL"
 DEFAULT_PRICES_CNY = {"low": "0.10", "medium": "0.20", "high": "0.40", "auto": "0.20"}
 DEFAULT_ALIASES = dict.fromkeys(
     ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
@@ -186,10 +187,20 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where the ledger lives: a SQLite file (one gateway process), or PostgreSQL (a fleet)."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: Secret | None = None  # postgresql:// URL (it may hold a password)
+    dsn_source: str = ""  # where it came from, for messages
+    instance_lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig
     upstream: UpstreamConfig
-    database: Path
+    database: Path  # the SQLite file (backend sqlite)
     log: LogConfig
     prices: Mapping[str, int]
     teams: Mapping[str, TeamConfig]
@@ -198,6 +209,7 @@ class Settings:
     idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
     def reloaded(self, new: Settings) -> tuple[Settings, list[str]]:
         """``new``, except what a running process cannot change (kept from ``self``, and named)."""
@@ -207,6 +219,7 @@ class Settings:
                 ("server", self.server, new.server),
                 ("upstream", self.upstream, new.upstream),
                 ("storage.database", self.database, new.database),
+                ("storage", self.storage, new.storage),
                 ("log.access", self.log.access, new.log.access),
                 ("metrics", self.metrics, new.metrics),
                 ("tasks", self.tasks, new.tasks),
@@ -219,6 +232,7 @@ class Settings:
             server=self.server,
             upstream=self.upstream,
             database=self.database,
+            storage=self.storage,
             log=replace(new.log, access=self.log.access),
             metrics=self.metrics,
             tasks=self.tasks,
@@ -263,6 +277,7 @@ def parse_settings(
     upstream = _upstream(root.table("upstream"), base_dir, env, require_central_key)
     storage = root.table("storage")
     database = _resolve(storage.get("database", str, "gateway.db", _non_empty), base_dir)
+    storage_config = _storage(storage, base_dir, env)
     log_table = root.table("log")
     access = log_table.get("access", str, "-", _non_empty)
     log = LogConfig(
@@ -287,6 +302,7 @@ def parse_settings(
         idempotency=_idempotency(root.table("idempotency")),
         metrics=_metrics(root.table("metrics"), admin_keys),
         model_aliases=aliases,
+        storage=storage_config,
     )
     for table in (storage, log_table, admin, models):
         table.finish()
@@ -433,34 +449,92 @@ def _upstream(
     return config
 
 
-def _central_key(
-    t: _Table, key_env: str | None, key_file: str | None, base_dir: Path, env: Mapping[str, str]
-) -> Secret:
-    if key_env and key_file:
-        t.errors.append(f"{t.name('api_key_env')} and {t.name('api_key_file')}: set only one")
-        return Secret("")
-    if key_file:
-        unset = sorted(name for name in _env_names(key_file) if name not in env)
+def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig:
+    backend = t.get("backend", str, "sqlite", _backend)
+    lease = t.get("instance_lease_s", float, 30.0, _positive)
+    dsn_env = t.get("dsn_env", str, None, _non_empty)
+    dsn_file = t.get("dsn_file", str, None, _non_empty)
+    if backend != "postgres":
+        for key in ("dsn_env", "dsn_file", "instance_lease_s"):
+            if key in t.data:
+                t.errors.append(f'{t.name(key)} goes with backend = "postgres"')
+        return StorageConfig()
+    if "database" in t.data:
+        t.errors.append(
+            f'{t.name("database")} is the SQLite file: remove it with backend = "postgres" '
+            "(the database is named by dsn_env or dsn_file)"
+        )
+    source, value = _read_secret(
+        t, env_key="dsn_env", env_name=dsn_env, file_key="dsn_file", file_value=dsn_file,
+        default_env=DEFAULT_DSN_ENV, base_dir=base_dir, env=env, what="PostgreSQL URL",
+    )  # fmt: skip
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        t.errors.append(f"{source}: the PostgreSQL URL must start with postgresql://")
+        value = ""
+    return StorageConfig(
+        backend="postgres",
+        dsn=Secret(value) if value else None,
+        dsn_source=source,
+        instance_lease_s=lease,
+    )
+
+
+def _backend(value: str) -> str | None:
+    return None if value in ("sqlite", "postgres") else "must be sqlite or postgres"
+
+
+def _read_secret(
+    t: _Table,
+    *,
+    env_key: str,
+    env_name: str | None,
+    file_key: str,
+    file_value: str | None,
+    default_env: str,
+    base_dir: Path,
+    env: Mapping[str, str],
+    what: str,
+) -> tuple[str, str]:
+    """A credential from an environment variable or a file (``${VAR}`` expanded, typically a
+    systemd credential): (where it came from, its value, "" if missing and reported)."""
+    if env_name and file_value:
+        t.errors.append(f"{t.name(env_key)} and {t.name(file_key)}: set only one")
+        return t.name(env_key), ""
+    if file_value:
+        source = t.name(file_key)
+        unset = sorted(name for name in _env_names(file_value) if name not in env)
         if unset:
             t.errors.append(
-                f"{t.name('api_key_file')} uses ${unset[0]}, which is not set (systemd sets "
+                f"{source} uses ${unset[0]}, which is not set (systemd sets "
                 "$CREDENTIALS_DIRECTORY for the service; set it yourself to check the file)"
             )
-            return Secret("")
-        path = _resolve(_expand_env(key_file, env), base_dir)
+            return source, ""
+        path = _resolve(_expand_env(file_value, env), base_dir)
         try:
             value = path.read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as exc:
-            t.errors.append(f"{t.name('api_key_file')}: cannot read {path}: {exc}")
-            return Secret("")
-        source = t.name("api_key_file")
-    else:
-        name = key_env or DEFAULT_KEY_ENV
-        value = env.get(name, "").strip()
-        source = f"{t.name('api_key_env')} (environment variable {name})"
+            t.errors.append(f"{source}: cannot read {path}: {exc}")
+            return source, ""
         if not value:
-            t.errors.append(f"{source}: the central key is missing")
-            return Secret("")
+            t.errors.append(f"{source}: {path} is empty; it must hold the {what}")
+        return source, value
+    name = env_name or default_env
+    source = f"{t.name(env_key)} (environment variable {name})"
+    value = env.get(name, "").strip()
+    if not value:
+        t.errors.append(f"{source}: the {what} is missing")
+    return source, value
+
+
+def _central_key(
+    t: _Table, key_env: str | None, key_file: str | None, base_dir: Path, env: Mapping[str, str]
+) -> Secret:
+    source, value = _read_secret(
+        t, env_key="api_key_env", env_name=key_env, file_key="api_key_file", file_value=key_file,
+        default_env=DEFAULT_KEY_ENV, base_dir=base_dir, env=env, what="central key",
+    )  # fmt: skip
+    if not value:
+        return Secret("")
     if not value.startswith("sk_") or any(ch.isspace() for ch in value):
         t.errors.append(f"{source}: the central key must be the upstream's sk_... key")
         return Secret("")

@@ -119,6 +119,7 @@ class Store(abc.ABC):
     """One engine's ledger, tasks and stored outcomes."""
 
     closed: bool = False
+    created: bool = False  # opening made a new, empty ledger
 
     # -- lifecycle ---------------------------------------------------------------------------
 

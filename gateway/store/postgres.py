@@ -115,9 +115,10 @@ class PostgresStore(Store):
             raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
         try:
             async with pool.acquire() as conn:
-                await _migrate(conn, migrate=migrate)
+                was = await _migrate(conn, migrate=migrate)
             instance_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
             store = cls(pool, instance_id, lease_s)
+            store.created = was == 0 and migrate
             if register:
                 await store._execute(
                     "INSERT INTO instances (instance_id, host, pid) VALUES ($1, $2, $3)",
@@ -662,14 +663,15 @@ class PostgresStore(Store):
 # -- migrations ------------------------------------------------------------------------------
 
 
-async def _migrate(conn: asyncpg.Connection, *, migrate: bool) -> None:
+async def _migrate(conn: asyncpg.Connection, *, migrate: bool) -> int:
+    """Migrate to this code's schema under the advisory lock; the version it was at."""
     steps = migrations.load("postgres")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
         current = await _schema_version(conn)
         if not migrate:
             migrations.require_current(current, steps, where="the PostgreSQL database")
-            return
+            return current
         for step in migrations.pending(current, steps, where="the PostgreSQL database"):
             async with conn.transaction():
                 await conn.execute(step.sql)
@@ -681,6 +683,7 @@ async def _migrate(conn: asyncpg.Connection, *, migrate: bool) -> None:
             log.info("database migrated to schema version %d (%s)", step.version, step.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
+    return current
 
 
 async def _schema_version(conn: asyncpg.Connection) -> int:
