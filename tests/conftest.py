@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from gateway.money import cny_to_units
 from gateway.simulator import Simulator
 from gateway.store.base import LedgerQuery, Store
 from tests.fakes import FakeClock, FaultPlan
-from tests.postgres import postgres_dsn, postgres_server  # noqa: F401 (fixtures)
+from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
 UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
 TEAM_KEYS = {
@@ -54,6 +56,18 @@ class Gateway:
     clock: FakeClock
     access_log: Path
     clients: list[OpenAI | AsyncOpenAI] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)  # the config it was started with
+    env: dict[str, str] = field(default_factory=dict)  # what its config reads (a database URL)
+
+    def config_file(self, path: Path) -> Path:
+        """This gateway's own config as a TOML file, for the CLI to run against its ledger."""
+        from tests.process import to_toml
+
+        path.write_text(to_toml(self.config))
+        return path
+
+    def cli_env(self) -> dict[str, str]:
+        return {**os.environ, "TEST_UPSTREAM_KEY": UPSTREAM_KEY, **self.env}
 
     @property
     def db(self) -> Store:
@@ -160,9 +174,41 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def build_settings(tmp_path: Path, upstream_url: str, **overrides: Any) -> Settings:
+def build_settings(
+    tmp_path: Path, upstream_url: str, env: dict[str, str] | None = None, **overrides: Any
+) -> Settings:
     data = merge(base_config(tmp_path, upstream_url), overrides)
-    return parse_settings(data, base_dir=tmp_path, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY})
+    if data["storage"].get("backend") == "postgres":
+        data["storage"].pop("database", None)  # the SQLite default of base_config
+    return parse_settings(
+        data, base_dir=tmp_path, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
+    )
+
+
+BACKENDS = ["sqlite", "postgres"]
+PG_URL_ENV = "TEST_DATABASE_URL"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every in-process gateway test runs on both storage engines (``sqlite_only`` tests, which
+    reach into the SQLite file itself, only on the first)."""
+    return str(request.param)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    kept = [
+        item
+        for item in items
+        if not (
+            item.get_closest_marker("sqlite_only")
+            and getattr(item, "callspec", None) is not None
+            and item.callspec.params.get("backend") == "postgres"  # type: ignore[attr-defined]
+        )
+    ]
+    if len(kept) != len(items):
+        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
+        items[:] = kept
 
 
 @pytest.fixture
@@ -203,6 +249,8 @@ async def start_gateway(
     tmp_path: Path,
     clock: FakeClock,
     caplog: pytest.LogCaptureFixture,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Start a gateway (config overrides as keyword tables) in front of the fake upstream.
 
@@ -211,12 +259,22 @@ async def start_gateway(
     """
     started: list[Gateway] = []
     leaks: list[str] = []
+    stack = contextlib.AsyncExitStack()
+    env: dict[str, str] = {}
+    if backend == "postgres":  # one database for the test, shared by its gateways
+        server = request.getfixturevalue("postgres_server")
+        env[PG_URL_ENV] = await stack.enter_async_context(fresh_database(server))
 
     async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
         running = sum(1 for g in started if not g.server.closed)
-        if running and "storage" not in overrides:  # one gateway process per SQLite file
+        if backend == "postgres" and "storage" not in overrides:
+            overrides["storage"] = {"backend": "postgres", "dsn_env": PG_URL_ENV}
+        elif running and "storage" not in overrides:  # one gateway process per SQLite file
             overrides["storage"] = {"database": f"gateway-{len(started)}.db"}
-        settings = build_settings(tmp_path, upstream.url, **overrides)
+        settings = build_settings(tmp_path, upstream.url, env, **overrides)
+        config = merge(base_config(tmp_path, upstream.url), overrides)
+        if backend == "postgres":
+            config["storage"].pop("database", None)
         app = create_app(settings, clock=with_clock or clock)
         app.middlewares.insert(0, secret_guard(leaks))
         server = await aiohttp_server(app)
@@ -227,6 +285,8 @@ async def start_gateway(
             settings,
             clock,
             tmp_path / "access.log",
+            config=config,
+            env=dict(env),
         )
         started.append(gateway)
         return gateway
@@ -251,6 +311,10 @@ async def start_gateway(
     # Upstream ids whole (with the date and count they rebuild a result URL) are never logged.
     for upstream_id in {*(i for i, _ in upstream.sim.served), *upstream.sim.tasks}:
         assert upstream_id not in logs, f"upstream id {upstream_id[:8]}... found in a log"
+    for gateway in started:  # the database is dropped after its gateways have closed it
+        if not gateway.server.closed:
+            await gateway.server.close()
+    await stack.aclose()
 
 
 def gateway_log_text(caplog: pytest.LogCaptureFixture) -> str:

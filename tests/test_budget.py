@@ -285,22 +285,10 @@ async def test_usage_cli_json(start_gateway, tmp_path, upstream: Upstream) -> No
     gateway = await start_gateway(teams={"design": {"period": "total"}})
     async with aiohttp.ClientSession() as http:
         await generate(http, gateway, n=2)
-    config = tmp_path / "gateway.toml"
-    config.write_text(
-        f"""
-[upstream]
-base_url = "{upstream.url}"
-[storage]
-database = "gateway.db"
-[teams.design]
-keys_sha256 = ["{"1" * 64}"]
-budget_cny = 100.0
-period = "total"
-"""
-    )
+    config = gateway.config_file(tmp_path / "gateway.toml")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "usage", "--config", str(config), "--json", "--team", "design",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=gateway.cli_env(),
     )  # fmt: skip
     out, err = await proc.communicate()
     assert proc.returncode == 0, err.decode()
@@ -316,6 +304,7 @@ period = "total"
     }
 
 
+@pytest.mark.sqlite_only
 async def test_usage_cli_never_creates_files_when_the_gateway_is_stopped(
     start_gateway, tmp_path, upstream: Upstream
 ) -> None:

@@ -34,7 +34,6 @@ from tests.conftest import (
     build_settings,
     merge,
 )
-from tests.process import to_toml
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 UNNAMED = f"design/sha256:{key_digest(TEAM_KEYS['design'])[:8]}"
@@ -358,9 +357,9 @@ expires = 2027-03-31T08:00:00+08:00
 # -- the key commands ------------------------------------------------------------------------
 
 
-async def shell(command: str, cwd: Path | None = None) -> tuple[int, str, str]:
+async def shell(command: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     proc = await asyncio.create_subprocess_shell(
-        command, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        command, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     return proc.returncode or 0, out.decode(), err.decode()
@@ -391,9 +390,10 @@ async def test_keys_lists_every_key_without_the_key(
     gateway = await start_gateway(**overrides)
     assert (await post(gateway, NAMED_KEYS["web-app"]))[0] == 200
     await gateway.settled()
-    config = tmp_path / "gateway.toml"
-    config.write_text(to_toml(merge(base_config(tmp_path, upstream.url), overrides)))
-    code, out, err = await shell(f"{sys.executable} -m gateway keys --config {config} --json")
+    config = gateway.config_file(tmp_path / "gateway.toml")
+    code, out, err = await shell(
+        f"{sys.executable} -m gateway keys --config {config} --json", env=gateway.cli_env()
+    )
     assert code == 0, err
     listing = {k["key"]: k for k in json.loads(out)["keys"]}
     assert set(listing) == {UNNAMED, "design/web-app", "design/contractor",
@@ -405,7 +405,9 @@ async def test_keys_lists_every_key_without_the_key(
         5,
     )
     assert web["last_used"] is not None and listing["design/contractor"]["expired"] is True
-    code, out, _ = await shell(f"{sys.executable} -m gateway keys --config {config}")
+    code, out, _ = await shell(
+        f"{sys.executable} -m gateway keys --config {config}", env=gateway.cli_env()
+    )
     assert code == 0 and "(EXPIRED)" in out and "never" in out
     for secret in NAMED_KEYS.values():
         assert secret not in out
@@ -418,19 +420,21 @@ async def test_usage_cli_by_key_and_period(
     gateway = await start_gateway(**overrides)
     await post(gateway, NAMED_KEYS["web-app"], user="alice")
     await gateway.settled()
-    config = tmp_path / "gateway.toml"
-    config.write_text(to_toml(merge(base_config(tmp_path, upstream.url), overrides)))
+    config = gateway.config_file(tmp_path / "gateway.toml")
+    env = gateway.cli_env()
     code, out, err = await shell(
-        f"{sys.executable} -m gateway usage --config {config} --team design --by key --period 2026-11 --json"
+        f"{sys.executable} -m gateway usage --config {config} --team design --by key --period 2026-11 --json",
+        env=env,
     )
     assert code == 0, err
     by = json.loads(out)["teams"]["design"]["by"]
     assert by["design/web-app"]["spent_cny"] == 0.2
     code, out, err = await shell(
-        f"{sys.executable} -m gateway usage --config {config} --by end_user --period 2026-11"
+        f"{sys.executable} -m gateway usage --config {config} --by end_user --period 2026-11",
+        env=env,
     )
     assert code == 0 and "alice" in out
     code, _, err = await shell(
-        f"{sys.executable} -m gateway usage --config {config} --period 2026-1"
+        f"{sys.executable} -m gateway usage --config {config} --period 2026-1", env=env
     )
     assert code == 1 and err.count("\n") == 1

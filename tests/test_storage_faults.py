@@ -96,6 +96,7 @@ async def readyz(gateway: Gateway) -> tuple[int, dict[str, Any]]:
             return resp.status, await resp.json()
 
 
+@pytest.mark.sqlite_only
 async def test_a_full_disk_refuses_cleanly_before_anything_is_sent(
     start_gateway, upstream: Upstream, small_disk: Path
 ) -> None:
@@ -116,6 +117,7 @@ async def test_a_full_disk_refuses_cleanly_before_anything_is_sent(
     await books_balance(gateway, upstream)
 
 
+@pytest.mark.sqlite_only
 async def test_a_paid_result_survives_a_full_disk_until_it_can_be_stored(
     start_gateway, upstream: Upstream, small_disk: Path
 ) -> None:
@@ -148,6 +150,7 @@ async def test_a_paid_result_survives_a_full_disk_until_it_can_be_stored(
     await books_balance(gateway, upstream)
 
 
+@pytest.mark.sqlite_only
 async def test_a_database_deleted_while_running_is_noticed(
     gateway: Gateway, tmp_path: Path
 ) -> None:
@@ -157,6 +160,7 @@ async def test_a_database_deleted_while_running_is_noticed(
     assert (status, body["checks"]["database"]) == (503, "error: StorageUnavailable")
 
 
+@pytest.mark.sqlite_only
 async def test_a_removed_write_ahead_log_is_noticed(gateway: Gateway, tmp_path: Path) -> None:
     assert (await post(gateway))[0] == 200
     assert (await readyz(gateway))[0] == 200

@@ -18,8 +18,9 @@ CREATE TABLE key_usage (
     PRIMARY KEY (team, key_fp, period)
 );
 
--- The team's row is locked first, then the key's, in every trigger: no two transactions can
--- wait for each other.
+-- The team's row is locked first, then the key's, everywhere: no two transactions can wait for
+-- each other. PostgreSQL fires triggers of one event in the order of their names, which is why
+-- the key triggers' names sort after the team ones (settlement_moves_money, then ..._of_key).
 CREATE OR REPLACE FUNCTION hold_reserves() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF gateway_copying() THEN RETURN NEW; END IF;
@@ -58,7 +59,7 @@ BEGIN
        AND k.team = h.team AND k.key_fp = h.key_fp AND k.period = h.period;
     RETURN NEW;
 END $$;
-CREATE TRIGGER settlement_moves_key_money AFTER INSERT ON settlements
+CREATE TRIGGER settlement_moves_money_of_key AFTER INSERT ON settlements
     FOR EACH ROW EXECUTE FUNCTION settlement_moves_key_money();
 
 CREATE FUNCTION resolution_moves_key_money() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -74,7 +75,7 @@ BEGIN
        AND k.team = h.team AND k.key_fp = h.key_fp AND k.period = h.period;
     RETURN NEW;
 END $$;
-CREATE TRIGGER resolution_moves_key_money AFTER INSERT ON resolutions
+CREATE TRIGGER resolution_moves_money_of_key AFTER INSERT ON resolutions
     FOR EACH ROW EXECUTE FUNCTION resolution_moves_key_money();
 
 CREATE VIEW ledger AS
