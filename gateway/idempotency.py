@@ -215,6 +215,8 @@ class Idempotency:
         if self._is_running(earlier.request_id):
             raise _in_flight()
         state = await self._db.hold_state(earlier.request_id)
+        if earlier.live and (state is None or state[0] == "held"):
+            raise _in_flight()  # another live instance is running it
         if state is None or state[0] == "released":
             return None  # nothing was spent: run the request afresh
         if state[0] == "captured" and state[1] is not None:

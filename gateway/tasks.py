@@ -36,6 +36,8 @@ TERMINAL = ("completed", "failed")
 CACHE_SIZE = 10_000
 BATCH = 100
 NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
+FLEET_WAIT_S = 10.0  # how long to wait for another instance's fetch of a task's answer
+FLEET_POLL_S = 0.05
 
 
 class TaskTracker:
@@ -224,13 +226,41 @@ class TaskTracker:
             future.exception()  # retrieved here, so an error nobody awaited is not reported twice
 
     async def _fetch(self, row: TaskRow, slot: LogSlot | None) -> dict[str, Any]:
+        """One upstream poll for this process's waiting callers, and, with a fleet, for the
+        fleet: the instance that claims the poll asks, the others read its answer."""
+        now = self._now()
+        poll = await self._db.claim_task_poll(row.task_id, now, self._config.poll_cache_ttl_s)
+        if not poll.claimed:
+            answer = await self._fleet_answer(row.task_id, poll.answer, now)
+            if answer is not None:
+                if answer.get("status") not in TERMINAL:
+                    self._pending[row.task_id] = answer
+                return answer
         answer = (await self._upstream.get_task(row.task_id)).payload
         status = answer.get("status")
         if status in TERMINAL:
             await self._finish(row, str(status), answer, slot)
         else:
             self._pending[row.task_id] = answer
+            await self._db.store_task_answer(row.task_id, json.dumps(answer), now)
         return answer
+
+    async def _fleet_answer(
+        self, task_id: str, cached: str | None, since: float
+    ) -> dict[str, Any] | None:
+        """Another instance's fresh answer, waited for while it fetches (None: it never came,
+        ask the upstream after all)."""
+        if cached is not None:
+            return dict(json.loads(cached))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FLEET_WAIT_S
+        fresh_since = since - self._config.poll_cache_ttl_s  # the fetcher's clock is not ours
+        while loop.time() < deadline:
+            await asyncio.sleep(FLEET_POLL_S)
+            answer = await self._db.task_answer_since(task_id, fresh_since)
+            if answer is not None:
+                return dict(json.loads(answer))
+        return None
 
     async def _finish(
         self, row: TaskRow, status: str, answer: dict[str, Any], slot: LogSlot | None
