@@ -24,6 +24,8 @@ from gateway.config import Settings
 from gateway.keylist import format_keys, key_listing
 from gateway.periods import utc_now
 from gateway.store.factory import open_store
+from gateway.store.migrations import SchemaTooNew, SchemaTooOld
+from gateway.store.postgres import PostgresOpenError
 from gateway.usage import GROUPINGS, check_report_args, format_report, usage_report
 
 DEMO_HOST, DEMO_PORT = "127.0.0.1", 8080
@@ -87,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(run=offline(_keys))
 
     cli_ledger.add_commands(commands)
+    cli_ledger.add_db_commands(commands)
     return parser
 
 
@@ -168,10 +171,27 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = load_config(args.path)
+    if settings.storage.backend == "postgres":
+        try:
+            state = asyncio.run(_probe_postgres(settings))
+        except (PostgresOpenError, SchemaTooNew) as exc:
+            raise CommandError(f"{args.path}: {settings.storage.dsn_source}: {exc}") from None
+        print(f"{args.path}: OK ({len(settings.teams)} teams, PostgreSQL: {state})")
+        return 0
     database = settings.database
     state = "exists" if database.exists() else "does not exist yet: the gateway will create it"
     print(f"{args.path}: OK ({len(settings.teams)} teams, database {database}: {state})")
     return 0
+
+
+async def _probe_postgres(settings: Settings) -> str:
+    """Whether the configured PostgreSQL answers, and at which schema (nothing is changed)."""
+    try:
+        db = await open_store(settings, "reader")
+    except SchemaTooOld as exc:
+        return f"reachable; {str(exc).split(';')[0]} (the gateway migrates it at start)"
+    await db.close()
+    return "reachable, schema current"
 
 
 async def _usage(args: argparse.Namespace, settings: Settings) -> int:

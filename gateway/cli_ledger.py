@@ -8,11 +8,13 @@ the database), and a gateway writes its access-log line on its next pass.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 from pathlib import Path
 
 from gateway.cli_support import CommandError, fail, offline
 from gateway.config import Settings
+from gateway.dbcopy import CopyRefused, copy_to_postgres, read_history
 from gateway.ledger import LedgerEntry
 from gateway.periods import utc_now
 from gateway.reconcile import (
@@ -152,3 +154,29 @@ async def _entries(
         entries.extend(await db.entries(query))
     entries.sort(key=lambda e: (e.created_at, e.request_id), reverse=True)
     return entries
+
+
+def add_db_commands(commands: argparse._SubParsersAction) -> None:
+    """``db copy``: move a SQLite history into PostgreSQL."""
+    db = commands.add_parser("db", help="move a ledger between backends")
+    sub = db.add_subparsers(required=True, metavar="ACTION")
+    copy = sub.add_parser("copy", help="copy a SQLite history into an empty PostgreSQL database")
+    copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file")
+    copy.add_argument("--config", type=Path, required=True, help="the PostgreSQL config")
+    copy.set_defaults(run=offline(_copy))
+
+
+async def _copy(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.storage.backend != "postgres" or settings.storage.dsn is None:
+        return fail(f'{args.config} must set [storage] backend = "postgres"')
+    target = await open_store(settings)  # migrates the target to this code's schema
+    await target.close()
+    try:
+        history = await asyncio.to_thread(read_history, args.source)
+        copied = await copy_to_postgres(history, settings.storage.dsn.reveal())
+    except CopyRefused as exc:
+        return fail(str(exc))
+    rows = ", ".join(f"{count} {name}" for name, count in copied.rows.items())
+    print(f"copied {rows}")
+    print(f"consistent ({copied.entries} entries)")
+    return 0

@@ -78,6 +78,13 @@ UNAVAILABLE = (
 )
 
 
+# SQLSTATE classes meaning "the database cannot be used now", not "this statement is wrong":
+# connection exception, insufficient resources (disk full, too many connections), operator
+# intervention (shutdown), system error (I/O), object not in prerequisite state (connections
+# disallowed).
+UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58", "55"})
+
+
 class PostgresOpenError(Exception):
     """The database cannot be reached or used; the message says which and why (no secrets)."""
 
@@ -151,11 +158,23 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; the database being unreachable is StorageUnavailable, whether
+        on connecting (any failure) or during a statement (the server's connection, resource
+        and shutdown error classes)."""
         try:
-            async with self._pool.acquire() as conn:
-                yield conn
+            conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT_S)
+        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+            raise _unavailable(exc) from None
+        try:
+            yield conn
         except UNAVAILABLE as exc:
             raise _unavailable(exc) from None
+        except asyncpg.PostgresError as exc:
+            if str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
+                raise _unavailable(exc) from None
+            raise
+        finally:
+            await self._pool.release(conn)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with self._connection() as conn:
@@ -277,24 +296,11 @@ class PostgresStore(Store):
         return to_entry(rows[0]) if rows else None
 
     async def verify(self) -> Verification:
-        async def read(conn: asyncpg.Connection) -> Verification:
-            rows = await conn.fetch(
-                "SELECT 'stored', team, period, spent, reserved, uncertain, overrun FROM usage"
-                f" UNION ALL SELECT 'summed', team, period, {SUMS} FROM ledger"
-                " GROUP BY team, period"
-                " UNION ALL SELECT 'key stored', team || ' ' || key_fp, period, spent,"
-                " reserved, uncertain, overrun FROM key_usage"
-                f" UNION ALL SELECT 'key summed', team || ' ' || key_fp, period, {SUMS}"
-                " FROM ledger WHERE key_fp IS NOT NULL GROUP BY team, key_fp, period"
-                " UNION ALL SELECT 'count', '', '', COUNT(*), 0, 0, 0 FROM holds"
-            )
-            return verification([(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in rows])
-
         async with (  # one snapshot for counters and entries
             self._connection() as conn,
             conn.transaction(isolation="repeatable_read", readonly=True),
         ):
-            return await read(conn)
+            return await verify_on(conn)
 
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         rows = await self._fetch(
@@ -658,6 +664,20 @@ class PostgresStore(Store):
     async def purge_idempotency(self, before: float) -> int:
         done = await self._execute("DELETE FROM idempotency WHERE created_at < $1", before)
         return int(done.split()[-1])
+
+
+async def verify_on(conn: asyncpg.Connection) -> Verification:
+    """Every counter against its entries, on this connection (and in its transaction)."""
+    rows = await conn.fetch(
+        "SELECT 'stored', team, period, spent, reserved, uncertain, overrun FROM usage"
+        f" UNION ALL SELECT 'summed', team, period, {SUMS} FROM ledger GROUP BY team, period"
+        " UNION ALL SELECT 'key stored', team || ' ' || key_fp, period, spent, reserved,"
+        " uncertain, overrun FROM key_usage"
+        f" UNION ALL SELECT 'key summed', team || ' ' || key_fp, period, {SUMS} FROM ledger"
+        " WHERE key_fp IS NOT NULL GROUP BY team, key_fp, period"
+        " UNION ALL SELECT 'count', '', '', COUNT(*), 0, 0, 0 FROM holds"
+    )
+    return verification([(r[0], r[1], r[2], *(int(v) for v in r[3:])) for r in rows])
 
 
 # -- migrations ------------------------------------------------------------------------------

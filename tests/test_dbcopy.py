@@ -1,0 +1,116 @@
+"""``image-gateway db copy``: a SQLite history moved whole into PostgreSQL, verified there."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from gateway.auth import key_digest
+from gateway.store.base import LedgerQuery
+from gateway.store.postgres import PostgresStore
+from gateway.store.sqlite import SQLiteStore
+from tests.conftest import (
+    ADMIN_KEY,
+    NAMED_KEYS,
+    PG_URL_ENV,
+    UPSTREAM_KEY,
+    Gateway,
+    Upstream,
+    base_config,
+    merge,
+)
+from tests.fakes import hang, json_error, respond
+from tests.process import to_toml
+
+pytestmark = pytest.mark.sqlite_only  # the history is written on SQLite, whichever the param
+
+KEYS = {"teams": {"design": {"keys": [
+    {"name": "web-app", "sha256": key_digest(NAMED_KEYS["web-app"]), "budget_cny": 5.0},
+]}}}  # fmt: skip
+
+
+async def post(gateway: Gateway, key: str | None = None, suffix: str = "", **body: Any):
+    headers = {"Authorization": f"Bearer {key}"} if key else gateway.headers()
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            gateway.url + "/v1/images/generations" + suffix, headers=headers,
+            json={"prompt": "a map", **body},
+        ) as resp:  # fmt: skip
+            return resp.status, await resp.json()
+
+
+async def copy(source: Path, config: Path, dsn: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway", "db", "copy", "--from", str(source), "--config",
+        str(config), env={**os.environ, PG_URL_ENV: dsn, "TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, (out + err).decode()
+
+
+async def test_db_copy_moves_every_entry_and_counter_and_verifies(
+    start_gateway, upstream: Upstream, tmp_path: Path, postgres_dsn: str
+) -> None:
+    gateway = await start_gateway(upstream={"timeout_s": 0.5}, **KEYS)
+    assert (await post(gateway, quality="high", n=2))[0] == 200
+    assert (await post(gateway, NAMED_KEYS["web-app"], user="alice"))[0] == 200
+    upstream.faults.add(json_error(500, "server_error", "failed"))
+    assert (await post(gateway))[0] == 500
+    upstream.faults.add(hang())
+    assert (await post(gateway))[0] == 504
+    await gateway.settled()
+    (lost,) = [e for e in await gateway.db.entries(LedgerQuery()) if e.state == "uncertain"]
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{gateway.url}/admin/ledger/{lost.request_id}/resolve",
+            headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            json={"state": "released", "reason": "not in the provider's usage"},
+        ) as resp:
+            assert resp.status == 200
+    _, task = await post(gateway, suffix="?async=1")
+    upstream.faults.add(
+        respond({"task_id": task["task_id"], "status": "completed", "cost": 9.9}), kind="TASK"
+    )
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{gateway.url}/v1/images/tasks/{task['task_id']}", headers=gateway.headers()
+        ) as resp:
+            assert resp.status == 200  # an overrun
+    await post(gateway, suffix="?async=1", quality="low")  # still pending
+    await gateway.settled()
+    sqlite_path = tmp_path / "gateway.db"
+    before = await gateway.db.entries(LedgerQuery())
+    await gateway.server.close()
+
+    config = merge(base_config(tmp_path, upstream.url), KEYS)
+    config["storage"] = {"backend": "postgres", "dsn_env": PG_URL_ENV}
+    (tmp_path / "pg.toml").write_text(to_toml(config))
+    code, out = await copy(sqlite_path, tmp_path / "pg.toml", postgres_dsn)
+    assert code == 0, out
+    assert out.splitlines()[-1] == f"consistent ({len(before)} entries)"
+
+    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
+    source = await SQLiteStore.open_read_only(sqlite_path)
+    try:
+        assert await target.entries(LedgerQuery()) == await source.entries(LedgerQuery())
+        for entry in before:
+            assert await target.usage(entry.team, entry.period) == await source.usage(
+                entry.team, entry.period
+            )
+        fp = key_digest(NAMED_KEYS["web-app"])[:16]
+        period = before[0].period
+        assert (await target.key_usage("design", fp, period)).spent == 2000
+        assert (await target.verify()).mismatches == ()
+        assert (await target.task(task["task_id"])).status == "completed"
+    finally:
+        await target.close()
+        await source.close()
+    code, out = await copy(sqlite_path, tmp_path / "pg.toml", postgres_dsn)
+    assert code == 1 and "not empty" in out
