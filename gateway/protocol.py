@@ -161,7 +161,7 @@ class GatewayServer(web.Server):
         self._report()
 
     def _forget(self, handler: RequestHandler) -> None:
-        self._live.discard(handler)  # type: ignore[arg-type]
+        self._live.discard(handler)
         self._idle.pop(handler, None)  # type: ignore[call-overload]
 
     def _report(self) -> None:

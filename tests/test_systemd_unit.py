@@ -472,3 +472,54 @@ budget_cny = 10
                 assert needle not in stderr_text, f"{needle[:8]}... found in the gateway's stderr"
     if not mdwe:
         pytest.skip("contract kept, but not under MemoryDenyWriteExecute: no PR_SET_MDWE here")
+
+
+# --- the template for several instances (PostgreSQL) -------------------------------------------
+
+TEMPLATE = ROOT / "systemd" / "image-gateway@.service"
+TEMPLATE_SETTINGS = parse_unit(TEMPLATE.read_text(encoding="utf-8"))
+PER_INSTANCE = {"Description", "ExecStart", "SyslogIdentifier", "LoadCredential"}
+
+
+def test_the_template_keeps_every_setting_of_the_unit_but_the_per_instance_ones() -> None:
+    for section, values in UNIT_SETTINGS.items():
+        for key, value in values.items():
+            if key not in PER_INSTANCE:
+                assert TEMPLATE_SETTINGS[section][key] == value, (section, key)
+    service = TEMPLATE_SETTINGS["Service"]
+    assert service["ExecStart"][-1].endswith("serve --config /etc/image-gateway/%i.toml")
+    assert service["SyslogIdentifier"] == ["image-gateway-%i"]
+    assert service["LoadCredential"] == [
+        "upstream-key:/etc/image-gateway/upstream-key",
+        "database-url:/etc/image-gateway/database-url",
+    ]
+
+
+def test_the_template_security_exposure_is_at_most_2(tmp_path: Path) -> None:
+    instance = tmp_path / "image-gateway@a.service"
+    instance.write_text(TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+    level, report = exposure(instance)
+    assert level <= MAX_EXPOSURE, report
+
+
+def test_the_nginx_example_is_valid_nginx(tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx) to check the example with")
+    example = ROOT / "deploy" / "nginx" / "image-gateway.conf"
+    text = example.read_text(encoding="utf-8")
+    assert "proxy_read_timeout 330s" in text and "non_idempotent" not in text.split("#")[0]
+    main = tmp_path / "nginx.conf"
+    main.write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/error.log;\nevents {{}}\n"
+        f"http {{\n access_log off;\n client_body_temp_path {tmp_path};\n"
+        f" proxy_temp_path {tmp_path};\n include {example};\n}}\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [nginx, "-t", "-q", "-p", str(tmp_path), "-c", str(main)],
+        capture_output=True, text=True, check=False, timeout=30,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
