@@ -8,6 +8,7 @@ the answer), so that the line carries what was really charged.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -55,6 +56,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     metrics.in_flight.inc()
     try:
         response = await _handle(request, handler, record)
+    except asyncio.CancelledError:  # shutdown past the drain, or the client gone: still a line
+        record.update(status=499, error_code=record["error_code"] or "cancelled",
+                      ts=timestamp(time.time()))  # fmt: skip
+        request.app[BOOKS].write(slot)
+        raise
     finally:
         metrics.in_flight.dec()
     elapsed = time.perf_counter() - started
