@@ -146,7 +146,9 @@ class UpstreamClient:
                 url, headers=self._auth, trace_request_ctx=state, allow_redirects=False
             ) as resp:
                 raw = await self._read_answer(resp, uncertain=False)
-                return _classify(resp.status, resp.headers, raw, state, expect="task")
+                return _classify(
+                    resp.status, resp.headers, raw, state, expect="task", secret=self._secret
+                )
         except _RefusedToStart as exc:
             raise exc.error from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -221,7 +223,9 @@ class UpstreamClient:
                 allow_redirects=False,  # never re-send a paid request to another origin
             ) as resp:
                 raw = await self._read_answer(resp, uncertain=True)
-                return _classify(resp.status, resp.headers, raw, state, expect="generation")
+                return _classify(
+                    resp.status, resp.headers, raw, state, expect="generation", secret=self._secret
+                )
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _NotSent(_describe(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -328,9 +332,13 @@ async def _stream(body: UpstreamBody) -> AsyncIterator[bytes | memoryview]:
         await asyncio.sleep(0)
 
 
-def _classify(status: int, headers: Any, raw: bytes, state: SendState, *, expect: str) -> Reply:
+def _classify(
+    status: int, headers: Any, raw: bytes, state: SendState, *, expect: str, secret: str
+) -> Reply:
     elapsed = state.elapsed_ms()
-    payload = _json_object(raw)
+    payload, changed = _json_object(raw, secret)
+    if payload is not None and changed:
+        raw = json.dumps(payload, ensure_ascii=False).encode()  # what is passed on is clean
     if status in (200, 202) and payload is not None and _well_formed(status, payload, expect):
         return Reply(status, payload, raw, elapsed, state.attempts)
     try:
@@ -458,12 +466,44 @@ def _well_formed(status: int, payload: dict[str, Any], expect: str) -> bool:
     )
 
 
-def _json_object(raw: bytes) -> dict[str, Any] | None:
+def _json_object(raw: bytes, secret: str) -> tuple[dict[str, Any] | None, bool]:
+    """The answer as an object with every string made safe (see ``_clean_text``), and whether
+    cleaning changed anything; None for anything but a JSON object."""
     try:
         value = json.loads(raw)
+        if not isinstance(value, dict):
+            return None, False
+        changed: list[bool] = []
+        cleaned = _clean(value, secret, changed)
     except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
+        return None, False
+    return cleaned, bool(changed)
+
+
+def _clean(value: Any, secret: str, changed: list[bool]) -> Any:
+    if isinstance(value, str):
+        text = _clean_text(value, secret)
+        if text != value:
+            changed.append(True)
+        return text
+    if isinstance(value, dict):
+        return {_clean(k, secret, changed): _clean(v, secret, changed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(item, secret, changed) for item in value]
+    return value
+
+
+def _clean_text(text: str, secret: str) -> str:
+    """An upstream string as the gateway may keep and pass it on: without the central key in
+    any JSON spelling (``\\u`` escapes decode back to it), without NUL (PostgreSQL text cannot
+    hold it) and without lone surrogates (no database encodes them)."""
+    if secret and secret in text:
+        text = text.replace(secret, "sk_\u2026")
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
 
 
 def _retry_after(value: str | None) -> float | None:
