@@ -8,13 +8,12 @@ the database), and a gateway writes its access-log line on its next pass.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 from pathlib import Path
 
 from gateway.cli_support import CommandError, fail, offline
 from gateway.config import Settings
-from gateway.dbcopy import CopyRefused, copy_to_postgres, read_history
+from gateway.dbcopy import CopyRefused, copy_sqlite_to_postgres
 from gateway.ledger import LedgerEntry
 from gateway.periods import utc_now
 from gateway.reconcile import (
@@ -172,8 +171,7 @@ async def _copy(args: argparse.Namespace, settings: Settings) -> int:
     target = await open_store(settings)  # migrates the target to this code's schema
     await target.close()
     try:
-        history = await asyncio.to_thread(read_history, args.source)
-        copied = await copy_to_postgres(history, settings.storage.dsn.reveal())
+        copied = await copy_sqlite_to_postgres(args.source, settings.storage.dsn.reveal())
     except CopyRefused as exc:
         return fail(str(exc))
     rows = ", ".join(f"{count} {name}" for name, count in copied.rows.items())

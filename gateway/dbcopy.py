@@ -9,7 +9,12 @@ verify`` on the target: counters and entries must agree, or the transaction is r
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
 import sqlite3
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,55 +41,79 @@ class Copied:
     entries: int
 
 
-History = dict[str, tuple[list[str], list[tuple[object, ...]]]]
+BATCH_ROWS = 5_000  # rows in memory at a time, however long the history
 
 
-def read_history(source: Path) -> History:
-    """Every table to copy, read from the SQLite file (read-only, at this code's schema)."""
-    if not source.exists():
-        raise CopyRefused(f"no SQLite database at {source}")
-    with sqlite3.connect(f"{source.absolute().as_uri()}?mode=ro", uri=True) as sqlite:
+async def copy_sqlite_to_postgres(source: Path, dsn: str) -> Copied:
+    """Copy, verify, commit; CopyRefused for a source in use or a non-empty target.
+
+    The source is read in batches (a long history never sits in memory whole) under a shared
+    lock, so no gateway can be writing to it while it is copied.
+    """
+    with _shared_lock(source), contextlib.closing(_read_only(source)) as sqlite:
         row = sqlite.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         migrations.require_current(int(row[0]), migrations.load("sqlite"), where=str(source))
-        return {name: _read(sqlite, name) for name in TABLES}
+        conn = await asyncpg.connect(dsn)
+        try:
+            return await _copy(sqlite, conn)
+        finally:
+            await conn.close()
 
 
-async def copy_to_postgres(tables: History, dsn: str) -> Copied:
-    """Copy, verify, commit; CopyRefused for a non-empty target or a failed check."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        if await conn.fetchval("SELECT COUNT(*) FROM holds") or await conn.fetchval(
-            "SELECT COUNT(*) FROM usage"
-        ):
-            raise CopyRefused("the PostgreSQL database is not empty: copy into a new one")
-        async with conn.transaction():
-            await conn.execute("SET LOCAL image_gateway.copying = 'on'")
-            target_columns = {name: await _columns(conn, name) for name in TABLES}
-            counts = {}
-            for name in TABLES:
-                columns, rows = tables[name]
-                kept = [c for c in columns if c in target_columns[name]]
-                picks = [columns.index(c) for c in kept]
+async def _copy(sqlite: sqlite3.Connection, conn: asyncpg.Connection) -> Copied:
+    if await conn.fetchval("SELECT COUNT(*) FROM holds") or await conn.fetchval(
+        "SELECT COUNT(*) FROM usage"
+    ):
+        raise CopyRefused("the PostgreSQL database is not empty: copy into a new one")
+    counts: dict[str, int] = {}
+    async with conn.transaction():
+        await conn.execute("SET LOCAL image_gateway.copying = 'on'")
+        for name in TABLES:
+            target = await _columns(conn, name)
+            cursor = sqlite.execute(f"SELECT * FROM {name}")  # noqa: S608 - a fixed table name
+            columns = [d[0] for d in cursor.description]
+            kept = [c for c in columns if c in target]
+            picks = [columns.index(c) for c in kept]
+            counts[name] = 0
+            while rows := await asyncio.to_thread(cursor.fetchmany, BATCH_ROWS):
                 records = [tuple(row[i] for i in picks) for row in rows]
                 await conn.copy_records_to_table(name, records=records, columns=kept)
-                counts[name] = len(records)
-            await conn.execute("SET LOCAL image_gateway.copying = 'off'")
-            checked = await verify_on(conn)
-            if checked.mismatches:
-                raise CopyRefused(
-                    f"the copy does not verify ({len(checked.mismatches)} counter(s) differ "
-                    "from their entries); nothing was committed. Run `image-gateway ledger "
-                    "verify` on the SQLite database."
-                )
-    finally:
-        await conn.close()
+                counts[name] += len(records)
+        await conn.execute("SET LOCAL image_gateway.copying = 'off'")
+        checked = await verify_on(conn)
+        if checked.mismatches:
+            raise CopyRefused(
+                f"the copy does not verify ({len(checked.mismatches)} counter(s) differ "
+                "from their entries); nothing was committed. Run `image-gateway ledger "
+                "verify` on the SQLite database."
+            )
     return Copied(counts, counts["holds"])
 
 
-def _read(sqlite: sqlite3.Connection, table: str) -> tuple[list[str], list[tuple[object, ...]]]:
-    cursor = sqlite.execute(f"SELECT * FROM {table}")  # noqa: S608 - a fixed table name
-    columns = [d[0] for d in cursor.description]
-    return columns, cursor.fetchall()
+@contextlib.contextmanager
+def _shared_lock(source: Path) -> Iterator[None]:
+    """The gateway holds an exclusive ``flock`` on its database while it runs."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CopyRefused(f"no SQLite database at {source}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CopyRefused(
+                f"{source} is in use by a running gateway: stop it first, so that nothing is "
+                "written to it after the copy"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_only(source: Path) -> sqlite3.Connection:
+    return sqlite3.connect(
+        f"{source.absolute().as_uri()}?mode=ro", uri=True, check_same_thread=False
+    )
 
 
 async def _columns(conn: asyncpg.Connection, table: str) -> set[str]:

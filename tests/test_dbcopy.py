@@ -114,3 +114,48 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         await source.close()
     code, out = await copy(sqlite_path, tmp_path / "pg.toml", postgres_dsn)
     assert code == 1 and "not empty" in out
+
+
+async def test_db_copy_refuses_a_database_a_running_gateway_holds(
+    gateway: Gateway, upstream: Upstream, tmp_path: Path, postgres_dsn: str
+) -> None:
+    assert (await post(gateway))[0] == 200
+    config = base_config(tmp_path, upstream.url)
+    config["storage"] = {"backend": "postgres", "dsn_env": PG_URL_ENV}
+    (tmp_path / "pg.toml").write_text(to_toml(config))
+    code, out = await copy(tmp_path / "gateway.db", tmp_path / "pg.toml", postgres_dsn)
+    assert code == 1
+    assert out.strip().splitlines() == [
+        f"image-gateway: {tmp_path / 'gateway.db'} is in use by a running gateway: stop it "
+        "first, so that nothing is written to it after the copy"
+    ]
+    target = await PostgresStore.open(postgres_dsn, register=False)
+    try:
+        assert await target.entries(LedgerQuery()) == []  # nothing was copied
+    finally:
+        await target.close()
+
+
+async def test_db_copy_reads_a_long_history_in_batches(
+    start_gateway, upstream: Upstream, tmp_path: Path, postgres_dsn: str, monkeypatch
+) -> None:
+    from gateway import dbcopy
+
+    gateway = await start_gateway()
+    for quality in ("low", "medium", "high", "low", "medium"):
+        assert (await post(gateway, quality=quality))[0] == 200
+    await gateway.settled()
+    before = await gateway.db.entries(LedgerQuery())
+    await gateway.server.close()
+    await gateway.db.close()
+    await (await PostgresStore.open(postgres_dsn, register=False)).close()  # migrated, empty
+    monkeypatch.setattr(dbcopy, "BATCH_ROWS", 2)  # five holds: three batches
+    copied = await dbcopy.copy_sqlite_to_postgres(tmp_path / "gateway.db", postgres_dsn)
+    assert copied.entries == 5 and copied.rows["holds"] == 5 == copied.rows["settlements"]
+    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
+    try:
+        assert await target.entries(LedgerQuery()) == before
+        assert (await target.verify()).mismatches == ()
+    finally:
+        await target.close()
+    assert len(upstream.sim.generation_requests()) == 5
