@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.errors import Conflict, InvalidRequest, NotFound
-from gateway.handlers import require_admin
+from gateway.handlers import path_id, require_admin
 from gateway.keys import BOOKS, CLOCK, CONFIG, DB, RECORD
 from gateway.reconcile import entry_json, queries
 from gateway.resolutions import resolve
@@ -56,7 +56,7 @@ async def resolve_entry(request: web.Request) -> web.Response:
     try:
         entry = await resolve(
             request.app[DB],
-            request.match_info["request_id"],
+            path_id(request, "request_id", "No ledger entry has that id."),
             state=state,
             images=images,
             reason=reason,

@@ -31,6 +31,7 @@ from gateway.keys import (
     CLOCK,
     CONFIG,
     DB,
+    DURABLE,
     GENERATIONS,
     IDEMPOTENCY,
     METRICS,
@@ -211,6 +212,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         db, generations.is_running, clock, settings.idempotency.keep_hours, durable
     )
     app[TASKS], app[GENERATIONS], app[IDEMPOTENCY] = tasks, generations, idempotency
+    app[DURABLE] = durable
     background = [
         asyncio.create_task(tasks.run_settler(), name="task settler"),
         asyncio.create_task(
@@ -244,6 +246,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             left,
         )
     await idempotency.drain()
+    await durable.close()
     for task in background:
         task.cancel()
     for task in background:

@@ -4,11 +4,16 @@ The result is paid for by then, so a failing write (disk full, database unreacha
 with a bounded backoff for as long as the process lives, loudly, while the caller keeps the
 result in memory. Only ``StorageUnavailable`` is retried: any other failure is a bug that a
 retry cannot fix, and is logged with its traceback (the hold then recovers as uncertain).
+Operations must be safe to repeat, since a try may commit and still lose its acknowledgement.
+
+``later`` is for writes nobody waits for (releasing a hold or an admission nothing else will
+close): one worker retries them all, so an outage costs one loop, not one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +36,8 @@ class Durable:
     ) -> None:
         self._metrics = metrics
         self._sleep = sleep
+        self._later: dict[str, Callable[[], Awaitable[object]]] = {}
+        self._worker: asyncio.Task[None] | None = None
 
     async def write(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """``operation()`` until it commits; ``what`` names it in the log (no secrets)."""
@@ -70,3 +77,41 @@ class Durable:
                 continue
             log.warning("stored the %s after %d attempts", what, attempts)
             return value
+
+    def later(self, what: str, operation: Callable[[], Awaitable[object]]) -> None:
+        """Retry ``operation()`` in the background until it lands; ``what`` is unique."""
+        if what not in self._later:
+            self._metrics.unsettled_results.inc()
+        self._later[what] = operation
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work_later(), name="background writes")
+
+    async def close(self) -> None:
+        """At shutdown: what is still unwritten is named, then left to start-up recovery."""
+        if self._worker is not None:
+            self._worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._worker
+        if self._later:
+            log.error("shutting down with %d write(s) not stored: %s", len(self._later),
+                      ", ".join(self._later))  # fmt: skip
+
+    async def _work_later(self) -> None:
+        backoff, logged_at = FIRST_BACKOFF_S, time.monotonic()
+        while self._later:
+            await self._sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self._metrics.write_retries.inc()
+            for what, operation in list(self._later.items()):
+                try:
+                    await operation()
+                except StorageUnavailable:
+                    continue
+                except Exception:
+                    log.exception("the %s failed and is given up", what)
+                del self._later[what]
+                self._metrics.unsettled_results.dec()
+            if self._later and time.monotonic() - logged_at >= LOG_EVERY_S:
+                logged_at = time.monotonic()
+                log.error("%d write(s) waiting for the database, retried until they land",
+                          len(self._later))  # fmt: skip

@@ -36,8 +36,8 @@ from gateway.metrics import Metrics
 from gateway.normalize import ImageRequest
 from gateway.periods import Period
 from gateway.pricing import budget_refusal, hold_for
-from gateway.settlement import capture_reply, interrupted, release, uncertain
-from gateway.store.base import Attempt, Store
+from gateway.settlement import capture_reply, interrupted, landed, release, uncertain
+from gateway.store.base import Attempt, DuplicateTask, Store
 from gateway.tasks import TaskTracker
 from gateway.upstream import Reply, SendState, UpstreamClient, error_label
 from gateway.wire import upstream_body
@@ -232,7 +232,20 @@ class Generations:
                 Outcome(error.status, job.request_id, error=error, usage=refused.usage)
             )
             return
-        except StorageUnavailable as exc:  # nothing was reserved, nothing is sent
+        except StorageUnavailable as exc:  # nothing is sent
+            # The hold may have committed all the same (its acknowledgement lost): release it,
+            # a no-op if there is none; once before answering, and if that fails, durably.
+            unsent = release("not sent: the reservation was not acknowledged")
+            now = self._clock().timestamp()
+
+            async def release_unsent() -> None:
+                if await self._settle(hold.request_id, unsent, now):
+                    self._books.moved(MoneyMoved.settled(hold, unsent), job.slot)
+
+            try:
+                await release_unsent()
+            except StorageUnavailable:
+                self._durable.later(f"release of {hold.request_id}", release_unsent)
             ready.set_result(Outcome(exc.status, job.request_id, error=exc))
             return
         self._metrics.reserve_seconds.observe(time.perf_counter() - started)
@@ -294,7 +307,19 @@ class Generations:
             final=True,
         )
         if reply.status == 202:
-            return await self._task_reply(job, hold, reply, base), None
+            try:
+                return await self._task_reply(job, hold, reply, base), None
+            except DuplicateTask:
+                error = UpstreamFailure(
+                    "The upstream answered with the id of an earlier task; the image may have "
+                    f"been generated. Do not retry blindly: ask your admin about ledger id "
+                    f"{job.request_id}.",
+                    code="upstream_bad_response",
+                    uncertain=True,
+                )
+                log.error("the upstream reused a task id for %s", job.request_id)
+                outcome = Outcome(error.status, error=error, **base)
+                return outcome, uncertain(hold, "the upstream reused a task id")
         upstream_id = reply.payload.get("id")
         captured = capture_reply(
             hold,
@@ -303,8 +328,12 @@ class Generations:
             reply.raw.decode("utf-8", "replace"),
         )
         if job.mode == "async":  # it answered at once: a task that is already complete
-            answer = await self._tasks.completed_at_once(
-                job.team.name, hold, reply.payload, captured, job.slot
+            now = self._clock().timestamp()
+            answer = await self._durable.write(
+                f"settlement of {hold.request_id}",
+                lambda: self._tasks.completed_at_once(
+                    job.team.name, hold, reply.payload, captured, slot=job.slot, now=now
+                ),
             )
             return Outcome(200, payload=answer, task_id=answer["task_id"], **base), None
         return (
@@ -353,12 +382,20 @@ class Generations:
 
     async def _commit(self, job: Job, hold: Hold, settlement: Settlement) -> None:
         now = self._clock().timestamp()
-        stored = await self._durable.write(
+        moved = await self._durable.write(
             f"settlement of {hold.request_id}",
-            lambda: self._db.settle(hold.request_id, settlement, now),
+            lambda: self._settle(hold.request_id, settlement, now),
         )
-        if stored:
+        if moved:
             self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
+
+    async def _settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
+        """Whether this settlement moved the money, also when an earlier try of the very same
+        write committed but lost its acknowledgement."""
+        if await self._db.settle(request_id, settlement, now):
+            return True
+        entry = await self._db.find_entry(request_id)
+        return entry is not None and landed(entry, settlement, now)
 
 
 def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: Any) -> Outcome:

@@ -21,7 +21,13 @@ from gateway.admission import body_cost
 from gateway.auth import check_expiry
 from gateway.body import BodyLimits, read_body
 from gateway.config import KeyConfig, Settings, TeamConfig
-from gateway.errors import InvalidRequest, NotFound, PermissionDenied, Unauthorized
+from gateway.errors import (
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    StorageUnavailable,
+    Unauthorized,
+)
 from gateway.generation import Job, Outcome
 from gateway.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.idempotency import check_key
@@ -30,6 +36,7 @@ from gateway.keys import (
     CLOCK,
     CONFIG,
     DB,
+    DURABLE,
     GENERATIONS,
     IDEMPOTENCY,
     LEDGER_ID,
@@ -41,7 +48,7 @@ from gateway.keys import (
     TASKS,
     UPSTREAM,
 )
-from gateway.limits import scopes
+from gateway.limits import Scope, scopes
 from gateway.live import Snapshot
 from gateway.money import units_to_cny
 from gateway.normalize import (
@@ -60,6 +67,8 @@ from gateway.usage import check_report_args, usage_report
 from gateway.wire import fingerprint
 
 log = logging.getLogger("gateway")
+
+MAX_ID_CHARS = 200
 
 ASYNC_VALUES = ("1", "true", "yes")
 RETRY_HEADER = "x-stainless-retry-count"
@@ -108,7 +117,9 @@ async def create_image(request: web.Request) -> web.Response:
             path=request.path,
             query={"async": "1"} if mode == "async" else {},  # the upstream's own spelling
             mode=mode,
-            fingerprint=fingerprint(image_request, async_mode=mode == "async"),
+            fingerprint=fingerprint(
+                image_request, async_mode=mode == "async", key_fp=key.fingerprint
+            ),
             prices=settings.prices,
             period=period,
             now=now,
@@ -128,7 +139,7 @@ async def get_task(request: web.Request) -> web.Response:
     record = request[RECORD]
     record.update(endpoint="tasks", mode="poll")
     team, _ = _caller(request, request.app[CONFIG].current)
-    task_id = request.match_info["task_id"]
+    task_id = path_id(request, "task_id", "No task with that id was found.")
     record["task_id"] = record["upstream_id"] = short_id(task_id)
     answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
     if isinstance(answer.get("result_url"), str):
@@ -279,7 +290,30 @@ async def _admitted(request: web.Request, team: TeamConfig, key: KeyConfig) -> A
     try:
         yield
     finally:
-        await asyncio.shield(db.release(request_id, limited))
+        await asyncio.shield(_release(request.app, request_id, limited))
+
+
+async def _release(app: web.Application, request_id: str, limited: list[Scope]) -> None:
+    """Never raises: the request's answer (maybe a paid image) must not become an error
+    because its admission could not be given back at once."""
+    db = app[DB]
+    try:
+        await db.release(request_id, limited)
+    except StorageUnavailable:
+        app[DURABLE].later(
+            f"admission release of {request_id}", lambda: db.release(request_id, limited)
+        )
+    except Exception:
+        log.exception("releasing the admission of %s failed", request_id)
+
+
+def path_id(request: web.Request, name: str, unknown: str) -> str:
+    """An id from the URL, or 404: no id the gateway hands out is this long or holds a control
+    character (which no database column is obliged to store: PostgreSQL text refuses NUL)."""
+    value = request.match_info[name]
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise NotFound(unknown, param=name)
+    return value
 
 
 def _retry_count(request: web.Request, record: dict[str, Any]) -> int:
@@ -324,7 +358,10 @@ async def _dispatch(
     if key is None:
         return await fresh()
     request[RECORD]["idempotency"] = "new"
-    outcome = await app[IDEMPOTENCY].run(job.team.name, key, job.fingerprint, job.request_id, fresh)
+    scoped = f"{job.key.fingerprint}:{key}" if job.key is not None else key  # per API key
+    outcome = await app[IDEMPOTENCY].run(
+        job.team.name, scoped, job.fingerprint, job.request_id, fresh
+    )
     if outcome.extra.get("Idempotent-Replayed"):
         request[RECORD]["idempotency"] = "replayed"
     return outcome

@@ -12,6 +12,7 @@ from aiohttp import web
 from gateway.accesslog import AccessLog
 from gateway.admission import ByteBudget
 from gateway.books import Books, LogSlot
+from gateway.durable import Durable
 from gateway.generation import Generations
 from gateway.idempotency import Idempotency
 from gateway.live import LiveConfig
@@ -30,6 +31,7 @@ UPSTREAM = web.AppKey("upstream", UpstreamClient)
 TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
+DURABLE = web.AppKey("durable", Durable)
 BODIES = web.AppKey("bodies", ByteBudget)
 SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
 

@@ -62,6 +62,6 @@ def window(label: str, tz: ZoneInfo) -> tuple[datetime | None, datetime | None]:
             start = datetime(int(parts[0]), int(parts[1]), 1, tzinfo=tz)
             return start, period_at("monthly", start, tz).end
         start = datetime(int(parts[0]), int(parts[1]), int(parts[2]), tzinfo=tz)
-    except ValueError:
-        raise ValueError(f"{label!r} is not a date") from None
-    return start, period_at("daily", start, tz).end
+        return start, period_at("daily", start, tz).end
+    except (ValueError, OverflowError):  # no such day, or its end is past the year 9999
+        raise ValueError(f"{label!r} is not a date the gateway can count") from None

@@ -25,6 +25,7 @@ from gateway.ledger import (
     Release,
     Resolution,
     ResolvedState,
+    Settlement,
     Uncertain,
 )
 from gateway.money import UNITS_PER_CNY
@@ -92,7 +93,7 @@ def task_settlement(
     if answer.get("status") != "completed":
         return release("upstream task failed", upstream_id=task_id, result=result), None
     data = answer.get("data")
-    images = len(data) if isinstance(data, list) else n
+    images = min(len(data), n) if isinstance(data, list) else n  # the schema holds images <= n
     cost, warning = _reported_cost(answer.get("cost"), hold_amount)
     amount, overrun = min(cost, hold_amount), max(0, cost - hold_amount)
     if overrun:
@@ -104,6 +105,17 @@ def task_settlement(
         images=images, amount=amount, overrun=overrun, upstream_id=task_id, result=result
     )
     return capture, warning
+
+
+def landed(entry: LedgerEntry, settlement: Settlement, now: float) -> bool:
+    """Whether ``entry`` was settled by exactly this settlement, stored at ``now``: how a retry
+    whose first try lost its acknowledgement knows the money moved (and must be reported)."""
+    return (
+        entry.settled_state == settlement.state
+        and entry.settled_amount == settlement.amount
+        and entry.reason == settlement.reason
+        and entry.settled_at == now
+    )
 
 
 def admin_resolution(

@@ -26,8 +26,8 @@ from gateway.config import TasksConfig
 from gateway.errors import GatewayError, NotFound, UpstreamRejected
 from gateway.ledger import Capture, Hold, LedgerEntry, Resolution
 from gateway.metrics import Metrics
-from gateway.settlement import automatic_resolution, expired, task_settlement
-from gateway.store.base import Store, TaskRow
+from gateway.settlement import automatic_resolution, expired, landed, task_settlement
+from gateway.store.base import NEVER, DuplicateTask, Store, TaskRow
 from gateway.upstream import UpstreamClient
 
 log = logging.getLogger("gateway.tasks")
@@ -35,7 +35,6 @@ log = logging.getLogger("gateway.tasks")
 TERMINAL = ("completed", "failed")
 CACHE_SIZE = 10_000
 BATCH = 100
-NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
 FLEET_WAIT_S = 10.0  # how long to wait for another instance's fetch of a task's answer
 FLEET_POLL_S = 0.05
 
@@ -81,33 +80,45 @@ class TaskTracker:
         hold: Hold,
         payload: dict[str, Any],
         captured: Capture,
+        *,
         slot: LogSlot | None,
+        now: float,
     ) -> dict[str, Any]:
-        """An async request the upstream answered with its images at once: a finished task."""
+        """An async request the upstream answered with its images at once: a finished task,
+        recorded and settled in one step (safe to retry with the same ``now``). Its id is the
+        upstream's, or this request's own if there is none or the upstream reused one."""
         data = payload["data"]
-        task_id = captured.upstream_id or hold.request_id
-        answer = {
-            "task_id": task_id,
-            "status": "completed",
-            "model": payload.get("model", "gpt-image-2"),
-            "result_url": data[0]["url"] if data else None,
-            "data": data,
-        }
-        result = json.dumps(answer, ensure_ascii=False)
-        await self._db.record_task(task_id, team, hold.request_id, hold.created_at, NEVER)
-        row = await self._db.task(task_id)
-        assert row is not None
-        closed = await self._db.finish_task(
-            row,
-            status="completed",
-            result=result,
-            settlement=captured,
-            resolve=_no_resolution,
-            now=self._now(),
-        )
-        if closed is not None:
-            self._books.moved(MoneyMoved.of_entry(closed.entry), slot)
-        return present(answer)
+        ids = [captured.upstream_id] if captured.upstream_id else []
+        for task_id in [*ids, hold.request_id]:
+            answer = {
+                "task_id": task_id,
+                "status": "completed",
+                "model": payload.get("model", "gpt-image-2"),
+                "result_url": data[0]["url"] if data else None,
+                "data": data,
+            }
+            try:
+                entry = await self._db.record_completed_task(
+                    task_id,
+                    team,
+                    hold.request_id,
+                    hold.created_at,
+                    result=json.dumps(answer, ensure_ascii=False),
+                    settlement=captured,
+                    now=now,
+                )
+            except DuplicateTask:
+                row = await self._db.task(task_id)
+                if row is None or row.request_id != hold.request_id:
+                    log.warning("the upstream reused id %s for a new image", short_id(task_id))
+                    continue
+                entry = await self._db.find_entry(hold.request_id)  # an earlier try landed
+                if entry is not None and not landed(entry, captured, now):
+                    entry = None
+            if entry is not None:
+                self._books.moved(MoneyMoved.of_entry(entry), slot)
+            return present(answer)
+        raise AssertionError(f"request id {hold.request_id} is already a task")
 
     async def poll(self, team: str, task_id: str, slot: LogSlot | None = None) -> dict[str, Any]:
         """The task's state for its owner; 404 alike for unknown tasks and other teams' tasks."""
@@ -293,10 +304,6 @@ class TaskTracker:
                 closed.entry.state,
             )
         self._books.moved(MoneyMoved.of_entry(closed.entry), slot)
-
-
-def _no_resolution(entry: LedgerEntry) -> Resolution:
-    raise AssertionError(f"{entry.request_id} was just reserved and cannot be uncertain")
 
 
 def present(answer: dict[str, Any]) -> dict[str, Any]:

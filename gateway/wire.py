@@ -50,14 +50,16 @@ def upstream_body(request: ImageRequest) -> UpstreamBody:
     return UpstreamBody(request, length)
 
 
-def fingerprint(request: ImageRequest, *, async_mode: bool) -> str:
-    """A digest of everything that decides what is generated and returned, for dedupe."""
+def fingerprint(request: ImageRequest, *, async_mode: bool, key_fp: str) -> str:
+    """A digest of everything that decides what is generated and returned, for dedupe, and of
+    the key that asks: a retry never collects what another key of the team paid for."""
     digest = hashlib.sha256()
     meta = {
         **request.upstream_fields(),
         "endpoint": request.endpoint,
         "response_format": request.response_format,
         "async": async_mode,
+        "key": key_fp,
     }
     digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
     for ref in request.references:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import inspect
@@ -187,6 +188,7 @@ def build_settings(
 
 BACKENDS = ["sqlite", "postgres"]
 PG_URL_ENV = "TEST_DATABASE_URL"
+SETTLE_AT_TEARDOWN_S = 60
 
 
 @pytest.fixture(params=BACKENDS)
@@ -294,7 +296,8 @@ async def start_gateway(
     yield start
     for gateway in started:  # whatever a test did, the books it leaves behind balance
         if not gateway.server.closed and not gateway.app[DB].closed:
-            await gateway.settled()
+            # bounded: a test that failed with its storage broken must not hang the suite
+            await asyncio.wait_for(gateway.settled(), SETTLE_AT_TEARDOWN_S)
             assert (await gateway.app[DB].verify()).mismatches == ()
     for gateway in started:
         for client in gateway.clients:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
@@ -158,17 +159,17 @@ def test_upstream_body_streams_uploads_with_exact_length() -> None:
 
 
 def test_fingerprint_tracks_what_is_generated() -> None:
+    def fp(request: Any, *, async_mode: bool = False, key_fp: str = "k1") -> str:
+        return fingerprint(request, async_mode=async_mode, key_fp=key_fp)
+
     base = norm({"prompt": "x"})
-    assert fingerprint(base, async_mode=False) == fingerprint(
-        norm({"prompt": "x", "user": "u"}), async_mode=False
-    )
-    assert fingerprint(base, async_mode=False) != fingerprint(base, async_mode=True)
-    assert fingerprint(base, async_mode=False) != fingerprint(
-        norm({"prompt": "y"}), async_mode=False
-    )
+    assert fp(base) == fp(norm({"prompt": "x", "user": "u"}))
+    assert fp(base) != fp(base, async_mode=True)
+    assert fp(base) != fp(norm({"prompt": "y"}))
+    assert fp(base) != fp(base, key_fp="k2")  # another key of the team never collects it
     one = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG)])
     two = norm({"prompt": "x"}, [Upload("image", None, "image/png", PNG + b"\x00")])
-    assert fingerprint(one, async_mode=False) != fingerprint(two, async_mode=False)
+    assert fp(one) != fp(two)
 
 
 def test_ignored_names_are_safe_for_a_header() -> None:

@@ -2,7 +2,10 @@
 
 Callers get values, never cursors or connections. Each method is one complete operation: it
 returns once its write is committed (durable), or raises. ``StorageUnavailable`` means the
-database cannot be used right now (disk full, file gone, server down); nothing was written.
+database cannot be used right now (disk full, file gone, server down). The write then almost
+always did not land, but an acknowledgement lost after the commit (a PostgreSQL connection that
+drops, a statement timeout) means it may have: a caller that retries a write, or gives up on
+one, checks what is stored rather than assuming.
 Money rules are not decided here: the engine stores what ``gateway.settlement`` decided and its
 schema refuses anything else.
 """
@@ -17,9 +20,15 @@ from typing import Literal
 from gateway.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
 from gateway.limits import Scope
 
+NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
+
 
 class UnknownEntry(LookupError):
     """No ledger entry has that request, upstream or task id."""
+
+
+class DuplicateTask(Exception):
+    """The upstream handed out a task id the ledger already has (a broken upstream)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,7 +217,24 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def record_task(
         self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
-    ) -> None: ...
+    ) -> None:
+        """A pending task of a held request; ``DuplicateTask`` if the id is taken."""
+
+    @abc.abstractmethod
+    async def record_completed_task(
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        created_at: float,
+        *,
+        result: str,
+        settlement: Settlement,
+        now: float,
+    ) -> LedgerEntry | None:
+        """A task that was complete when submitted, and its settlement, in one step (a crash
+        must not leave a held hold with a finished task). The entry if it settled;
+        ``DuplicateTask`` if the id is taken."""
 
     @abc.abstractmethod
     async def task(self, task_id: str) -> TaskRow | None: ...

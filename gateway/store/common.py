@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from gateway.ledger import Hold, LedgerEntry, Mismatch, ResolutionRecord
-from gateway.store.base import TaskRow, Verification
+from gateway.store.base import NEVER, TaskRow, Verification
 
 ENTRY_COLUMNS = (
     "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
@@ -30,6 +30,11 @@ SUMS = (
 )
 
 OPEN_MONEY = "(s.request_id IS NULL OR (s.state = 'uncertain' AND r.request_id IS NULL))"
+
+# An unsettled hold (``h`` joined with its task ``t``) that only its request could settle: no
+# task, or one never to be polled again while its hold is open (what a crash could leave between
+# recording an instant task and settling it, before the two were one transaction).
+IN_FLIGHT = f"(t.task_id IS NULL OR (t.status = 'pending' AND t.next_poll_at >= {NEVER:.0f}))"
 
 TASK_SELECT = (
     "SELECT t.task_id, t.team, t.request_id, t.created_at, t.status, t.result, t.polls,"

@@ -35,8 +35,10 @@ from gateway.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
 from gateway.settlement import NotResolvable, ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
+    NEVER,
     Attempt,
     Decide,
+    DuplicateTask,
     Grouping,
     LedgerQuery,
     ReportRow,
@@ -51,6 +53,7 @@ from gateway.store.base import (
 from gateway.store.common import (
     ENTRY_COLUMNS,
     IMAGES,
+    IN_FLIGHT,
     OPEN_MONEY,
     SUMS,
     TASK_SELECT,
@@ -122,7 +125,12 @@ class PostgresStore(Store):
             raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
         try:
             async with pool.acquire() as conn:
-                was = await _migrate(conn, migrate=migrate)
+                try:
+                    was = await _migrate(conn, migrate=migrate)
+                except asyncpg.PostgresError as exc:  # e.g. a role without CREATE
+                    raise PostgresOpenError(
+                        f"cannot prepare the PostgreSQL database: {_why(exc)}"
+                    ) from None
             instance_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
             store = cls(pool, instance_id, lease_s)
             store.created = was == 0 and migrate
@@ -354,15 +362,29 @@ class PostgresStore(Store):
     async def record_task(
         self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
     ) -> None:
-        await self._execute(
-            "INSERT INTO tasks (task_id, team, request_id, created_at, next_poll_at)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            task_id,
-            team,
-            request_id,
-            now,
-            first_poll_at,
-        )
+        async with self._connection() as conn:
+            await _insert_task(conn, task_id, team, request_id, now, "pending", None, first_poll_at)
+
+    async def record_completed_task(
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        created_at: float,
+        *,
+        result: str,
+        settlement: Settlement,
+        now: float,
+    ) -> LedgerEntry | None:
+        async def record(conn: asyncpg.Connection) -> LedgerEntry | None:
+            await _insert_task(
+                conn, task_id, team, request_id, created_at, "completed", result, NEVER
+            )
+            if not await _settle(conn, request_id, settlement, now):
+                return None
+            return to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id))
+
+        return await self._in_transaction(record)
 
     async def task(self, task_id: str) -> TaskRow | None:
         rows = await self._fetch(TASK_SELECT + " WHERE t.task_id = $1", task_id)
@@ -438,20 +460,24 @@ class PostgresStore(Store):
             if done != "UPDATE 1":
                 return None  # another poll or instance finished it first
             entry = to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row.request_id))
-            how: Literal["settled", "resolved"]
             if entry.settled_state == "held":
-                await _settle(conn, row.request_id, settlement, now)
-                how = "settled"
-            elif entry.settled_state == "uncertain" and entry.resolution is None:
-                try:
-                    resolution = resolve(entry)
-                except ResolutionRefused:
-                    return None
-                await _insert_resolution(conn, entry, resolution, now, logged=True)
-                how = "resolved"
-            else:
+                if await _settle(conn, row.request_id, settlement, now):
+                    return await _closed(conn, "settled", row.request_id)
+                # The settler's expiry committed first (it waited on the same key): the hold
+                # is uncertain now, and this answer resolves it.
+                entry = to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row.request_id))
+            if entry.settled_state != "uncertain" or entry.resolution is not None:
                 return None
-            return TaskClosed(how, to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row.request_id)))
+            try:
+                resolution = resolve(entry)
+            except ResolutionRefused:
+                return None
+            try:
+                async with conn.transaction():  # a savepoint: the task's answer is kept
+                    await _insert_resolution(conn, entry, resolution, now, logged=True)
+            except asyncpg.UniqueViolationError:
+                return None  # an admin or another instance resolved it meanwhile
+            return await _closed(conn, "resolved", row.request_id)
 
         return await self._in_transaction(finish)
 
@@ -533,7 +559,7 @@ class PostgresStore(Store):
                 "SELECT h.request_id, h.amount FROM holds h"
                 " LEFT JOIN settlements s USING (request_id)"
                 " LEFT JOIN tasks t ON t.request_id = h.request_id"
-                " WHERE s.request_id IS NULL AND t.task_id IS NULL AND (h.instance_id IS NULL"
+                f" WHERE s.request_id IS NULL AND {IN_FLIGHT} AND (h.instance_id IS NULL"
                 " OR h.instance_id NOT IN (SELECT instance_id FROM instances))"
                 " ORDER BY h.created_at"
             )
@@ -615,31 +641,34 @@ class PostgresStore(Store):
                 key,
                 now - keep_s,
             )
-            inserted = await conn.execute(
-                "INSERT INTO idempotency (team, key, fingerprint, request_id, created_at,"
-                " instance_id) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-                team,
-                key,
-                fingerprint,
-                request_id,
-                now,
-                self.instance_id,
-            )
-            if inserted == "INSERT 0 1":
-                return None
-            row = await conn.fetchrow(
-                "SELECT fingerprint, request_id, status, body, headers,"
-                " EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = d.instance_id"
-                "   AND i.instance_id <> $3"
-                f"   AND i.heartbeat_at >= now() - make_interval(secs => {float(self.lease_s)}))"
-                " FROM idempotency d WHERE team = $1 AND key = $2",
-                team,
-                key,
-                self.instance_id,
-            )
-            return StoredOutcome(
-                row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"), live=bool(row[5])
-            )
+            while True:  # the holder may release its claim between our two statements
+                inserted = await conn.execute(
+                    "INSERT INTO idempotency (team, key, fingerprint, request_id, created_at,"
+                    " instance_id) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                    team,
+                    key,
+                    fingerprint,
+                    request_id,
+                    now,
+                    self.instance_id,
+                )
+                if inserted == "INSERT 0 1":
+                    return None
+                row = await conn.fetchrow(
+                    "SELECT fingerprint, request_id, status, body, headers,"
+                    " EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = d.instance_id"
+                    "   AND i.instance_id <> $3 AND i.heartbeat_at >= now()"
+                    f"   - make_interval(secs => {float(self.lease_s)}))"
+                    " FROM idempotency d WHERE team = $1 AND key = $2",
+                    team,
+                    key,
+                    self.instance_id,
+                )
+                if row is not None:
+                    return StoredOutcome(
+                        row[0], row[1], row[2], row[3], json.loads(row[4] or "{}"),
+                        live=bool(row[5]),
+                    )  # fmt: skip
 
         return await self._in_transaction(claim)
 
@@ -794,6 +823,27 @@ async def _insert_resolution(
             entry.request_id,
             now,
         )
+
+
+async def _insert_task(conn: asyncpg.Connection, task_id: str, *values: Any) -> None:
+    """``values``: team, request_id, created_at, status, result, next_poll_at."""
+    try:
+        await conn.execute(
+            "INSERT INTO tasks (task_id, team, request_id, created_at, status, result,"
+            " next_poll_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            task_id,
+            *values,
+        )
+    except asyncpg.UniqueViolationError as exc:  # its DETAIL names the whole id: not logged
+        if exc.constraint_name == "tasks_pkey":
+            raise DuplicateTask from None
+        raise
+
+
+async def _closed(
+    conn: asyncpg.Connection, how: Literal["settled", "resolved"], request_id: str
+) -> TaskClosed:
+    return TaskClosed(how, to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)))
 
 
 def _report_row(r: asyncpg.Record) -> ReportRow:

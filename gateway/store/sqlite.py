@@ -41,8 +41,10 @@ from gateway.limits import Limiter, Scope
 from gateway.settlement import ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
+    NEVER,
     Attempt,
     Decide,
+    DuplicateTask,
     Grouping,
     LedgerQuery,
     ReportRow,
@@ -57,6 +59,7 @@ from gateway.store.base import (
 from gateway.store.common import (
     ENTRY_COLUMNS,
     IMAGES,
+    IN_FLIGHT,
     OPEN_MONEY,
     SUMS,
     TASK_SELECT,
@@ -362,7 +365,7 @@ class SQLiteStore(Store):
                 "SELECT h.request_id, h.amount FROM holds h"
                 " LEFT JOIN settlements s USING (request_id)"
                 " LEFT JOIN tasks t ON t.request_id = h.request_id"
-                " WHERE s.request_id IS NULL AND t.task_id IS NULL ORDER BY h.created_at"
+                f" WHERE s.request_id IS NULL AND {IN_FLIGHT} ORDER BY h.created_at"
             ).fetchall()
             for request_id, amount in left:
                 _settle(conn, request_id, recovered(amount), now)
@@ -407,11 +410,29 @@ class SQLiteStore(Store):
     async def record_task(
         self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
     ) -> None:
-        await self._write(
-            "INSERT INTO tasks (task_id, team, request_id, created_at, next_poll_at)"
-            " VALUES (?, ?, ?, ?, ?)",
-            (task_id, team, request_id, now, first_poll_at),
-        )
+        def record(conn: sqlite3.Connection) -> None:
+            _insert_task(conn, (task_id, team, request_id, now, "pending", None, first_poll_at))
+
+        await self._run(record)
+
+    async def record_completed_task(
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        created_at: float,
+        *,
+        result: str,
+        settlement: Settlement,
+        now: float,
+    ) -> LedgerEntry | None:
+        def record(conn: sqlite3.Connection) -> LedgerEntry | None:
+            _insert_task(conn, (task_id, team, request_id, created_at, "completed", result, NEVER))
+            if not _settle(conn, request_id, settlement, now):
+                return None
+            return to_entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone())
+
+        return await self._run(record, atomic=True)
 
     async def task(self, task_id: str) -> TaskRow | None:
         rows = await self._rows(TASK_SELECT + " WHERE t.task_id = ?", (task_id,))
@@ -690,6 +711,19 @@ def _settle(conn: sqlite3.Connection, request_id: str, s: Settlement, now: float
         request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result, now,
     )  # fmt: skip
     return conn.execute(_SETTLE_SQL, params).rowcount == 1
+
+
+def _insert_task(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO tasks (task_id, team, request_id, created_at, status, result,"
+            " next_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+    except sqlite3.IntegrityError as exc:
+        if "tasks.task_id" in str(exc):
+            raise DuplicateTask from None
+        raise
 
 
 def _finish_task(conn: sqlite3.Connection, task_id: str, status: str, result: str) -> bool:
