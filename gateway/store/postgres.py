@@ -78,6 +78,9 @@ UNAVAILABLE = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
+    # A session the server terminated can leave asyncpg's protocol stuck mid-operation
+    # ("cannot switch to state ..."), MagicStack/asyncpg#1069: a dead connection, not a bug here.
+    asyncpg.InternalClientError,
 )
 
 
@@ -120,6 +123,7 @@ class PostgresStore(Store):
                 timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
                 server_settings={"application_name": "image-gateway"},
+                reset=_leaves_no_session_state,
             )
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
@@ -176,9 +180,11 @@ class PostgresStore(Store):
         try:
             yield conn
         except UNAVAILABLE as exc:
+            conn.terminate()  # never handed out again: the pool's reset does not probe it
             raise _unavailable(exc) from None
         except asyncpg.PostgresError as exc:
             if str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
+                conn.terminate()
                 raise _unavailable(exc) from None
             raise
         finally:
@@ -693,6 +699,20 @@ class PostgresStore(Store):
     async def purge_idempotency(self, before: float) -> int:
         done = await self._execute("DELETE FROM idempotency WHERE created_at < $1", before)
         return int(done.split()[-1])
+
+
+async def _leaves_no_session_state(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection, after asyncpg's own rollback of any open
+    transaction (which always runs first): nothing more.
+
+    asyncpg's default would send ``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL`` on every release: one more round trip and transaction per statement, twice per
+    request (reservation and settlement). This store leaves no session state to undo: settings
+    are ``SET LOCAL``, cursors live inside transactions, nothing LISTENs, and the one
+    session-level advisory lock (migrations) is released in a ``finally`` on a connection
+    whose pool is closed if that fails. That query also probed the connection; a broken one
+    is now terminated by ``_connection`` instead, so it is never handed out again.
+    """
 
 
 async def verify_on(conn: asyncpg.Connection) -> Verification:
