@@ -29,6 +29,7 @@ from bench.scenarios import (
     budget,
     capacity,
     fairness,
+    fleet,
     held,
     overhead,
     polling,
@@ -46,7 +47,9 @@ SCENARIOS: dict[str, Scenario] = {
     "6": budget.run,
     "fairness": fairness.run,
     "capacity": capacity.run,
+    "fleet": fleet.run,
 }
+DEFAULT_SCENARIOS = ("1", "2", "3", "4", "5", "6", "fairness", "capacity")  # not fleet: opt in
 DB_BOUND = ("1", "2", "6")  # scenarios whose cost is mostly the durable SQLite writes
 SCENARIO_TIMEOUT_S = 240.0
 
@@ -56,7 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="shorter runs, one round each")
     parser.add_argument(
         "--scenarios",
-        default=",".join(SCENARIOS),
+        default=",".join(DEFAULT_SCENARIOS),
         help="comma-separated scenario numbers or names (" + ", ".join(SCENARIOS) + ")",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/latest.json")
@@ -147,10 +150,14 @@ def _disk_tmp() -> str:
 
 
 def _print_profiles(details: dict[str, Any]) -> None:
-    profiles = [d.get("profile") for d in details.values() if isinstance(d, dict)]
-    for found in filter(None, profiles):
-        print(f"\nprofile of the gateway under scenario 2: {found['report']}")
-        print(Path(found["report"]).read_text())
+    profiles = []
+    for key, found in details.items():
+        if isinstance(found, dict):
+            profiles += [(key, p) for p in [found.get("profile"), *found.get("profiles", [])] if p]
+    for key, found in profiles:
+        if "report" in found:
+            print(f"\nprofile of the gateway under scenario {key}: {found['report']}")
+            print(Path(found["report"]).read_text())
 
 
 def _print_problems(problems: dict[str, Any]) -> None:

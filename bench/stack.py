@@ -39,6 +39,10 @@ class StackOptions:
     passthrough: bool = False
     tight_budget_cny: float = 20.0
     poll_cache_ttl_s: float = 2.0
+    # More gateways beside the main one, by name: the [storage] table of each (a PostgreSQL
+    # one, say), and environment variables they need (its DSN).
+    extra_gateways: dict[str, str] = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -48,6 +52,7 @@ class Stack:
     upstream: Proc
     gateway: Proc
     passthrough: Proc | None = None
+    extra: dict[str, Proc] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
 
     def three_ways(self, path: str) -> dict[str, tuple[str, dict[str, str]]]:
@@ -70,9 +75,16 @@ class Stack:
         async with self.http.get(self.upstream.url + "/_bench/stats") as resp:
             return await resp.json()
 
-    async def metrics(self) -> str:
-        async with self.http.get(self.gateway.url + "/metrics") as resp:
-            return await resp.text()
+    async def metrics(self, gateway: Proc | None = None) -> str:
+        """``/metrics`` of the gateway (or of ``gateway``), with the admin key: the config
+        lists one, so ``require_admin`` is on by default."""
+        url = (gateway or self.gateway).url + "/metrics"
+        headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+        async with self.http.get(url, headers=headers) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise RuntimeError(f"GET /metrics answered {resp.status}: {text[:200]}")
+            return text
 
     async def usage(self, team: str) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -99,9 +111,27 @@ class Stack:
         return {key: statistics.median(found) for key, found in values.items() if found}
 
 
-def gateway_config(options: StackOptions, upstream_url: str, workdir: Path) -> str:
+def sqlite_storage(options: StackOptions) -> str:
+    """The [storage] table of the main gateway: its SQLite file."""
+    return f"database = {json.dumps(str(options.db_dir / 'gateway.db'))}"
+
+
+def postgres_storage(dsn_env: str) -> str:
+    """A [storage] table naming a PostgreSQL database by the environment variable holding its
+    DSN (``instance_lease_s`` left at its default)."""
+    return f'backend = "postgres"\ndsn_env = {json.dumps(dsn_env)}'
+
+
+def gateway_config(
+    options: StackOptions,
+    upstream_url: str,
+    workdir: Path,
+    storage: str | None = None,
+    access_log: str = "access.log",
+) -> str:
     """The TOML config of the benchmarked gateway: every feature on."""
     q = json.dumps
+    storage = sqlite_storage(options) if storage is None else storage
     return f"""
 [server]
 host = "127.0.0.1"
@@ -114,10 +144,10 @@ api_key_env = {q(KEY_ENV)}
 timeout_s = 120
 
 [storage]
-database = {q(str(options.db_dir / "gateway.db"))}
+{storage}
 
 [log]
-access = {q(str(workdir / "access.log"))}
+access = {q(str(workdir / access_log))}
 
 [tasks]
 poll_cache_ttl_s = {options.poll_cache_ttl_s}
@@ -147,7 +177,7 @@ def _make_dirs(*paths: Path) -> None:
 async def running_stack(workdir: Path, options: StackOptions) -> AsyncIterator[Stack]:
     """Start upstream, gateway (and passthrough); stop them all, in reverse order, on exit."""
     _make_dirs(workdir, options.db_dir)
-    env = procs.child_env(**{KEY_ENV: UPSTREAM_KEY})
+    env = procs.child_env(**{KEY_ENV: UPSTREAM_KEY}, **options.extra_env)
     started: list[Proc] = []
     stack: Stack | None = None
     timeout = aiohttp.ClientTimeout(total=60)
@@ -170,6 +200,14 @@ async def running_stack(workdir: Path, options: StackOptions) -> AsyncIterator[S
                 "gateway", [PYTHON, "-m", "gateway", "serve", "--config", str(config)], workdir, env
             )
             started.append(gateway)
+            extra = {}
+            for name, storage in options.extra_gateways.items():
+                path = workdir / f"{name}.toml"
+                text = gateway_config(options, upstream.url, workdir, storage, f"{name}-access.log")
+                path.write_text(text)
+                argv = [PYTHON, "-m", "gateway", "serve", "--config", str(path)]
+                extra[name] = await procs.start(name, argv, workdir, env)
+                started.append(extra[name])
             passthrough = None
             if options.passthrough:
                 passthrough = await procs.start(
@@ -179,7 +217,7 @@ async def running_stack(workdir: Path, options: StackOptions) -> AsyncIterator[S
                     env,
                 )
                 started.append(passthrough)
-            stack = Stack(workdir, http, upstream, gateway, passthrough)
+            stack = Stack(workdir, http, upstream, gateway, passthrough, extra)
             yield stack
         finally:
             codes = {proc.name: await proc.stop() for proc in reversed(started)}
