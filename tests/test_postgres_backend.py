@@ -65,6 +65,34 @@ async def test_an_unreachable_database_is_503_before_anything_is_sent(
         await server.close()
 
 
+async def test_connections_the_server_killed_are_unavailable_then_replaced(
+    postgres_server, postgres_dsn: str
+) -> None:
+    """Sessions terminated under a busy pool: each statement that hits one is
+    StorageUnavailable (never asyncpg's own InterfaceError or InternalClientError), and the
+    pool never hands a dead connection out again."""
+    from gateway.errors import StorageUnavailable
+    from gateway.store.postgres import PostgresStore
+
+    store = await PostgresStore.open(postgres_dsn, register=False)
+    admin = await asyncpg.connect(postgres_server.dsn)
+    name = urlsplit(postgres_dsn).path.lstrip("/")
+    try:
+        for _ in range(5):
+            await asyncio.gather(*(store.check_ready() for _ in range(8)))  # 8 pooled sessions
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            outcomes = await asyncio.gather(
+                *(store.check_ready() for _ in range(8)), return_exceptions=True
+            )
+            assert {type(o) for o in outcomes} <= {type(None), StorageUnavailable}, outcomes
+            await asyncio.gather(*(store.check_ready() for _ in range(8)))  # all replaced
+    finally:
+        await admin.close()
+        await store.close()
+
+
 async def check_config(path: Path, env: dict[str, str]) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "check-config", str(path),

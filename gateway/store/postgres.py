@@ -179,16 +179,22 @@ class PostgresStore(Store):
             raise _unavailable(exc) from None
         try:
             yield conn
+        except asyncpg.InternalClientError as exc:
+            _discard(conn)  # stuck mid-protocol: the pool's (no-op) reset would not notice
+            raise _unavailable(exc) from None
         except UNAVAILABLE as exc:
-            conn.terminate()  # never handed out again: the pool's reset does not probe it
             raise _unavailable(exc) from None
         except asyncpg.PostgresError as exc:
             if str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
-                conn.terminate()
                 raise _unavailable(exc) from None
             raise
         finally:
-            await self._pool.release(conn)
+            # Release waits for a timed-out statement's cancellation to reach the server (so
+            # it cannot commit after the caller moved on) and drops a closed connection.
+            try:
+                await self._pool.release(conn)
+            except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
+                raise _unavailable(exc) from None
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with self._connection() as conn:
@@ -701,6 +707,14 @@ class PostgresStore(Store):
         return int(done.split()[-1])
 
 
+def _discard(conn: asyncpg.Connection) -> None:
+    """Never hand this connection out again. Only for a stuck protocol: terminating a
+    connection whose statement timed out would cancel asyncpg's pending cancel request, and
+    the statement could still commit. One asyncpg already detached says so (InterfaceError)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
+
+
 async def _leaves_no_session_state(conn: asyncpg.Connection) -> None:
     """The pool's reset of a released connection, after asyncpg's own rollback of any open
     transaction (which always runs first): nothing more.
@@ -710,8 +724,8 @@ async def _leaves_no_session_state(conn: asyncpg.Connection) -> None:
     request (reservation and settlement). This store leaves no session state to undo: settings
     are ``SET LOCAL``, cursors live inside transactions, nothing LISTENs, and the one
     session-level advisory lock (migrations) is released in a ``finally`` on a connection
-    whose pool is closed if that fails. That query also probed the connection; a broken one
-    is now terminated by ``_connection`` instead, so it is never handed out again.
+    whose pool is closed if that fails. That query also probed the connection: one left stuck
+    mid-protocol is now terminated by ``_connection`` instead, so it is never handed out again.
     """
 
 
