@@ -13,7 +13,7 @@ from gateway.keys import BOOKS, CLOCK, CONFIG, DB, RECORD
 from gateway.reconcile import entry_json, queries
 from gateway.resolutions import resolve
 from gateway.responses import json_response
-from gateway.settlement import NotResolvable, ResolutionRefused
+from gateway.settlement import REASON_TEXT, NotResolvable, ResolutionRefused
 from gateway.store.base import UnknownEntry
 
 MAX_BODY = 64 * 1024
@@ -99,4 +99,6 @@ def _resolution_body(body: Any) -> tuple[Any, int | None, str]:
     reason = body.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise InvalidRequest("reason is required: say who resolved it and why.", param="reason")
+    if not reason.isprintable():
+        raise InvalidRequest(f"{REASON_TEXT[0].upper()}{REASON_TEXT[1:]}.", param="reason")
     return state, images, reason

@@ -38,6 +38,7 @@ class Durable:
         self._sleep = sleep
         self._later: dict[str, Callable[[], Awaitable[object]]] = {}
         self._worker: asyncio.Task[None] | None = None
+        self._closed = False
 
     async def write(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         """``operation()`` until it commits; ``what`` names it in the log (no secrets)."""
@@ -83,18 +84,38 @@ class Durable:
         if what not in self._later:
             self._metrics.unsettled_results.inc()
         self._later[what] = operation
+        if self._closed:  # shutting down: named by close(), else left to start-up recovery
+            log.error("the %s could not be stored before shutdown", what)
+            return
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._work_later(), name="background writes")
 
-    async def close(self) -> None:
-        """At shutdown: what is still unwritten is named, then left to start-up recovery."""
+    async def close(self, last_try_s: float = 5.0) -> None:
+        """At shutdown: one last bounded try of each background write (the worker may be in
+        a long backoff), then what is still unwritten is named and left to start-up recovery."""
+        self._closed = True
         if self._worker is not None:
             self._worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
         if self._later:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(last_try_s):
+                    await self._try_each()
+        if self._later:
             log.error("shutting down with %d write(s) not stored: %s", len(self._later),
                       ", ".join(self._later))  # fmt: skip
+
+    async def _try_each(self) -> None:
+        for what, operation in list(self._later.items()):
+            try:
+                await operation()
+            except StorageUnavailable:
+                continue
+            except Exception:
+                log.exception("the %s failed and is given up", what)
+            del self._later[what]
+            self._metrics.unsettled_results.dec()
 
     async def _work_later(self) -> None:
         backoff, logged_at = FIRST_BACKOFF_S, time.monotonic()
@@ -102,15 +123,7 @@ class Durable:
             await self._sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
             self._metrics.write_retries.inc()
-            for what, operation in list(self._later.items()):
-                try:
-                    await operation()
-                except StorageUnavailable:
-                    continue
-                except Exception:
-                    log.exception("the %s failed and is given up", what)
-                del self._later[what]
-                self._metrics.unsettled_results.dec()
+            await self._try_each()
             if self._later and time.monotonic() - logged_at >= LOG_EVERY_S:
                 logged_at = time.monotonic()
                 log.error("%d write(s) waiting for the database, retried until they land",

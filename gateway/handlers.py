@@ -286,7 +286,11 @@ async def _admitted(request: web.Request, team: TeamConfig, key: KeyConfig) -> A
         yield
         return
     db, request_id = request.app[DB], request[LEDGER_ID]
-    await db.admit(request_id, limited, request.app[CLOCK]().timestamp())
+    try:
+        await db.admit(request_id, limited, request.app[CLOCK]().timestamp())
+    except StorageUnavailable:  # it may have committed all the same: give the slot back
+        await asyncio.shield(_release(request.app, request_id, limited))
+        raise
     try:
         yield
     finally:

@@ -32,6 +32,7 @@ from gateway.money import UNITS_PER_CNY
 
 MAX_TASK_COST_CNY = 10_000  # no task is billed this much; a larger figure is garbage, not a bill
 REASON_LIMIT = 500
+REASON_TEXT = "the reason must be one line of printable text"
 
 
 class ResolutionRefused(ValueError):
@@ -126,6 +127,8 @@ def admin_resolution(
     _check_resolvable(entry)
     if not reason.strip():
         raise ResolutionRefused("a reason is required")
+    if not reason.isprintable():  # NUL, control characters, lone surrogates: not storable
+        raise ResolutionRefused(REASON_TEXT)
     if state == "released":
         if images not in (None, 0):
             raise ResolutionRefused("--images goes with --captured only")

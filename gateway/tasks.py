@@ -68,9 +68,16 @@ class TaskTracker:
         return self._clock().timestamp()
 
     async def submitted(self, task_id: str, team: str, request_id: str, created_at: float) -> None:
-        """Record a new task before anyone hears of it."""
+        """Record a new task before anyone hears of it. Safe to retry: a row this request
+        already wrote (a commit whose acknowledgement was lost) counts as recorded; one of
+        another request is DuplicateTask (the upstream reused an id)."""
         first_poll = created_at + self._config.settle_interval_s
-        await self._db.record_task(task_id, team, request_id, created_at, first_poll)
+        try:
+            await self._db.record_task(task_id, team, request_id, created_at, first_poll)
+        except DuplicateTask:
+            row = await self._db.task(task_id)
+            if row is None or row.request_id != request_id:
+                raise
         self._metrics.pending_tasks.inc()
         self._wake.set()
 

@@ -170,6 +170,8 @@ async def test_admin_ledger_lists_and_resolves(start_gateway, upstream: Upstream
             ({"state": "kept", "reason": "x"}, "state"),
             ({"state": "released"}, "reason"),
             ({"state": "released", "reason": "  "}, "reason"),
+            ({"state": "released", "reason": "ok\u0000"}, "reason"),  # PostgreSQL refuses NUL
+            ({"state": "released", "reason": "ok\ud800"}, "reason"),  # a lone surrogate
             ({"state": "captured", "images": -1, "reason": "x"}, "images"),
             ({"state": "captured", "images": 2, "reason": "x"}, "images"),  # above the 1 held
             ({"state": "released", "reason": "x", "extra": 1}, "extra"),

@@ -518,3 +518,116 @@ async def test_a_retry_from_another_key_does_not_get_this_keys_image(
     assert status == 402, body  # the contractor's own cap: 0
     assert original["data"][0]["url"] not in str(body)
     await books_balance(gateway, upstream)
+
+
+# -- second review (at 3dedb7d) ----------------------------------------------------------------
+
+
+async def test_an_admission_whose_ack_was_lost_gives_its_slot_back(start_gateway: Any) -> None:
+    """handlers._admitted: an admit that committed but reported StorageUnavailable was never
+    released, so the team lost one max_concurrent slot for the life of the instance."""
+    from gateway.keys import DB
+
+    gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
+    _commit_then_fail(gateway.app[DB], "admit")
+    status, body = await post(gateway.url)
+    assert (status, body["error"]["code"]) == (503, "storage_unavailable")
+    status, body = await post(gateway.url)  # the one slot is free again
+    assert status == 200, body
+    assert await usage(gateway) == Usage(spent=2000)
+    await books_balance(gateway)
+
+
+async def test_a_task_record_whose_ack_was_lost_is_not_a_reused_id(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    """Durable.write retried submitted() after a commit whose acknowledgement was lost; the
+    retry hit our own row as DuplicateTask and the client got a 502 without its task id."""
+    from gateway.keys import DB
+
+    task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
+    upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
+    _commit_then_fail(gateway.app[DB], "record_task")
+    status, body = await post(gateway.url, suffix="?async=1")
+    assert (status, body["task_id"]) == (202, task_id), body
+    (entry,) = await gateway.db.entries(LedgerQuery())
+    assert (entry.state, entry.task_id) == ("held", task_id)
+    await books_balance(gateway, upstream)
+
+
+async def _until(check: Any, seconds: float = 20) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while not await check():
+        assert loop.time() < deadline, "condition never held"
+        await asyncio.sleep(0.01)
+
+
+async def _gateway_backends(admin: Any, waiting: str | None = None) -> int:
+    sql = (
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE application_name = 'image-gateway'"
+        " AND state = 'active'"
+    )
+    if waiting is not None:
+        return int(await admin.fetchval(sql + " AND wait_event_type = $1", waiting))
+    return int(await admin.fetchval(sql))
+
+
+async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
+    postgres_dsn: str,
+) -> None:
+    """_connection terminated the connection asyncpg had already detached: InterfaceError
+    instead of StorageUnavailable, so a settlement was not retried."""
+    import asyncpg
+
+    from gateway.errors import StorageUnavailable
+    from gateway.store.postgres import PostgresStore
+
+    store = await PostgresStore.open(postgres_dsn)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        sleeping = asyncio.create_task(store._fetch("SELECT pg_sleep(30)"))
+        await _until(lambda: _gateway_backends(admin, waiting="Timeout"))
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = 'image-gateway' AND pid <> pg_backend_pid()"
+        )
+        with pytest.raises(StorageUnavailable):
+            await sleeping
+        assert await store.usage("t", "p") == Usage()  # the pool recovers
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def test_pg_a_timed_out_reservation_does_not_commit_after_its_release(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Terminating a connection whose statement timed out cancelled asyncpg's pending
+    CancelRequest: the blocked reservation committed later, held, with nobody to settle it."""
+    import asyncpg
+
+    from gateway.errors import StorageUnavailable
+    from gateway.ledger import Hold
+    from gateway.store import postgres as pg
+
+    monkeypatch.setattr(pg, "COMMAND_TIMEOUT_S", 1.0)
+    store = await pg.PostgresStore.open(postgres_dsn)
+    admin = await asyncpg.connect(postgres_dsn)
+    try:
+        locked = admin.transaction()
+        await locked.start()
+        await admin.execute("LOCK TABLE holds IN ACCESS EXCLUSIVE MODE")
+        hold = Hold("r1", "t", "p", 0.0, "generations", "async", "medium", 1, 2000, 10_000, "fp")
+        with pytest.raises(StorageUnavailable):
+            await store.reserve(hold)
+        await locked.rollback()  # a reservation still waiting would now commit
+        await _until(lambda: _is_zero(_gateway_backends(admin)))
+        assert await store.find_entry("r1") is None, "committed after the caller gave up on it"
+    finally:
+        await admin.close()
+        await store.close()
+
+
+async def _is_zero(count: Any) -> bool:
+    return await count == 0

@@ -720,8 +720,10 @@ def _insert_task(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
             " next_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             values,
         )
-    except sqlite3.IntegrityError as exc:
-        if "tasks.task_id" in str(exc):
+    except sqlite3.IntegrityError:
+        # SQLite names one violated constraint, not always the task id's (a retry of this very
+        # row breaks both): the row itself decides.
+        if conn.execute("SELECT 1 FROM tasks WHERE task_id = ?", (values[0],)).fetchone():
             raise DuplicateTask from None
         raise
 
