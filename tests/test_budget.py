@@ -95,6 +95,7 @@ async def test_402_message_names_everything(start_gateway) -> None:
     gateway = await start_gateway(teams={"design": {"budget_cny": 0.3}})
     async with aiohttp.ClientSession() as http:
         assert (await generate(http, gateway))[0] == 200
+        await gateway.settled()  # the answer goes out before its settlement is stored
         status, body, _ = await generate(http, gateway, quality="high")
     assert status == 402
     message = body["error"]["message"]
@@ -148,6 +149,7 @@ async def test_content_refusal_from_the_simulator_costs_nothing(gateway: Gateway
         status, body, _ = await generate(http, gateway, prompt="draw [refuse] this")
     assert status == 400
     assert "safety" in body["error"]["message"]
+    await gateway.settled()
     final, _ = await usage(gateway)
     assert final.committed == 0
 
@@ -167,6 +169,7 @@ async def test_unknown_outcomes_keep_the_hold_as_uncertain(
     assert (status, body["error"]["code"]) == expected
     assert headers["x-should-retry"] == "false"
     assert body["error"]["type"] == "upstream_error"
+    await gateway.settled()
     final, _ = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 4000)
     rows = await gateway.db._rows("SELECT state, settled FROM ledger")
@@ -182,6 +185,7 @@ async def test_fewer_images_than_asked_are_charged_as_served(
     async with aiohttp.ClientSession() as http:
         status, body, _ = await generate(http, gateway, n=3)
     assert status == 200 and len(body["data"]) == 1
+    await gateway.settled()
     final, _ = await usage(gateway)
     assert (final.spent, final.reserved) == (2000, 0)
 
@@ -199,6 +203,7 @@ async def test_spend_survives_a_restart(start_gateway, upstream: Upstream) -> No
 async def test_new_period_starts_from_zero_and_keeps_history(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as http:
         await generate(http, gateway, team="ops", quality="high")
+        await gateway.settled()
         before, old_period = await usage(gateway, "ops")
         gateway.clock.advance(days=1)
         after, new_period = await usage(gateway, "ops")
@@ -262,6 +267,7 @@ async def test_rpm_limit(start_gateway, upstream: Upstream) -> None:
         gateway.clock.advance(seconds=61)
         assert (await generate(http, gateway))[0] == 200
     assert len(upstream.sim.generation_requests()) == 3
+    await gateway.settled()
     final, _ = await usage(gateway)
     assert final.spent == 6000
 

@@ -59,6 +59,7 @@ async def test_an_oversized_upstream_answer_is_a_clear_502_and_held_uncertain(
     status, body, headers = await post(gateway, "?async=1" if mode == "async" else "")
     assert (status, body["error"]["code"]) == (502, "upstream_answer_too_large")
     assert headers["x-should-retry"] == "false"  # it was sent: the image may exist
+    await gateway.settled()
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert (entry.state, entry.reason) == ("uncertain", "upstream_answer_too_large")
     await books_balance(gateway)
@@ -93,6 +94,7 @@ async def test_the_central_key_is_scrubbed_from_every_upstream_error_field(
     status, body, _ = await post(gateway)
     assert status == 400
     assert body["error"][field] == "key=sk_…"  # the secret guard checks the log lines too
+    await gateway.settled()
     assert UPSTREAM_KEY not in str(await gateway.db._rows("SELECT * FROM settlements"))
 
 
@@ -217,6 +219,7 @@ async def test_the_upstream_payment_refusal_is_not_a_team_budget_refusal(
     assert (status, body["error"]["code"]) == (502, "upstream_quota_exhausted")
     assert headers["x-should-retry"] == "false"
     period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
+    await gateway.settled()
     assert (await gateway.db.usage("design", period.key)).committed == 0
 
 

@@ -196,6 +196,7 @@ async def test_a_key_cap_refusal_names_the_cap_and_its_figures(
 ) -> None:
     gateway = await start_gateway(**design(keys=[named("web-app", budget_cny=0.3)]))
     assert (await post(gateway, NAMED_KEYS["web-app"]))[0] == 200
+    await gateway.settled()  # the answer goes out before its settlement is stored
     status, body = await post(gateway, NAMED_KEYS["web-app"])
     assert (status, body["error"]["code"], body["error"]["type"]) == (
         402, "key_budget_exceeded", "insufficient_quota",

@@ -257,6 +257,7 @@ async def test_a_202_to_a_sync_request_is_followed_to_its_images(
     status, body = await post(gateway.url, n=2)
     assert status == 200, body
     assert body["id"] and body["data"][0]["url"].startswith(upstream.url)
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=4000)
     (line,) = [line for line in await gateway.log_lines() if line["endpoint"] == "generations"]
     assert (line["status"], line["cost_cny"], line["ledger_state"]) == (200, 0.4, "captured")

@@ -121,6 +121,7 @@ async def test_a_retry_after_a_failure_generates_again(
     assert (await post(gateway))[0] == 500
     status, _, headers = await post(gateway, headers={"x-stainless-retry-count": "1"})
     assert status == 200 and "X-Gateway-Deduplicated" not in headers
+    await gateway.settled()
     rows = await gateway.db._rows("SELECT state FROM ledger ORDER BY created_at")
     assert sorted(r[0] for r in rows) == ["captured", "released"]
 

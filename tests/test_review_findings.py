@@ -119,6 +119,7 @@ async def test_an_upstream_refusal_with_unstorable_text_is_released(
     )
     status, _ = await post(gateway.url)
     assert status == 400
+    await gateway.settled()
     assert await usage(gateway) == Usage()
     await books_balance(gateway)
 
@@ -163,6 +164,7 @@ async def test_a_reservation_whose_ack_was_lost_does_not_stay_held(gateway: Gate
     _commit_then_fail(gateway.app[DB], "reserve")
     status, body = await post(gateway.url)
     assert status == 503, body
+    await gateway.settled()
     assert await usage(gateway) == Usage()  # nothing was sent: nothing may stay reserved
     await books_balance(gateway)
 
@@ -175,6 +177,7 @@ async def test_a_settlement_whose_ack_was_lost_is_still_logged(gateway: Gateway)
     _commit_then_fail(gateway.app[DB], "settle")
     status, _ = await post(gateway.url)
     assert status == 200
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
     await books_balance(gateway)
 
@@ -380,6 +383,7 @@ async def test_a_failed_admission_release_does_not_turn_a_paid_image_into_a_503(
 
     db.release = release
     status, body = await post(gateway.url)
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
     assert status == 200, body
     worker = gateway.app[DURABLE]._worker  # the release, retried in the background
@@ -387,6 +391,7 @@ async def test_a_failed_admission_release_does_not_turn_a_paid_image_into_a_503(
     await worker
     status, body = await post(gateway.url)  # the team's one slot was given back
     assert status == 200, body
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=4000)
     await books_balance(gateway)
 
@@ -534,6 +539,7 @@ async def test_an_admission_whose_ack_was_lost_gives_its_slot_back(start_gateway
     assert (status, body["error"]["code"]) == (503, "storage_unavailable")
     status, body = await post(gateway.url)  # the one slot is free again
     assert status == 200, body
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
     await books_balance(gateway)
 

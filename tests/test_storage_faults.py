@@ -113,6 +113,7 @@ async def test_a_full_disk_refuses_cleanly_before_anything_is_sent(
     filler.unlink()
     assert (await readyz(gateway))[0] == 200
     assert (await post(gateway))[0] == 200
+    await gateway.settled()
     assert await usage(gateway) == Usage(spent=4000)
     await books_balance(gateway, upstream)
 

@@ -233,6 +233,7 @@ async def test_async_submit_over_budget_and_upstream_refusal(
 
 async def test_sync_results_are_recorded_for_admins(gateway: Gateway) -> None:
     result = await gateway.async_openai().images.generate(prompt="x", n=2)
+    await gateway.settled()
     rows = await gateway.db._rows("SELECT s.result, s.images, s.upstream_id FROM settlements s")
     stored = json.loads(rows[0][0])
     assert [item["url"] for item in stored["data"]] == [item.url for item in result.data]
