@@ -49,7 +49,7 @@ async def test_an_unreachable_database_is_503_before_anything_is_sent(
         assert (await call("GET", "/readyz"))[0] == 200
         await admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
         await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = $1", name
         )
         status, body = await call("GET", "/readyz")
         assert (status, body["checks"]["database"]) == (503, "error: StorageUnavailable")
@@ -70,7 +70,8 @@ async def test_connections_the_server_killed_are_unavailable_then_replaced(
 ) -> None:
     """Sessions terminated under a busy pool: each statement that hits one is
     StorageUnavailable (never asyncpg's own InterfaceError or InternalClientError), and the
-    pool never hands a dead connection out again."""
+    pool never hands a dead connection out again. (``pg_terminate_backend(pid, timeout)``
+    waits for the backend to exit: without it a backend may still answer once.)"""
     from gateway.errors import StorageUnavailable
     from gateway.store.postgres import PostgresStore
 
@@ -81,7 +82,8 @@ async def test_connections_the_server_killed_are_unavailable_then_replaced(
         for _ in range(5):
             await asyncio.gather(*(store.check_ready() for _ in range(8)))  # 8 pooled sessions
             await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity WHERE datname = $1",
+                name,
             )
             outcomes = await asyncio.gather(
                 *(store.check_ready() for _ in range(8)), return_exceptions=True

@@ -595,7 +595,7 @@ async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
         sleeping = asyncio.create_task(store._fetch("SELECT pg_sleep(30)"))
         await _until(lambda: _gateway_backends(admin, waiting="Timeout"))
         await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
             " WHERE application_name = 'image-gateway' AND pid <> pg_backend_pid()"
         )
         with pytest.raises(StorageUnavailable):
