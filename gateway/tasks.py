@@ -63,6 +63,7 @@ class TaskTracker:
         )
         self._fetching: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._wake = asyncio.Event()
+        self._one_pass = asyncio.Lock()
 
     def _now(self) -> float:
         return self._clock().timestamp()
@@ -154,7 +155,15 @@ class TaskTracker:
             await asyncio.sleep(self._config.poll_cache_ttl_s)
 
     async def settle_due(self) -> int:
-        """One pass of the settler over the tasks due for a poll; returns how many it looked at."""
+        """One pass of the settler over the tasks due for a poll; returns how many it looked at.
+
+        One pass at a time in this process: a pass that starts while another runs waits for
+        it, so on return every task due before the call has been settled here or is claimed
+        by another instance (whose claim this pass skips)."""
+        async with self._one_pass:
+            return await self._settle_pass()
+
+    async def _settle_pass(self) -> int:
         now = self._now()
         rows = await self._db.due_tasks(now, BATCH)
         for row in rows:
