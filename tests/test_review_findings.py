@@ -593,7 +593,11 @@ async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
     admin = await asyncpg.connect(postgres_dsn)
     try:
         sleeping = asyncio.create_task(store._fetch("SELECT pg_sleep(30)"))
-        await _until(lambda: _gateway_backends(admin, waiting="Timeout"))
+
+        async def sleeping_on_server() -> bool:
+            return await _gateway_backends(admin, waiting="Timeout") > 0
+
+        await _until(sleeping_on_server)
         await admin.execute(
             "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
             " WHERE application_name = 'image-gateway' AND pid <> pg_backend_pid()"
@@ -628,12 +632,12 @@ async def test_pg_a_timed_out_reservation_does_not_commit_after_its_release(
         with pytest.raises(StorageUnavailable):
             await store.reserve(hold)
         await locked.rollback()  # a reservation still waiting would now commit
-        await _until(lambda: _is_zero(_gateway_backends(admin)))
+
+        async def none_active() -> bool:
+            return await _gateway_backends(admin) == 0
+
+        await _until(none_active)
         assert await store.find_entry("r1") is None, "committed after the caller gave up on it"
     finally:
         await admin.close()
         await store.close()
-
-
-async def _is_zero(count: Any) -> bool:
-    return await count == 0
