@@ -28,7 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from bench.serving import serve_until_signalled
-from gateway.simulator import validate
+from gateway.upstream.simulator import validate
 
 PARSE_LIMIT = 1024 * 1024
 SLEEP_TAG = re.compile(r"\[sleep=([0-9.]+)\]")

@@ -6,7 +6,7 @@ The upstream runs in a thread of its own (its own event loop, as a remote host w
 one of: aiohttp's own ``keepalive_timeout=1.0``; nginx with ``keepalive_timeout 1s`` (when
 installed); or ``tests.fakes.IdleTimeoutFront``, an L4 balancer with a 1 s idle timeout whose FIN
 reaches the gateway at once, 25 ms later, or never. Independent streams send generation POSTs
-spaced 0.95-1.05 s apart through ``UpstreamClient.submit`` in each client variant; every
+spaced 0.95-1.05 s apart through ``HttpUpstream.submit`` in each client variant; every
 uncertain outcome is checked against what the simulator received.
 """
 
@@ -32,13 +32,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from gateway import upstream as upstream_module
-from gateway.config import Secret, UpstreamConfig
-from gateway.errors import UpstreamFailure
-from gateway.normalize import Rules, normalize
-from gateway.simulator import Simulator
-from gateway.upstream import UpstreamClient
-from gateway.wire import upstream_body
+from gateway.core.config import Secret, UpstreamConfig
+from gateway.core.errors import UpstreamFailure
+from gateway.core.normalize import Rules, normalize
+from gateway.core.wire import upstream_body
+from gateway.upstream import client as upstream_module
+from gateway.upstream.client import HttpUpstream
+from gateway.upstream.simulator import Simulator
 from tests.fakes import IdleTimeoutFront
 
 KEY = "sk_bench_keepalive"
@@ -166,7 +166,7 @@ def _free_port() -> int:
 
 
 class _Split:
-    """Looks like a ClientSession to UpstreamClient: POSTs on one session, GETs on another."""
+    """Looks like a ClientSession to HttpUpstream: POSTs on one session, GETs on another."""
 
     def __init__(self, gets: aiohttp.ClientSession, posts: Callable[..., Any]) -> None:
         self.get = gets.get
@@ -176,7 +176,7 @@ class _Split:
 def _session(
     config: UpstreamConfig, *, force_close: bool = False, on_reuse: bool = False
 ) -> aiohttp.ClientSession:
-    """What ``UpstreamClient.new_session`` built before the fix, or with force_close."""
+    """What ``HttpUpstream.new_session`` built before the fix, or with force_close."""
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(upstream_module._mark_sent)
     if on_reuse:
@@ -193,7 +193,7 @@ async def _on_reuse(_s: Any, ctx: Any, _p: Any) -> None:
     REUSED[id(ctx.trace_request_ctx)] = True
 
 
-class RetryStaleClient(UpstreamClient):
+class RetryStaleClient(HttpUpstream):
     """Fix (b): a POST that broke on a *reused* connection before any response byte is resent."""
 
     async def _post_once(self, url: str, body: Any, query: dict[str, str], state: Any) -> Any:
@@ -208,25 +208,25 @@ class RetryStaleClient(UpstreamClient):
             raise
 
 
-async def make_client(variant: str, config: UpstreamConfig) -> tuple[UpstreamClient, list[Any]]:
+async def make_client(variant: str, config: UpstreamConfig) -> tuple[HttpUpstream, list[Any]]:
     pooled = _session(config, on_reuse=variant == "retry-stale")
     sessions: list[Any] = [pooled]
     if variant == "today":
-        return UpstreamClient(config, pooled, backoff_s=0), sessions
+        return HttpUpstream(config, pooled, backoff_s=0), sessions
     if variant == "shipped":  # the fix as it is in gateway/upstream.py
         await pooled.close()
-        shipped = UpstreamClient.new_session(config)
-        return UpstreamClient(config, shipped, backoff_s=0), [shipped]
+        shipped = HttpUpstream.new_session(config)
+        return HttpUpstream(config, shipped, backoff_s=0), [shipped]
     if variant == "connection-close":
 
         def post(url: str, headers: dict[str, str], **kw: Any) -> Any:
             return pooled.post(url, headers={**headers, "Connection": "close"}, **kw)
 
-        return UpstreamClient(config, _Split(pooled, post), backoff_s=0), sessions  # type: ignore[arg-type]
+        return HttpUpstream(config, _Split(pooled, post), backoff_s=0), sessions  # type: ignore[arg-type]
     if variant == "fresh-post":
         fresh = _session(config, force_close=True)
         sessions.append(fresh)
-        return UpstreamClient(config, _Split(pooled, fresh.post), backoff_s=0), sessions  # type: ignore[arg-type]
+        return HttpUpstream(config, _Split(pooled, fresh.post), backoff_s=0), sessions  # type: ignore[arg-type]
     if variant == "retry-stale":
         return RetryStaleClient(config, pooled, backoff_s=0), sessions
     raise ValueError(variant)
@@ -359,8 +359,8 @@ async def gets_after_burst(kind: str, tasks: int = 8, waves: int = 5) -> Counter
     tally: Counter[str] = Counter()
     async with upstream(kind, sim) as url:
         config = UpstreamConfig(base_url=url, api_key=Secret(KEY), timeout_s=10)
-        session = UpstreamClient.new_session(config)
-        client = UpstreamClient(config, session)
+        session = HttpUpstream.new_session(config)
+        client = HttpUpstream(config, session)
         try:
             ids = [
                 (

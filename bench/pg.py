@@ -23,8 +23,8 @@ from typing import Any
 
 import asyncpg
 
-from gateway.ledger import Hold
-from gateway.settlement import capture_reply
+from gateway.core.ledger import Hold
+from gateway.core.settlement import capture_reply
 from gateway.store.common import hold_params
 from gateway.store.postgres import _RESERVE_SQL, _SETTLE_SQL, PostgresStore
 from tests.postgres import FAST_SETTINGS, LocalPostgres, PostgresServer, create_database

@@ -13,7 +13,7 @@ import signal
 
 from aiohttp import web
 
-from gateway.sdnotify import notify
+from gateway.http.sdnotify import notify
 
 WANTED_FDS = 65_536  # the capacity scenario: 10,000 client plus 10,000 upstream sockets
 

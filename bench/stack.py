@@ -21,7 +21,7 @@ import aiohttp
 
 from bench import procs
 from bench.procs import PYTHON, Proc
-from gateway.auth import key_digest
+from gateway.core.auth import key_digest
 
 UPSTREAM_KEY = "sk_bench_central_key_0123456789abcdef"
 TEAM_KEY = "igw_bench_team_key_0000000000000000000000"

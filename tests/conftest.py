@@ -18,13 +18,13 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from openai import AsyncOpenAI, OpenAI
 
-from gateway.app import create_app
-from gateway.auth import key_digest
-from gateway.config import Settings, parse_settings
-from gateway.keys import DB, GENERATIONS, IDEMPOTENCY
-from gateway.money import cny_to_units
-from gateway.simulator import Simulator
+from gateway.core.auth import key_digest
+from gateway.core.config import Settings, parse_settings
+from gateway.core.money import cny_to_units
+from gateway.http.app import create_app
+from gateway.http.keys import DB, GENERATIONS, IDEMPOTENCY
 from gateway.store.base import LedgerQuery, Store
+from gateway.upstream.simulator import Simulator
 from tests.fakes import FakeClock, FaultPlan
 from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 

@@ -61,7 +61,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``gateway`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.pngs import solid_png
+from gateway.upstream.pngs import solid_png
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "clients"
 API_KEY = "sk-recorder-0000000000000000000000000000"

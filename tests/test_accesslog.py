@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.accesslog import FIELDS, AccessLog, new_record, result_id, timestamp
+from gateway.ops.accesslog import FIELDS, AccessLog, new_record, result_id, timestamp
 
 
 class Ticks:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.admission import LARGE_BODY, ByteBudget, body_cost
+from gateway.http.admission import LARGE_BODY, ByteBudget, body_cost
 
 
 def test_small_bodies_cost_nothing_and_unknown_lengths_the_limit() -> None:

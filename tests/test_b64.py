@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from gateway.pngs import solid_png
+from gateway.upstream.pngs import solid_png
 from tests.conftest import Gateway, Upstream
 from tests.fakes import respond
 

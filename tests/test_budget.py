@@ -11,8 +11,8 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.keys import CONFIG, DB
-from gateway.periods import period_at
+from gateway.core.periods import period_at
+from gateway.http.keys import CONFIG, DB
 from tests.conftest import ADMIN_KEY, Gateway, Upstream, build_settings
 from tests.fakes import gate, hang, html_error, json_error, respond
 

@@ -10,10 +10,10 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from gateway.auth import key_digest
-from gateway.config import ConfigError, load_settings, parse_settings
-from gateway.money import MoneyError, cny_to_units, format_cny
-from gateway.periods import period_at
+from gateway.core.auth import key_digest
+from gateway.core.config import ConfigError, load_settings, parse_settings
+from gateway.core.money import MoneyError, cny_to_units, format_cny
+from gateway.core.periods import period_at
 
 HASH = "a" * 64
 ENV = {"IMAGE_GATEWAY_UPSTREAM_KEY": "sk_live_abc"}

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.dataurls import DataUrlBuilder, ImageTooLarge
-from gateway.images import BadReference, check_data_url
-from gateway.wire import reference_digest
+from gateway.core.dataurls import DataUrlBuilder, ImageTooLarge
+from gateway.core.images import BadReference, check_data_url
+from gateway.core.wire import reference_digest
 
 PREFIX = "data:image/png;base64,"
 

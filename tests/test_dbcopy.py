@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.auth import key_digest
+from gateway.core.auth import key_digest
 from gateway.store.base import LedgerQuery
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
@@ -139,7 +139,7 @@ async def test_db_copy_refuses_a_database_a_running_gateway_holds(
 async def test_db_copy_reads_a_long_history_in_batches(
     start_gateway, upstream: Upstream, tmp_path: Path, postgres_dsn: str, monkeypatch
 ) -> None:
-    from gateway import dbcopy
+    from gateway.store import dbcopy
 
     gateway = await start_gateway()
     for quality in ("low", "medium", "high", "low", "medium"):

@@ -6,9 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway.durable import Durable
-from gateway.errors import StorageUnavailable
-from gateway.metrics import Metrics
+from gateway.core.errors import StorageUnavailable
+from gateway.ops.metrics import Metrics
+from gateway.services.durable import Durable
 
 
 def unsettled(metrics: Metrics) -> float | None:

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
-from gateway.keys import GENERATIONS
-from gateway.periods import period_at
+from gateway.core.periods import period_at
+from gateway.http.keys import GENERATIONS
 from tests.conftest import UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import (
     IdleTimeoutFront,

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.periods import period_at
+from gateway.core.periods import period_at
 from gateway.store.base import LedgerQuery
 from tests.conftest import UPSTREAM_KEY, Gateway, Upstream, base_config, books_balance
 from tests.fakes import json_error, respond

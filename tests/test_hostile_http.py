@@ -27,9 +27,9 @@ import aiohttp
 import pytest
 from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLError, LineTooLong
 
-from gateway.config import parse_settings
-from gateway.protocol import AIOHTTP_LOGGERS, describe, install_log_filter, max_connections
-from gateway.safe_log import clean
+from gateway.core.config import parse_settings
+from gateway.http.protocol import AIOHTTP_LOGGERS, describe, install_log_filter, max_connections
+from gateway.ops.safe_log import clean
 from tests.conftest import (
     ADMIN_KEY,
     SECRETS,

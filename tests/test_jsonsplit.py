@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.dataurls import DataUrl
-from gateway.errors import InvalidRequest
-from gateway.jsonsplit import MAX_TOKENS, Splitter, TooManyReferences, resolve
-from gateway.normalize import Rules, normalize
-from gateway.wire import fingerprint, upstream_body
+from gateway.core.dataurls import DataUrl
+from gateway.core.errors import InvalidRequest
+from gateway.core.normalize import Rules, normalize
+from gateway.core.wire import fingerprint, upstream_body
+from gateway.http.jsonsplit import MAX_TOKENS, Splitter, TooManyReferences, resolve
 from tests.conftest import PNG
 
 RULES = Rules(max_image_bytes=64, model_aliases={})

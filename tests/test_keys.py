@@ -16,11 +16,11 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.auth import key_digest
-from gateway.config import ConfigError, parse_settings
-from gateway.keys import CONFIG, METRICS
-from gateway.ledger import Usage
-from gateway.periods import period_at
+from gateway.core.auth import key_digest
+from gateway.core.config import ConfigError, parse_settings
+from gateway.core.ledger import Usage
+from gateway.core.periods import period_at
+from gateway.http.keys import CONFIG, METRICS
 from gateway.store.base import LedgerQuery
 from tests.conftest import (
     ADMIN_KEY,

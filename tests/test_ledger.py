@@ -16,9 +16,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.keys import DB, GENERATIONS, METRICS, TASKS
-from gateway.ledger import Usage
-from gateway.periods import period_at
+from gateway.core.ledger import Usage
+from gateway.core.periods import period_at
+from gateway.http.keys import DB, GENERATIONS, METRICS, TASKS
 from gateway.store.base import LedgerQuery
 from tests.conftest import (
     ADMIN_KEY,

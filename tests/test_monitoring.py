@@ -32,8 +32,8 @@ import pytest
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from gateway.accesslog import FIELDS
-from gateway.metrics import Metrics
+from gateway.ops.accesslog import FIELDS
+from gateway.ops.metrics import Metrics
 from tests.conftest import ADMIN_KEY, Gateway, Upstream
 from tests.fakes import hang
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from gateway.config import DEFAULT_ALIASES
-from gateway.errors import InvalidRequest
-from gateway.normalize import RATIOS, Rules, Upload, nearest_ratio, normalize
-from gateway.wire import fingerprint, upstream_body
+from gateway.core.config import DEFAULT_ALIASES
+from gateway.core.errors import InvalidRequest
+from gateway.core.normalize import RATIOS, Rules, Upload, nearest_ratio, normalize
+from gateway.core.wire import fingerprint, upstream_body
 from tests.conftest import PNG
 
 RULES = Rules(max_image_bytes=1024 * 1024, model_aliases=DEFAULT_ALIASES)

@@ -10,8 +10,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.accesslog import FIELDS
-from gateway.auth import key_digest
+from gateway.core.auth import key_digest
+from gateway.ops.accesslog import FIELDS
 from tests.conftest import ADMIN_KEY, PNG, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import hang, json_error
 

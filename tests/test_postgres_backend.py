@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import asyncpg
 
-from gateway.app import create_app
+from gateway.http.app import create_app
 from tests.conftest import (
     PG_URL_ENV,
     TEAM_KEYS,
@@ -72,7 +72,7 @@ async def test_connections_the_server_killed_are_unavailable_then_replaced(
     StorageUnavailable (never asyncpg's own InterfaceError or InternalClientError), and the
     pool never hands a dead connection out again. (``pg_terminate_backend(pid, timeout)``
     waits for the backend to exit: without it a backend may still answer once.)"""
-    from gateway.errors import StorageUnavailable
+    from gateway.core.errors import StorageUnavailable
     from gateway.store.postgres import PostgresStore
 
     store = await PostgresStore.open(postgres_dsn, register=False)

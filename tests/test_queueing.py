@@ -9,7 +9,7 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from gateway.queueing import LAST_DATA_RECV_OFFSET, last_data_recv_ms
+from gateway.http.queueing import LAST_DATA_RECV_OFFSET, last_data_recv_ms
 from tests.conftest import Gateway
 
 HELD_S = 0.3

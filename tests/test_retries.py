@@ -10,11 +10,11 @@ import aiohttp
 import openai
 import pytest
 
-from gateway.config import Secret, UpstreamConfig
-from gateway.keys import CONFIG, GENERATIONS, METRICS
-from gateway.normalize import Rules, normalize
-from gateway.upstream import UpstreamClient
-from gateway.wire import upstream_body
+from gateway.core.config import Secret, UpstreamConfig
+from gateway.core.normalize import Rules, normalize
+from gateway.core.wire import upstream_body
+from gateway.http.keys import CONFIG, GENERATIONS, METRICS
+from gateway.upstream.client import HttpUpstream
 from tests.conftest import Gateway, Upstream, build_settings
 from tests.fakes import gate, json_error
 
@@ -280,7 +280,7 @@ async def test_reset_before_any_byte_was_sent_is_retried() -> None:
     async def no_sleep(seconds: float) -> None:
         sleeps.append(seconds)
 
-    client = UpstreamClient(
+    client = HttpUpstream(
         UpstreamConfig(base_url="https://u.test", api_key=Secret("sk_x")),
         session,  # type: ignore[arg-type]
         sleep=no_sleep,

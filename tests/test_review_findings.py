@@ -9,8 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.keys import TASKS
-from gateway.ledger import Usage
+from gateway.core.ledger import Usage
+from gateway.http.keys import TASKS
 from gateway.store.base import LedgerQuery
 from tests.conftest import Gateway, Upstream, books_balance
 from tests.fakes import respond
@@ -55,8 +55,8 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
     for an entry that is uncertain."""
     import asyncpg
 
-    from gateway.ledger import Capture, Hold
-    from gateway.settlement import automatic_resolution
+    from gateway.core.ledger import Capture, Hold
+    from gateway.core.settlement import automatic_resolution
     from gateway.store.postgres import PostgresStore
 
     store = await PostgresStore.open(postgres_dsn)
@@ -139,7 +139,7 @@ async def _refuse(request: Any, text: str) -> Any:
 def _commit_then_fail(store: Any, name: str, times: int = 1) -> None:
     """``store.<name>`` commits, then reports StorageUnavailable (as PostgreSQL does when the
     connection drops or command_timeout fires after the server committed)."""
-    from gateway.errors import StorageUnavailable
+    from gateway.core.errors import StorageUnavailable
 
     original = getattr(store, name)
     left = [times]
@@ -159,7 +159,7 @@ async def test_a_reservation_whose_ack_was_lost_does_not_stay_held(gateway: Gate
     is never settled. PostgreSQL's reaper only closes holds of silent instances and SQLite's
     recovery runs only at start, so the team's budget stays reserved while the process lives
     (and turns uncertain, i.e. charged until an admin acts, after it stops)."""
-    from gateway.keys import DB
+    from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "reserve")
     status, body = await post(gateway.url)
@@ -172,7 +172,7 @@ async def test_a_reservation_whose_ack_was_lost_does_not_stay_held(gateway: Gate
 async def test_a_settlement_whose_ack_was_lost_is_still_logged(gateway: Gateway) -> None:
     """Durable retries the settle; the retry finds it settled and returns False, so
     generation._commit never calls books.moved: the 0.20 spent is on no access-log line."""
-    from gateway.keys import DB
+    from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "settle")
     status, _ = await post(gateway.url)
@@ -367,8 +367,8 @@ async def test_a_failed_admission_release_does_not_turn_a_paid_image_into_a_503(
     with 503 'nothing was sent or charged' although 0.20 was charged, and the admission row
     is never deleted (the reaper only deletes rows of dead instances), so each such blip
     permanently eats one of the team's max_concurrent slots."""
-    from gateway.errors import StorageUnavailable
-    from gateway.keys import DB, DURABLE
+    from gateway.core.errors import StorageUnavailable
+    from gateway.http.keys import DB, DURABLE
 
     gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
     db = gateway.app[DB]
@@ -429,9 +429,9 @@ async def test_a_crash_between_recording_an_instant_task_and_settling_it_is_reco
     leaves a held hold with a task: recover_in_flight (and the PostgreSQL reaper) skip holds
     that have a task, and due_tasks never reaches 1e18, so the money stays reserved for
     ever although the images were served."""
-    from gateway.ledger import Hold
+    from gateway.core.ledger import Hold
+    from gateway.services.tasks import NEVER
     from gateway.store.sqlite import SQLiteStore
-    from gateway.tasks import NEVER
 
     path = tmp_path / "ledger.db"
     store = await SQLiteStore.open(path)
@@ -531,7 +531,7 @@ async def test_a_retry_from_another_key_does_not_get_this_keys_image(
 async def test_an_admission_whose_ack_was_lost_gives_its_slot_back(start_gateway: Any) -> None:
     """handlers._admitted: an admit that committed but reported StorageUnavailable was never
     released, so the team lost one max_concurrent slot for the life of the instance."""
-    from gateway.keys import DB
+    from gateway.http.keys import DB
 
     gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
     _commit_then_fail(gateway.app[DB], "admit")
@@ -549,7 +549,7 @@ async def test_a_task_record_whose_ack_was_lost_is_not_a_reused_id(
 ) -> None:
     """Durable.write retried submitted() after a commit whose acknowledgement was lost; the
     retry hit our own row as DuplicateTask and the client got a 502 without its task id."""
-    from gateway.keys import DB
+    from gateway.http.keys import DB
 
     task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
     upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
@@ -586,7 +586,7 @@ async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
     instead of StorageUnavailable, so a settlement was not retried."""
     import asyncpg
 
-    from gateway.errors import StorageUnavailable
+    from gateway.core.errors import StorageUnavailable
     from gateway.store.postgres import PostgresStore
 
     store = await PostgresStore.open(postgres_dsn)
@@ -617,8 +617,8 @@ async def test_pg_a_timed_out_reservation_does_not_commit_after_its_release(
     CancelRequest: the blocked reservation committed later, held, with nobody to settle it."""
     import asyncpg
 
-    from gateway.errors import StorageUnavailable
-    from gateway.ledger import Hold
+    from gateway.core.errors import StorageUnavailable
+    from gateway.core.ledger import Hold
     from gateway.store import postgres as pg
 
     monkeypatch.setattr(pg, "COMMAND_TIMEOUT_S", 1.0)

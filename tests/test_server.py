@@ -9,8 +9,8 @@ import socket
 
 import pytest
 
-from gateway.app import StartupError
-from gateway.server import listening_socket, raise_open_files_limit
+from gateway.http.app import StartupError
+from gateway.http.server import listening_socket, raise_open_files_limit
 
 
 def test_the_soft_open_files_limit_is_raised_to_the_hard_one() -> None:

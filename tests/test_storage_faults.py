@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.keys import METRICS
-from gateway.ledger import Usage
-from gateway.periods import period_at
+from gateway.core.ledger import Usage
+from gateway.core.periods import period_at
+from gateway.http.keys import METRICS
 from tests.conftest import Gateway, Upstream, books_balance
 from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.ledger import (
+from gateway.core.ledger import (
     BudgetRefused,
     Capture,
     Hold,
@@ -26,7 +26,7 @@ from gateway.ledger import (
     Uncertain,
     Usage,
 )
-from gateway.settlement import NotResolvable, admin_resolution
+from gateway.core.settlement import NotResolvable, admin_resolution
 from gateway.store import migrations
 from gateway.store.base import LedgerQuery, Store, UnknownEntry
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld

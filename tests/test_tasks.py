@@ -11,9 +11,9 @@ import httpx2
 import openai
 import pytest
 
-from gateway.keys import DB, TASKS
-from gateway.ledger import Usage
-from gateway.periods import period_at, utc_now
+from gateway.core.ledger import Usage
+from gateway.core.periods import period_at, utc_now
+from gateway.http.keys import DB, TASKS
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
 

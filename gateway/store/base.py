@@ -6,7 +6,7 @@ database cannot be used right now (disk full, file gone, server down). The write
 always did not land, but an acknowledgement lost after the commit (a PostgreSQL connection that
 drops, a statement timeout) means it may have: a caller that retries a write, or gives up on
 one, checks what is stored rather than assuming.
-Money rules are not decided here: the engine stores what ``gateway.settlement`` decided and its
+Money rules are not decided here: the engine stores what ``gateway.core.settlement`` decided and its
 schema refuses anything else.
 """
 
@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
-from gateway.limits import Scope
+from gateway.core.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
+from gateway.core.limits import Scope
 
 NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
 

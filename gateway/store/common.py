@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from gateway.ledger import Hold, LedgerEntry, Mismatch, ResolutionRecord
+from gateway.core.ledger import Hold, LedgerEntry, Mismatch, ResolutionRecord
 from gateway.store.base import NEVER, TaskRow, Verification
 
 ENTRY_COLUMNS = (

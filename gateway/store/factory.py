@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from gateway.config import Settings
+from gateway.core.config import Settings
 from gateway.store.base import Store
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore

@@ -29,10 +29,10 @@ from typing import Any, Literal, TypeVar
 
 import asyncpg
 
-from gateway.errors import StorageUnavailable
-from gateway.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
-from gateway.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
-from gateway.settlement import NotResolvable, ResolutionRefused, recovered
+from gateway.core.errors import StorageUnavailable
+from gateway.core.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
+from gateway.core.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
+from gateway.core.settlement import NotResolvable, ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,

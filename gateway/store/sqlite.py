@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 
 import aiosqlite
 
-from gateway.errors import StorageUnavailable
-from gateway.ledger import (
+from gateway.core.errors import StorageUnavailable
+from gateway.core.ledger import (
     BudgetRefused,
     Hold,
     LedgerEntry,
@@ -37,8 +37,8 @@ from gateway.ledger import (
     Settlement,
     Usage,
 )
-from gateway.limits import Limiter, Scope
-from gateway.settlement import ResolutionRefused, recovered
+from gateway.core.limits import Limiter, Scope
+from gateway.core.settlement import ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,

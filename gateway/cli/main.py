@@ -1,0 +1,216 @@
+"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger. The only reader of
+argv. Every failure a user can cause ends in one line on stderr and exit status 1."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gateway import __version__
+from gateway.cli import ledger as cli_ledger
+from gateway.cli.support import (
+    STORE_ERRORS,
+    CommandError,
+    load_config,
+    offline,
+)
+from gateway.core.auth import key_digest, new_team_key, plausible_key
+from gateway.core.config import Settings
+from gateway.core.periods import utc_now
+from gateway.http.app import StartupError
+from gateway.services.keylist import format_keys, key_listing
+from gateway.services.usage import GROUPINGS, check_report_args, format_report, usage_report
+from gateway.store.factory import open_store
+from gateway.store.migrations import SchemaTooNew, SchemaTooOld
+from gateway.store.postgres import PostgresOpenError
+
+DEMO_HOST, DEMO_PORT = "127.0.0.1", 8080
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except CommandError as exc:
+        print(f"image-gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="image-gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"image-gateway {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    source = serve.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the TOML config file")
+    source.add_argument(
+        "--demo", action="store_true", help="run with an embedded simulated upstream"
+    )
+    serve.add_argument(
+        "--simulate-upstream",
+        action="store_true",
+        help="with --config: a rehearsal, the embedded simulator in place of [upstream]",
+    )
+    serve.add_argument("--host", help="demo only: address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="demo only: port to listen on (default 8080)")
+    serve.set_defaults(run=_serve)
+
+    new_key = commands.add_parser("new-key", help="print a new team key and its config line")
+    new_key.set_defaults(run=_new_key)
+
+    check = commands.add_parser("check-config", help="validate a config file")
+    check.add_argument("path", type=Path)
+    check.set_defaults(run=_check_config)
+
+    usage = commands.add_parser("usage", help="report each team's budget and spend")
+    usage.add_argument("--config", type=Path, required=True)
+    usage.add_argument("--team", help="only this team")
+    usage.add_argument("--period", help="YYYY-MM, YYYY-MM-DD or total (default: the current one)")
+    usage.add_argument("--by", choices=GROUPINGS, help="break each team down by this")
+    usage.add_argument("--json", action="store_true", help="print JSON")
+    usage.set_defaults(run=offline(_usage))
+
+    hash_key = commands.add_parser(
+        "hash-key", help="print the config line for a key (read from standard input)"
+    )
+    hash_key.add_argument("key", nargs="?", help="the key (default: read from standard input)")
+    hash_key.set_defaults(run=_hash_key)
+
+    keys = commands.add_parser("keys", help="every key of every team, never the key itself")
+    keys.add_argument("--config", type=Path, required=True)
+    keys.add_argument("--json", action="store_true", help="print JSON")
+    keys.set_defaults(run=offline(_keys))
+
+    cli_ledger.add_commands(commands)
+    cli_ledger.add_db_commands(commands)
+    return parser
+
+
+def _setup_logging() -> None:
+    # Under systemd the journal stamps every line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(
+        level=logging.INFO, format=stamp + "%(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    if args.demo and args.simulate_upstream:
+        raise CommandError("--simulate-upstream is only valid with --config (--demo always is)")
+    if args.config is not None and (args.host is not None or args.port is not None):
+        raise CommandError("--host and --port are for --demo; set [server] host and port instead")
+    _setup_logging()
+    if args.demo:
+        from gateway.cli.demo import DEMO_DIR, run_demo  # noqa: PLC0415 - loads the simulator
+
+        port = DEMO_PORT if args.port is None else args.port
+        return _run_server(run_demo(args.host or DEMO_HOST, port, DEMO_DIR.absolute()))
+    if args.simulate_upstream:
+        settings = load_config(args.config, require_central_key=False)
+        from gateway.cli.rehearsal import rehearse  # noqa: PLC0415 - loads the simulator
+
+        return _run_server(rehearse(settings, args.config))
+    settings = load_config(args.config)
+    from gateway.http.server import serve  # noqa: PLC0415 - keeps `new-key` and `check-config` light
+
+    return _run_server(serve(settings, config_path=args.config))
+
+
+def _run_server(main: object) -> int:
+    """Run the server; a failure to start is one line, not a traceback."""
+    try:
+        asyncio.run(main)  # type: ignore[arg-type]
+    except (StartupError, *STORE_ERRORS) as exc:
+        raise CommandError(f"cannot start: {exc}") from None
+    return 0
+
+
+def _new_key(_args: argparse.Namespace) -> int:
+    key = new_team_key()
+    print(key)
+    print("\nGive the key above to the team; put its hash (not the key) in the config:\n")
+    print(f'keys_sha256 = ["{key_digest(key)}"]')
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    """``sha256 = "..."`` for a key; one trailing newline (from echo or a file) is not the key's."""
+    text = args.key if args.key is not None else sys.stdin.read()
+    key = text.removesuffix("\n").removesuffix("\r")
+    problem = plausible_key(key)
+    if problem is not None:
+        raise CommandError(f"not a key: {problem}")
+    print(f'sha256 = "{key_digest(key)}"')
+    return 0
+
+
+async def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    last_used: dict[str, float] = {}
+    try:
+        db = await open_store(settings, "reader")
+    except FileNotFoundError:  # no ledger yet: no key was ever used
+        pass
+    else:
+        try:
+            last_used = await db.key_last_used()
+        finally:
+            await db.close()
+    listing = key_listing(settings, utc_now(), last_used)
+    print(json.dumps({"keys": listing}, indent=2) if args.json else format_keys(listing), end="")
+    if args.json:
+        print()
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = load_config(args.path)
+    if settings.storage.backend == "postgres":
+        try:
+            state = asyncio.run(_probe_postgres(settings))
+        except (PostgresOpenError, SchemaTooNew) as exc:
+            raise CommandError(f"{args.path}: {settings.storage.dsn_source}: {exc}") from None
+        print(f"{args.path}: OK ({len(settings.teams)} teams, PostgreSQL: {state})")
+        return 0
+    database = settings.database
+    state = "exists" if database.exists() else "does not exist yet: the gateway will create it"
+    print(f"{args.path}: OK ({len(settings.teams)} teams, database {database}: {state})")
+    return 0
+
+
+async def _probe_postgres(settings: Settings) -> str:
+    """Whether the configured PostgreSQL answers, and at which schema (nothing is changed)."""
+    try:
+        db = await open_store(settings, "reader")
+    except SchemaTooOld as exc:
+        return f"reachable; {str(exc).split(';')[0]} (the gateway migrates it at start)"
+    await db.close()
+    return "reachable, schema current"
+
+
+async def _usage(args: argparse.Namespace, settings: Settings) -> int:
+    if args.team is not None and args.team not in settings.teams:
+        raise CommandError(f"unknown team {args.team!r}")
+    try:
+        check_report_args(args.period, args.by, settings)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    db = await open_store(settings, "reader")
+    try:
+        result = await usage_report(
+            db, settings, utc_now(), only=args.team, period=args.period, by=args.by
+        )
+    finally:
+        await db.close()
+    print(
+        json.dumps(result, indent=2) if args.json else format_report(result),
+        end="\n" if args.json else "",
+    )
+    return 0

@@ -1,0 +1,750 @@
+"""Settings: the TOML file parsed once into frozen dataclasses, or refused naming each bad key.
+
+Pure except for ``load_settings``, which reads the file and the central key (from an environment
+variable or a file, typically a systemd credential). Every problem is collected, so one run of
+``image-gateway check-config`` lists them all.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from gateway.core.money import MoneyError, cny_to_units
+from gateway.core.normalize import QUALITIES, UPSTREAM_MODEL
+from gateway.core.periods import PERIOD_KINDS, PeriodKind
+
+DEFAULT_KEY_ENV = "IMAGE_GATEWAY_UPSTREAM_KEY"
+DEFAULT_DSN_ENV = "IMAGE_GATEWAY_DATABASE_URL"
+DEFAULT_PRICES_CNY = {"low": "0.10", "medium": "0.20", "high": "0.40", "auto": "0.20"}
+DEFAULT_ALIASES = dict.fromkeys(
+    ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
+)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+PLACEHOLDER_SHA256 = "0" * 64  # the example config's: never a real key
+KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+FINGERPRINT_CHARS = 16
+DEFAULT_PORTS = {"http": 80, "https": 443}
+FILE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+MIB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """The config cannot be used; ``problems`` name each offending key."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class Secret:
+    """A string that never shows itself in ``repr``, ``str`` or a traceback's locals."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    timezone: str = "UTC"
+    max_body_bytes: int = 128 * MIB
+    max_image_bytes: int = 20 * MIB
+    drain_s: float = 240.0
+    backlog: int = 1024
+    header_timeout_s: float = 10.0
+    keepalive_timeout_s: float = 75.0
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    base_url: str
+    api_key: Secret
+    timeout_s: float = 300.0
+    connect_timeout_s: float = 10.0
+    file_hosts: tuple[str, ...] = ()
+    max_attempts: int = 2
+    retry_after_cap_s: float = 10.0
+    download_max_bytes: int = 50 * MIB
+    download_timeout_s: float = 60.0
+    proxy_results: bool = False
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.base_url).hostname or ""
+
+    @property
+    def result_origins(self) -> frozenset[tuple[str, int]]:
+        """Where result images may be fetched from, as (host, port): the API's own origin and
+        each of ``file_hosts`` (``host`` or ``host:port``, port 443 by default)."""
+        base = urlsplit(self.base_url)
+        origins = {(base.hostname or "", base.port or DEFAULT_PORTS[base.scheme])}
+        for entry in self.file_hosts:
+            host, _, port = entry.rpartition(":") if ":" in entry else (entry, "", "")
+            origins.add((host, int(port) if port else 443))
+        return frozenset(origins)
+
+    @property
+    def files_origin(self) -> str:
+        """Where ``proxy_results`` fetches ``/v1/images/files/...`` from."""
+        return f"https://{self.file_hosts[0]}" if self.file_hosts else self.base_url
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access: str = "-"
+    prompts: bool = False
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    """One team key, known by its SHA-256. Named keys carry their own optional expiry and caps."""
+
+    team: str
+    sha256: str
+    name: str | None = None
+    expires: datetime | None = None
+    budget: int | None = None  # per the team's period, inside the team's budget
+    rpm: int | None = None
+    max_concurrent: int | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """What identifies the key in the ledger and in listings (never the key itself)."""
+        return self.sha256[:FINGERPRINT_CHARS]
+
+    @property
+    def identity(self) -> str:
+        """``team/name``, or ``team/sha256:<first 8 hex>`` for an unnamed key."""
+        return f"{self.team}/{self.name or 'sha256:' + self.sha256[:8]}"
+
+
+@dataclass(frozen=True)
+class TeamConfig:
+    name: str
+    keys_sha256: tuple[str, ...]
+    budget: int
+    period: PeriodKind = "monthly"
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    default_response_format: Literal["url", "b64_json"] = "url"
+    keys: tuple[KeyConfig, ...] = ()
+
+    def all_keys(self) -> tuple[KeyConfig, ...]:
+        """Unnamed keys (``keys_sha256``) and named ones (``[[teams.X.keys]]``)."""
+        return tuple(KeyConfig(self.name, digest) for digest in self.keys_sha256) + self.keys
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    poll_cache_ttl_s: float = 2.0
+    settle_interval_s: float = 5.0
+    settle_max_interval_s: float = 120.0
+    max_pending_age_s: float = 6 * 3600.0
+
+
+@dataclass(frozen=True)
+class IdempotencyConfig:
+    keep_hours: float = 24.0
+    retry_dedupe_minutes: float = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    port: int = 0
+    require_admin: bool = False
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where the ledger lives: a SQLite file (one gateway process), or PostgreSQL (a fleet)."""
+
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: Secret | None = None  # postgresql:// URL (it may hold a password)
+    dsn_source: str = ""  # where it came from, for messages
+    instance_lease_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig
+    upstream: UpstreamConfig
+    database: Path  # the SQLite file (backend sqlite)
+    log: LogConfig
+    prices: Mapping[str, int]
+    teams: Mapping[str, TeamConfig]
+    admin_keys_sha256: tuple[str, ...] = ()
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    idempotency: IdempotencyConfig = field(default_factory=IdempotencyConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    model_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def reloaded(self, new: Settings) -> tuple[Settings, list[str]]:
+        """``new``, except what a running process cannot change (kept from ``self``, and named)."""
+        kept = [
+            name
+            for name, old_value, new_value in (
+                ("server", self.server, new.server),
+                ("upstream", self.upstream, new.upstream),
+                ("storage.database", self.database, new.database),
+                ("storage", self.storage, new.storage),
+                ("log.access", self.log.access, new.log.access),
+                ("metrics", self.metrics, new.metrics),
+                ("tasks", self.tasks, new.tasks),
+                ("idempotency.keep_hours", self.idempotency.keep_hours, new.idempotency.keep_hours),
+            )
+            if old_value != new_value
+        ]
+        merged = replace(
+            new,
+            server=self.server,
+            upstream=self.upstream,
+            database=self.database,
+            storage=self.storage,
+            log=replace(new.log, access=self.log.access),
+            metrics=self.metrics,
+            tasks=self.tasks,
+            idempotency=replace(new.idempotency, keep_hours=self.idempotency.keep_hours),
+        )
+        return merged, kept
+
+
+def load_settings(
+    path: str | Path, env: Mapping[str, str] | None = None, *, require_central_key: bool = True
+) -> Settings:
+    """Read and validate a TOML config file; raise ConfigError listing every problem.
+
+    ``require_central_key=False`` is for offline tools (the usage report) that never call the
+    upstream and should not need the key.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError([f"cannot read {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path} is not valid TOML: {exc}"]) from None
+    return parse_settings(
+        data,
+        base_dir=path.resolve().parent,
+        env=os.environ if env is None else env,
+        require_central_key=require_central_key,
+    )
+
+
+def parse_settings(
+    data: Mapping[str, Any],
+    *,
+    base_dir: Path,
+    env: Mapping[str, str],
+    require_central_key: bool = True,
+) -> Settings:
+    root = _Table(data, "", [])
+    server = _server(root.table("server"))
+    upstream = _upstream(root.table("upstream"), base_dir, env, require_central_key)
+    storage = root.table("storage")
+    database = _resolve(storage.get("database", str, "gateway.db", _non_empty), base_dir)
+    storage_config = _storage(storage, base_dir, env)
+    log_table = root.table("log")
+    access = log_table.get("access", str, "-", _non_empty)
+    log = LogConfig(
+        access=access if access == "-" else str(_resolve(access, base_dir)),
+        prompts=log_table.get("prompts", bool, False),
+    )
+    prices = _prices(root.table("prices"))
+    teams = _teams(root.table("teams"))
+    admin = root.table("admin")
+    admin_keys = _key_hashes(admin, "keys_sha256", required=False)
+    models = root.table("models")
+    aliases = _aliases(models)
+    settings = Settings(
+        server=server,
+        upstream=upstream,
+        database=database,
+        log=log,
+        prices=prices,
+        teams=teams,
+        admin_keys_sha256=admin_keys,
+        tasks=_tasks(root.table("tasks")),
+        idempotency=_idempotency(root.table("idempotency")),
+        metrics=_metrics(root.table("metrics"), admin_keys),
+        model_aliases=aliases,
+        storage=storage_config,
+    )
+    for table in (storage, log_table, admin, models):
+        table.finish()
+    root.finish()
+    _check_unique_keys(settings, root.errors)
+    if root.errors:
+        raise ConfigError(root.errors)
+    return settings
+
+
+class _Table:
+    """Typed access to one TOML table that remembers which keys were read, to refuse the rest."""
+
+    def __init__(self, data: object, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        self.seen: set[str] = set()
+        if not isinstance(data, dict):
+            errors.append(f"{path} must be a table")
+            data = {}
+        self.data: dict[str, Any] = data
+
+    def name(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any, check: Any = None) -> Any:
+        self.seen.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            wanted = " or ".join(k.__name__ for k in kinds)
+            self.errors.append(f"{self.name(key)} must be {wanted}, got {type(value).__name__}")
+            return default
+        if check is not None:
+            problem = check(value)
+            if problem:
+                self.errors.append(f"{self.name(key)} {problem}")
+                return default
+        return value
+
+    def table(self, key: str) -> _Table:
+        self.seen.add(key)
+        return _Table(self.data.get(key, {}), self.name(key), self.errors)
+
+    def finish(self) -> None:
+        """Refuse every key nobody read, suggesting the known key it most likely misspells."""
+        for key in sorted(set(self.data) - self.seen):
+            close = difflib.get_close_matches(key, sorted(self.seen), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            self.errors.append(f"{self.name(key)} is not a known setting{hint}")
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _at_least_one(value: int) -> str | None:
+    return None if value >= 1 else "must be at least 1"
+
+
+def _response_format(value: str) -> str | None:
+    return None if value in ("url", "b64_json") else "must be url or b64_json"
+
+
+def _period(value: str) -> str | None:
+    return None if value in PERIOD_KINDS else "must be monthly, daily or total"
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else "must be a port number from 0 to 65535"
+
+
+def _resolve(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _server(t: _Table) -> ServerConfig:
+    def zone(value: str) -> str | None:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            return "is not an IANA time zone (such as UTC or Asia/Shanghai)"
+        return None
+
+    config = ServerConfig(
+        host=t.get("host", str, "127.0.0.1", _non_empty),
+        port=t.get("port", int, 8080, _port),
+        timezone=t.get("timezone", str, "UTC", zone),
+        max_body_bytes=int(t.get("max_body_mb", float, 128.0, _positive) * MIB),
+        max_image_bytes=int(t.get("max_image_mb", float, 20.0, _positive) * MIB),
+        drain_s=t.get(
+            "drain_s", float, 240.0, lambda v: None if v >= 0 else "must not be negative"
+        ),
+        backlog=t.get("backlog", int, 1024, _at_least_one),
+        header_timeout_s=t.get("header_timeout_s", float, 10.0, _positive),
+        keepalive_timeout_s=t.get("keepalive_timeout_s", float, 75.0, _positive),
+    )
+    t.finish()
+    return config
+
+
+def _upstream(
+    t: _Table, base_dir: Path, env: Mapping[str, str], require_key: bool
+) -> UpstreamConfig:
+    def url(value: str) -> str | None:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return "must be an http(s) URL with a host, such as https://jp.icodeeasy.cc"
+        if parts.path not in ("", "/") or parts.query:
+            return "must be the host only; the gateway keeps the request's own path"
+        return None
+
+    base_url = t.get("base_url", str, "https://jp.icodeeasy.cc", url).rstrip("/")
+    key_env = t.get("api_key_env", str, None, _non_empty)
+    key_file = t.get("api_key_file", str, None, _non_empty)
+    hosts = t.get("file_hosts", list, [])
+    if not all(isinstance(h, str) and FILE_HOST.fullmatch(h) for h in hosts):
+        t.errors.append(f"{t.name('file_hosts')} must be a list of host names (or host:port)")
+        hosts = []
+    config = UpstreamConfig(
+        base_url=base_url,
+        api_key=_central_key(t, key_env, key_file, base_dir, env) if require_key else Secret(""),
+        timeout_s=t.get("timeout_s", float, 300.0, _positive),
+        connect_timeout_s=t.get("connect_timeout_s", float, 10.0, _positive),
+        file_hosts=tuple(h.lower() for h in hosts),
+        max_attempts=t.get(
+            "max_attempts", int, 2, lambda v: None if 1 <= v <= 5 else "must be 1..5"
+        ),
+        retry_after_cap_s=t.get("retry_after_cap_s", float, 10.0, _positive),
+        download_max_bytes=int(t.get("download_max_mb", float, 50.0, _positive) * MIB),
+        download_timeout_s=t.get("download_timeout_s", float, 60.0, _positive),
+        proxy_results=t.get("proxy_results", bool, False),
+    )
+    t.finish()
+    return config
+
+
+def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig:
+    backend = t.get("backend", str, "sqlite", _backend)
+    lease = t.get("instance_lease_s", float, 30.0, _positive)
+    dsn_env = t.get("dsn_env", str, None, _non_empty)
+    dsn_file = t.get("dsn_file", str, None, _non_empty)
+    if backend != "postgres":
+        for key in ("dsn_env", "dsn_file", "instance_lease_s"):
+            if key in t.data:
+                t.errors.append(f'{t.name(key)} goes with backend = "postgres"')
+        return StorageConfig()
+    if "database" in t.data:
+        t.errors.append(
+            f'{t.name("database")} is the SQLite file: remove it with backend = "postgres" '
+            "(the database is named by dsn_env or dsn_file)"
+        )
+    source, value = _read_secret(
+        t, env_key="dsn_env", env_name=dsn_env, file_key="dsn_file", file_value=dsn_file,
+        default_env=DEFAULT_DSN_ENV, base_dir=base_dir, env=env, what="PostgreSQL URL",
+    )  # fmt: skip
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        t.errors.append(f"{source}: the PostgreSQL URL must start with postgresql://")
+        value = ""
+    return StorageConfig(
+        backend="postgres",
+        dsn=Secret(value) if value else None,
+        dsn_source=source,
+        instance_lease_s=lease,
+    )
+
+
+def _backend(value: str) -> str | None:
+    return None if value in ("sqlite", "postgres") else "must be sqlite or postgres"
+
+
+def _read_secret(
+    t: _Table,
+    *,
+    env_key: str,
+    env_name: str | None,
+    file_key: str,
+    file_value: str | None,
+    default_env: str,
+    base_dir: Path,
+    env: Mapping[str, str],
+    what: str,
+) -> tuple[str, str]:
+    """A credential from an environment variable or a file (``${VAR}`` expanded, typically a
+    systemd credential): (where it came from, its value, "" if missing and reported)."""
+    if env_name and file_value:
+        t.errors.append(f"{t.name(env_key)} and {t.name(file_key)}: set only one")
+        return t.name(env_key), ""
+    if file_value:
+        source = t.name(file_key)
+        unset = sorted(name for name in _env_names(file_value) if name not in env)
+        if unset:
+            t.errors.append(
+                f"{source} uses ${unset[0]}, which is not set (systemd sets "
+                "$CREDENTIALS_DIRECTORY for the service; set it yourself to check the file)"
+            )
+            return source, ""
+        path = _resolve(_expand_env(file_value, env), base_dir)
+        try:
+            value = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            t.errors.append(f"{source}: cannot read {path}: {exc}")
+            return source, ""
+        if not value:
+            t.errors.append(f"{source}: {path} is empty; it must hold the {what}")
+        return source, value
+    name = env_name or default_env
+    source = f"{t.name(env_key)} (environment variable {name})"
+    value = env.get(name, "").strip()
+    if not value:
+        t.errors.append(f"{source}: the {what} is missing")
+    return source, value
+
+
+def _central_key(
+    t: _Table, key_env: str | None, key_file: str | None, base_dir: Path, env: Mapping[str, str]
+) -> Secret:
+    source, value = _read_secret(
+        t, env_key="api_key_env", env_name=key_env, file_key="api_key_file", file_value=key_file,
+        default_env=DEFAULT_KEY_ENV, base_dir=base_dir, env=env, what="central key",
+    )  # fmt: skip
+    if not value:
+        return Secret("")
+    if not value.startswith("sk_") or any(ch.isspace() for ch in value):
+        t.errors.append(f"{source}: the central key must be the upstream's sk_... key")
+        return Secret("")
+    return Secret(value)
+
+
+ENV_REFERENCE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+
+
+def _env_names(value: str) -> list[str]:
+    return [m[1] or m[2] for m in ENV_REFERENCE.finditer(value)]
+
+
+def _expand_env(value: str, env: Mapping[str, str]) -> str:
+    return ENV_REFERENCE.sub(lambda m: env[m[1] or m[2]], value)
+
+
+def _prices(t: _Table) -> dict[str, int]:
+    prices = {}
+    for quality in QUALITIES:
+        value = t.get(quality, (float, str), DEFAULT_PRICES_CNY[quality])
+        prices[quality] = _units(t, quality, value)
+    t.finish()
+    return prices
+
+
+def _units(t: _Table, key: str, value: object) -> int:
+    try:
+        units = cny_to_units(value)
+    except MoneyError as exc:
+        t.errors.append(f"{t.name(key)}: {exc}")
+        return 0
+    if units < 0:
+        t.errors.append(f"{t.name(key)} must not be negative")
+        return 0
+    return units
+
+
+def _teams(t: _Table) -> dict[str, TeamConfig]:
+    teams = {}
+    for name in t.data:
+        team = t.table(name)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
+            t.errors.append(f"{team.path}: team names are 1-64 letters, digits, _ . -")
+        period = team.get("period", str, "monthly", _period)
+        fmt = team.get("default_response_format", str, "url", _response_format)
+        budget = _units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0))
+        named = _named_keys(team, name, budget)
+        teams[name] = TeamConfig(
+            name=name,
+            keys_sha256=_key_hashes(team, "keys_sha256", required=not named),
+            budget=budget,
+            period=period,
+            rpm=team.get("rpm", int, None, _at_least_one),
+            max_concurrent=team.get("max_concurrent", int, None, _at_least_one),
+            default_response_format=fmt,
+            keys=named,
+        )
+        if "budget_cny" not in team.data:
+            t.errors.append(f"{team.name('budget_cny')} is required")
+        team.finish()
+    return teams
+
+
+def _named_keys(team: _Table, team_name: str, team_budget: int) -> tuple[KeyConfig, ...]:
+    """``[[teams.<team>.keys]]``: name, sha256 and optional expires, budget_cny, rpm,
+    max_concurrent, each checked."""
+    items = team.get("keys", list, [])
+    keys: list[KeyConfig] = []
+    for index, item in enumerate(items):
+        entry = _Table(item, f"{team.name('keys')}[{index}]", team.errors)
+        name = entry.get("name", str, None)
+        if name is None or not KEY_NAME.fullmatch(name):
+            team.errors.append(
+                f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
+                "letter or digit)"
+            )
+        elif any(k.name == name for k in keys):
+            team.errors.append(f"{entry.name('name')}: the name {name!r} is used twice")
+        digest = entry.get("sha256", str, None)
+        if digest is None or not SHA256_HEX.fullmatch(digest):
+            team.errors.append(
+                f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
+                "hash-key` prints it)"
+            )
+            digest = None
+        budget = None
+        if "budget_cny" in entry.data:
+            budget = _units(entry, "budget_cny", entry.get("budget_cny", (float, str), 0.0))
+            if budget > team_budget:
+                team.errors.append(
+                    f"{entry.name('budget_cny')} is above the team's budget_cny: a key's cap "
+                    "lives inside its team's budget"
+                )
+        keys.append(
+            KeyConfig(
+                team=team_name,
+                sha256=digest or "",
+                name=name,
+                expires=_expiry(entry),
+                budget=budget,
+                rpm=entry.get("rpm", int, None, _at_least_one),
+                max_concurrent=entry.get("max_concurrent", int, None, _at_least_one),
+            )
+        )
+        entry.finish()
+    return tuple(k for k in keys if k.sha256)
+
+
+def _expiry(entry: _Table) -> datetime | None:
+    """A TOML offset date-time, or a date (expiring at its midnight, UTC)."""
+    entry.seen.add("expires")
+    value = entry.data.get("expires")
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            entry.errors.append(
+                f"{entry.name('expires')} needs a time zone offset (such as "
+                "2027-03-31T00:00:00Z), or write a date: 2027-03-31"
+            )
+            return None
+        return value
+    if isinstance(value, date):
+        return datetime(value.year, value.month, value.day, tzinfo=UTC)
+    entry.errors.append(
+        f"{entry.name('expires')} must be a TOML date or offset date-time (unquoted, such as "
+        "2027-03-31 or 2027-03-31T00:00:00Z), got {type(value).__name__}"
+    )
+    return None
+
+
+def _key_hashes(t: _Table, key: str, *, required: bool) -> tuple[str, ...]:
+    values = t.get(key, list, [])
+    if required and not values:
+        t.errors.append(f"{t.name(key)} must list at least one key hash")
+    good = []
+    for index, value in enumerate(values):
+        if isinstance(value, str) and SHA256_HEX.fullmatch(value):
+            good.append(value)
+        else:
+            t.errors.append(
+                f"{t.name(key)}[{index}] must be 64 lowercase hex characters "
+                "(the sha256 of a key; `image-gateway new-key` prints one)"
+            )
+    return tuple(good)
+
+
+def _aliases(t: _Table) -> dict[str, str]:
+    aliases = t.get("aliases", dict, DEFAULT_ALIASES)
+    for name, target in aliases.items():
+        if target != UPSTREAM_MODEL:
+            t.errors.append(f"{t.name('aliases')}.{name} must map to {UPSTREAM_MODEL!r}")
+    return {**aliases}
+
+
+def _tasks(t: _Table) -> TasksConfig:
+    config = TasksConfig(
+        poll_cache_ttl_s=t.get("poll_cache_ttl_s", float, 2.0, _positive),
+        settle_interval_s=t.get("settle_interval_s", float, 5.0, _positive),
+        settle_max_interval_s=t.get("settle_max_interval_s", float, 120.0, _positive),
+        max_pending_age_s=t.get("max_pending_age_s", float, 6 * 3600.0, _positive),
+    )
+    t.finish()
+    return config
+
+
+def _idempotency(t: _Table) -> IdempotencyConfig:
+    config = IdempotencyConfig(
+        keep_hours=t.get(
+            "keep_hours", float, 24.0, lambda v: None if v >= 24 else "must be at least 24"
+        ),
+        retry_dedupe_minutes=t.get("retry_dedupe_minutes", float, 10.0, _positive),
+    )
+    t.finish()
+    return config
+
+
+def _metrics(t: _Table, admin_keys: tuple[str, ...]) -> MetricsConfig:
+    """``/metrics`` shows every team's name and spend: with admin keys configured it needs one
+    by default; ``require_admin = false`` keeps it open, as an explicit choice."""
+    require_admin = t.get("require_admin", bool, None)
+    if require_admin and not admin_keys:
+        t.errors.append(f"{t.name('require_admin')} needs at least one admin.keys_sha256")
+    config = MetricsConfig(
+        enabled=t.get("enabled", bool, True),
+        port=t.get("port", int, 0, _port),
+        require_admin=bool(admin_keys) if require_admin is None else require_admin,
+    )
+    t.finish()
+    return config
+
+
+def _check_unique_keys(settings: Settings, errors: list[str]) -> None:
+    """A key hash belongs to one place, and the example's all-zero placeholder to none."""
+    owner: dict[str, str] = {}
+    for team in settings.teams.values():
+        listed = [(d, "keys_sha256") for d in team.keys_sha256]
+        for digest, where in [*listed, *((k.sha256, f"keys.{k.name}") for k in team.keys)]:
+            if digest == PLACEHOLDER_SHA256:
+                errors.append(
+                    f"teams.{team.name}.{where}: the all-zero hash is the example's placeholder; "
+                    "put a real key's hash (`image-gateway new-key`)"
+                )
+            if digest in owner:
+                errors.append(
+                    f"teams.{team.name}.{where}: key hash {digest[:12]}... is also used by "
+                    f"{owner[digest]}"
+                )
+            owner.setdefault(digest, f"teams.{team.name}.{where}")
+    for digest in settings.admin_keys_sha256:
+        if digest in owner:
+            errors.append(f"admin.keys_sha256: key hash {digest[:12]}... is also a team key")

@@ -1,0 +1,199 @@
+"""The ledger's vocabulary: a hold reserved before the upstream call, its one settlement, and at
+most one resolution of an uncertain settlement. Plain immutable values; no I/O.
+
+    hold (held) ──settle──> captured | released | uncertain ──resolve──> captured | released
+
+Amounts are integer units of 1/10,000 CNY (``gateway.core.money``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+HoldState = Literal["held", "captured", "released", "uncertain"]
+SettleState = Literal["captured", "released", "uncertain"]
+ResolvedState = Literal["captured", "released"]
+Mode = Literal["sync", "async"]
+
+
+class BudgetRefused(Exception):
+    """The hold would take the team (or its key) past a budget; nothing was written."""
+
+    def __init__(self, usage: Usage, *, scope: Literal["team", "key"] = "team") -> None:
+        super().__init__("budget_exceeded")
+        self.usage = usage
+        self.scope = scope
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    request_id: str
+    team: str
+    period: str
+    created_at: float
+    endpoint: str
+    mode: Mode
+    quality: str
+    n: int
+    unit_price: int
+    budget: int
+    fingerprint: str
+    key_id: str | None = None  # the key's identity when the request was made
+    key_fp: str | None = None  # the key's hash prefix: its spend stays its own across renames
+    key_budget: int | None = None  # the key's own cap, checked in the same step as the team's
+    end_user: str | None = None
+
+    @property
+    def amount(self) -> int:
+        return self.n * self.unit_price
+
+
+@dataclass(frozen=True, slots=True)
+class Capture:
+    """Images served and paid for: ``amount`` (at most the hold) plus an explicit ``overrun``
+    when the upstream billed more than was held (async tasks only)."""
+
+    images: int
+    amount: int
+    overrun: int = 0
+    upstream_id: str | None = None
+    reason: str | None = None
+    result: str | None = None
+    state: ClassVar[SettleState] = "captured"
+
+    @property
+    def charged(self) -> int:
+        return self.amount + self.overrun
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Nothing was generated (or nothing was sent): the hold is freed in full."""
+
+    reason: str
+    upstream_id: str | None = None
+    result: str | None = None
+    state: ClassVar[SettleState] = "released"
+    images: ClassVar[int] = 0
+    amount: ClassVar[int] = 0
+    overrun: ClassVar[int] = 0
+    charged: ClassVar[int] = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Uncertain:
+    """The outcome cannot be known: the whole hold stays counted until it is resolved."""
+
+    amount: int
+    reason: str
+    upstream_id: str | None = None
+    result: str | None = None
+    state: ClassVar[SettleState] = "uncertain"
+    images: ClassVar[int] = 0
+    overrun: ClassVar[int] = 0
+    charged: ClassVar[int] = 0
+
+
+Settlement = Capture | Release | Uncertain
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """How an uncertain settlement was closed, by an admin or by the gateway itself once the
+    task's true outcome became known."""
+
+    state: ResolvedState
+    images: int
+    amount: int
+    reason: str
+    actor: Literal["admin", "gateway"]
+    overrun: int = 0
+
+    @property
+    def charged(self) -> int:
+        return self.amount + self.overrun if self.state == "captured" else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    spent: int = 0
+    reserved: int = 0
+    uncertain: int = 0
+    overrun: int = 0  # the part of ``spent`` billed above holds
+
+    @property
+    def committed(self) -> int:
+        return self.spent + self.reserved + self.uncertain
+
+
+@dataclass(frozen=True, slots=True)
+class ResolutionRecord:
+    state: ResolvedState
+    images: int
+    amount: int
+    overrun: int
+    reason: str
+    actor: str
+    resolved_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One request as the ledger knows it: its hold, settlement and resolution joined.
+
+    ``state`` is where the money is now (a resolved entry shows the resolution's state), and
+    ``charged`` what it counts as spent, overrun included.
+    """
+
+    request_id: str
+    team: str
+    period: str
+    created_at: float
+    mode: str
+    quality: str
+    n: int
+    unit_price: int
+    held: int
+    settled_state: HoldState
+    settled_amount: int
+    images: int
+    overrun: int
+    upstream_id: str | None
+    task_id: str | None
+    reason: str | None
+    settled_at: float | None
+    resolution: ResolutionRecord | None
+    key_id: str | None = None
+    key_fp: str | None = None
+    end_user: str | None = None
+
+    @property
+    def state(self) -> HoldState:
+        return self.resolution.state if self.resolution is not None else self.settled_state
+
+    @property
+    def charged(self) -> int:
+        if self.resolution is not None:
+            r = self.resolution
+            return r.amount + r.overrun if r.state == "captured" else 0
+        return self.settled_amount + self.overrun if self.settled_state == "captured" else 0
+
+    @property
+    def charged_images(self) -> int:
+        return self.resolution.images if self.resolution is not None else self.images
+
+    @property
+    def overrun_total(self) -> int:
+        return self.overrun + (self.resolution.overrun if self.resolution is not None else 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """A stored counter that disagrees with the sum of the entries behind it."""
+
+    team: str
+    period: str
+    counter: str
+    stored: int
+    entries: int

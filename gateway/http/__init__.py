@@ -1,0 +1,1 @@
+"""The HTTP edge: the app factory, routes, middleware, handlers, body reading and the server."""

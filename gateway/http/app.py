@@ -1,0 +1,239 @@
+"""The app factory: validated settings in, a complete aiohttp application out.
+
+Nothing here does I/O until the app starts: each long-lived resource (access log, database,
+upstream session, background loops) is opened and closed by its own cleanup context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
+
+from aiohttp import web
+
+from gateway.core.config import Settings
+from gateway.core.live import LiveConfig
+from gateway.core.money import format_cny
+from gateway.core.periods import utc_now
+from gateway.http.admission import ByteBudget
+from gateway.http.keys import (
+    ACCESS_LOG,
+    BODIES,
+    BOOKS,
+    CLOCK,
+    CONFIG,
+    DB,
+    DOWNLOADER,
+    DURABLE,
+    GENERATIONS,
+    IDEMPOTENCY,
+    METRICS,
+    SIMULATED,
+    TASKS,
+    UPSTREAM,
+)
+from gateway.http.middleware import gateway_middleware
+from gateway.http.routes import add_metrics_routes, add_routes
+from gateway.ops.accesslog import AccessLog
+from gateway.ops.metrics import Metrics
+from gateway.services.books import Books, MoneyMoved
+from gateway.services.durable import Durable
+from gateway.services.generation import Generations
+from gateway.services.idempotency import Idempotency
+from gateway.services.resolutions import log_outside
+from gateway.services.tasks import TaskTracker
+from gateway.store.factory import open_store
+from gateway.upstream.client import HttpUpstream
+from gateway.upstream.downloader import Downloader
+
+log = logging.getLogger("gateway")
+
+PURGE_EVERY_S = 3600.0
+LARGE_BODIES_AT_ONCE = 2  # max_body_mb-sized bodies read and checked at the same time
+
+
+class StartupError(Exception):
+    """The gateway cannot start; the message is one line naming what and why."""
+
+
+def create_app(
+    settings: Settings, *, clock: Callable[[], datetime] = utc_now, simulated: bool = False
+) -> web.Application:
+    """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so)."""
+    app = web.Application(
+        middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes
+    )
+    app[CONFIG] = LiveConfig(settings)
+    app[CLOCK] = clock
+    app[SIMULATED] = simulated
+    app[METRICS] = Metrics()
+    app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
+    app.cleanup_ctx.extend([_access_log_ctx, _database_ctx, _upstream_ctx, _services_ctx])
+    app.on_shutdown.append(_begin_drain)
+    add_routes(app, settings)
+    return app
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """A separate listener for ``/metrics`` ([metrics] port), sharing the main app's registry."""
+    metrics_app = web.Application(middlewares=[gateway_middleware])
+    metrics_app[CONFIG], metrics_app[CLOCK] = main[CONFIG], main[CLOCK]
+    metrics_app[METRICS], metrics_app[ACCESS_LOG] = main[METRICS], main[ACCESS_LOG]
+    metrics_app[BOOKS], metrics_app[DB] = main[BOOKS], main[DB]
+    add_metrics_routes(metrics_app)
+    return metrics_app
+
+
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    target = app[CONFIG].current.settings.log.access
+    try:
+        access_log = AccessLog(target)
+    except OSError as exc:
+        raise StartupError(f"cannot open the access log {target}: {exc.strerror}") from None
+    app[ACCESS_LOG] = access_log
+    app[BOOKS] = Books(access_log, app[METRICS], time.time)
+    yield
+    access_log.close()
+
+
+async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[CONFIG].current.settings
+    db = await open_store(settings)
+    if db.created:
+        where = settings.database if settings.storage.backend == "sqlite" else "PostgreSQL"
+        log.warning(
+            "NEW LEDGER: no database existed at %s, so an empty one was created; every team's "
+            "spend starts from zero. If this gateway ran before, stop it and restore the "
+            "database: a lost ledger lets teams spend their budgets a second time.",
+            where,
+        )
+    try:
+        now = app[CLOCK]().timestamp()
+        recovered = await db.recover_in_flight(now)
+        recovered += await db.reap_silent_instances(now, settings.storage.instance_lease_s)
+    except BaseException:
+        await db.close()
+        raise
+    for entry in recovered:
+        app[BOOKS].moved(MoneyMoved.of_entry(entry))
+    if recovered:
+        log.warning(
+            "%d request(s) were in flight when the gateway last stopped; their holds are now "
+            "uncertain (kept, never released) until resolved with `image-gateway ledger "
+            "resolve`: %s",
+            len(recovered),
+            ", ".join(
+                f"{e.request_id} ({e.team}, {format_cny(e.settled_amount)})" for e in recovered
+            ),
+        )
+    app[DB] = db
+    yield
+    await db.close()
+
+
+async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG].current.settings.upstream
+    session = HttpUpstream.new_session(config)
+    app[UPSTREAM] = HttpUpstream(config, session)
+    app[DOWNLOADER] = Downloader(config, session)
+    yield
+    await session.close()
+
+
+async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[CONFIG].current.settings
+    db, clock, metrics, books = app[DB], app[CLOCK], app[METRICS], app[BOOKS]
+    durable = Durable(metrics)
+    tasks = TaskTracker(
+        db=db,
+        upstream=app[UPSTREAM],
+        metrics=metrics,
+        books=books,
+        clock=clock,
+        config=settings.tasks,
+        follow_timeout_s=settings.upstream.timeout_s,
+    )
+    generations = Generations(
+        db=db,
+        upstream=app[UPSTREAM],
+        tasks=tasks,
+        metrics=metrics,
+        books=books,
+        durable=durable,
+        clock=clock,
+    )
+    idempotency = Idempotency(
+        db, generations.is_running, clock, settings.idempotency.keep_hours, durable
+    )
+    app[TASKS], app[GENERATIONS], app[IDEMPOTENCY] = tasks, generations, idempotency
+    app[DURABLE] = durable
+    background = [
+        asyncio.create_task(tasks.run_settler(), name="task settler"),
+        asyncio.create_task(
+            _every(PURGE_EVERY_S, "purging old Idempotency-Key outcomes", lambda: _purge(app)),
+            name="idempotency purge",
+        ),
+        asyncio.create_task(
+            _every(
+                settings.tasks.settle_interval_s,
+                "logging resolutions made outside the gateway",
+                lambda: log_outside(db, books, clock().timestamp()),
+            ),
+            name="resolution log",
+        ),
+    ]
+    if settings.storage.backend == "postgres":
+        lease = settings.storage.instance_lease_s
+        background += [
+            asyncio.create_task(_every(lease / 3, "heartbeat", db.heartbeat), name="heartbeat"),
+            asyncio.create_task(
+                _every(lease / 3, "closing silent instances' holds", lambda: _reap(app, lease)),
+                name="reaper",
+            ),
+        ]
+    yield
+    left = await generations.drain(settings.server.drain_s)
+    if left:
+        log.warning(
+            "%d generation(s) did not finish within drain_s: those already sent are kept as "
+            "uncertain, the others released",
+            left,
+        )
+    await idempotency.drain()
+    await durable.close()
+    for task in background:
+        task.cancel()
+    for task in background:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _reap(app: web.Application, lease_s: float) -> None:
+    """Holds of instances silent past their lease become uncertain, each with its line."""
+    for entry in await app[DB].reap_silent_instances(app[CLOCK]().timestamp(), lease_s):
+        app[BOOKS].moved(MoneyMoved.of_entry(entry))
+
+
+async def _begin_drain(app: web.Application) -> None:
+    app[GENERATIONS].begin_drain()
+
+
+async def _purge(app: web.Application) -> None:
+    """Forget Idempotency-Key outcomes older than keep_hours."""
+    settings = app[CONFIG].current.settings
+    before = app[CLOCK]().timestamp() - settings.idempotency.keep_hours * 3600
+    await app[DB].purge_idempotency(before)
+
+
+async def _every(interval_s: float, what: str, step: Callable[[], Awaitable[object]]) -> None:
+    """Run ``step`` now and every ``interval_s``; a failing turn is logged, the loop goes on."""
+    while True:
+        try:
+            await step()
+        except Exception:  # retried at the next turn; the loop must not die
+            log.exception("%s failed; retrying in %ss", what, interval_s)
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,360 @@
+"""Route handlers: authenticate, read, normalize, then hand over to the services.
+
+Handlers hold no business rules of their own; they orchestrate and fill the access-log record.
+Money reaches the record through its ``LogSlot`` when it is committed, not from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+
+from gateway.core.auth import check_expiry
+from gateway.core.config import KeyConfig, Settings, TeamConfig
+from gateway.core.errors import (
+    NotFound,
+    StorageUnavailable,
+    Unauthorized,
+)
+from gateway.core.limits import Scope, scopes
+from gateway.core.live import Snapshot
+from gateway.core.money import units_to_cny
+from gateway.core.normalize import (
+    UPSTREAM_MODEL,
+    Endpoint,
+    ImageRequest,
+    end_user_label,
+    normalize,
+)
+from gateway.core.periods import period_at
+from gateway.core.pricing import remaining
+from gateway.core.wire import fingerprint
+from gateway.http.admission import body_cost
+from gateway.http.body import BodyLimits, read_body
+from gateway.http.keys import (
+    BODIES,
+    CLOCK,
+    CONFIG,
+    DB,
+    DOWNLOADER,
+    DURABLE,
+    GENERATIONS,
+    IDEMPOTENCY,
+    LEDGER_ID,
+    METRICS,
+    RECORD,
+    SETTLING,
+    SLOT,
+    TASKS,
+)
+from gateway.http.responses import error_response, json_response
+from gateway.http.results import as_b64_json, is_result_path, through_gateway
+from gateway.ops.accesslog import FILES_PATH, result_id, short_id
+from gateway.services.generation import Job, Outcome
+from gateway.services.idempotency import HEADER as IDEMPOTENCY_HEADER
+from gateway.services.idempotency import check_key
+from gateway.upstream.base import DownloadError
+
+log = logging.getLogger("gateway")
+
+MAX_ID_CHARS = 200
+
+ASYNC_VALUES = ("1", "true", "yes")
+RETRY_HEADER = "x-stainless-retry-count"
+END_USER_HEADER = "X-Gateway-End-User"
+FILE_CHUNK = 64 * 1024
+
+
+async def create_image(request: web.Request) -> web.Response:
+    """POST /v1/images/generations and /v1/images/edits (and the same without /v1)."""
+    app = request.app
+    record = request[RECORD]
+    endpoint: Endpoint = "edits" if request.path.endswith("/edits") else "generations"
+    async_value = request.query.get("async")
+    mode: Literal["sync", "async"] = (
+        "async" if async_value is not None and async_value.lower() in ASYNC_VALUES else "sync"
+    )
+    record.update(endpoint=endpoint, mode=mode)
+    snapshot = app[CONFIG].current
+    team, key = _caller(request, snapshot)
+    retry_count = _retry_count(request, record)
+    idempotency_key = check_key(request.headers.get(IDEMPOTENCY_HEADER))
+    settings = snapshot.settings
+    async with _admitted(request, team, key):
+        limits = BodyLimits(settings.server.max_body_bytes, settings.server.max_image_bytes)
+        cost = body_cost(request.content_length, limits.max_body_bytes)
+        async with app[BODIES].hold(cost):
+            body = await read_body(request, limits)
+            image_request = normalize(
+                body.fields,
+                body.uploads,
+                endpoint=endpoint,
+                rules=snapshot.rules_for(team.name),
+                form=body.form,
+            )
+            del body  # the normalized request keeps what it needs; the rest can go
+        if image_request.end_user is None and END_USER_HEADER in request.headers:
+            end_user = end_user_label(request.headers[END_USER_HEADER])
+            image_request = replace(image_request, end_user=end_user)
+        _describe(record, image_request, settings.log.prompts)
+        now = app[CLOCK]()
+        period = period_at(team.period, now, settings.server.tz)
+        job = Job(
+            request_id=request[LEDGER_ID],
+            team=team,
+            request=image_request,
+            path=request.path,
+            query={"async": "1"} if mode == "async" else {},  # the upstream's own spelling
+            mode=mode,
+            fingerprint=fingerprint(
+                image_request, async_mode=mode == "async", key_fp=key.fingerprint
+            ),
+            prices=settings.prices,
+            period=period,
+            now=now,
+            slot=request[SLOT],
+            key=key,
+        )
+        record["ledger_id"] = job.request_id
+        outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
+    settling = app[GENERATIONS].settling(job.request_id)
+    if settling is not None and outcome.dedupe_of is None:
+        request[SETTLING] = settling  # the log line waits for the money
+    return await _respond(request, outcome, image_request, team, settings)
+
+
+async def get_task(request: web.Request) -> web.Response:
+    """GET /v1/images/tasks/{task_id}: the owner's view of an async task."""
+    record = request[RECORD]
+    record.update(endpoint="tasks", mode="poll")
+    team, _ = _caller(request, request.app[CONFIG].current)
+    task_id = path_id(request, "task_id", "No task with that id was found.")
+    record["task_id"] = record["upstream_id"] = short_id(task_id)
+    answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
+    if isinstance(answer.get("result_url"), str):
+        record["result_ids"] = [result_id(answer["result_url"])]
+    upstream = request.app[CONFIG].current.settings.upstream
+    if upstream.proxy_results:
+        answer = through_gateway(answer, _origin(request), upstream)
+    return json_response(answer)
+
+
+async def result_file(request: web.Request) -> web.StreamResponse:
+    """GET /v1/images/files/...: a result image streamed from the upstream (proxy_results).
+
+    Like the upstream's own result URLs it needs no key: the path is the credential, which is
+    also why it is logged only as a short hash.
+    """
+    record = request[RECORD]
+    record.update(endpoint="files", path=FILES_PATH + "…")
+    upstream = request.app[CONFIG].current.settings.upstream
+    if not upstream.proxy_results:
+        raise NotFound("Result proxying is off; use the result URL as given.")
+    if not is_result_path(request.raw_path.partition("?")[0], request.query_string):
+        raise NotFound("Not a result image path.")
+    url = upstream.files_origin + request.raw_path
+    record["result_ids"] = [result_id(url)]
+    try:
+        async with request.app[DOWNLOADER].open_image(url) as image:
+            response = web.StreamResponse(
+                headers={
+                    "Content-Type": image.headers.get("Content-Type", "application/octet-stream"),
+                    "Cache-Control": "private, max-age=86400",
+                    "X-Request-ID": record["request_id"],
+                }
+            )
+            if image.content_length is not None:
+                response.content_length = image.content_length
+            await response.prepare(request)
+            try:
+                async for chunk in image.content.iter_chunked(FILE_CHUNK):
+                    await response.write(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:  # too late for an error answer:
+                record["error_type"] = "upstream_error"  # the short body tells the client
+                log.warning("result image stream broke off: %s", type(exc).__name__)
+                return response
+    except DownloadError as exc:
+        raise NotFound(f"The result image could not be fetched: {exc}.") from None
+    await response.write_eof()
+    return response
+
+
+def _origin(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}"
+
+
+async def list_models(request: web.Request) -> web.Response:
+    request[RECORD]["endpoint"] = "models"
+    snapshot = request.app[CONFIG].current
+    _caller(request, snapshot)
+    names = [UPSTREAM_MODEL, *sorted(snapshot.settings.model_aliases)]
+    return json_response(
+        {
+            "object": "list",
+            "data": [
+                {"id": name, "object": "model", "created": 0, "owned_by": "image-gateway"}
+                for name in names
+            ],
+        }
+    )
+
+
+def _caller(request: web.Request, snapshot: Snapshot) -> tuple[TeamConfig, KeyConfig]:
+    """The team and key of the request's bearer key (401 for none, unknown or expired)."""
+    try:
+        key = snapshot.team_keys.require(request.headers.get("Authorization"))
+    except Unauthorized:
+        request[RECORD]["team"] = None
+        raise
+    request[RECORD].update(team=key.team, key=key.identity)  # an expired key is named too
+    check_expiry(key, request.app[CLOCK]())
+    return snapshot.settings.teams[key.team], key
+
+
+@contextlib.asynccontextmanager
+async def _admitted(request: web.Request, team: TeamConfig, key: KeyConfig) -> AsyncIterator[None]:
+    """Inside the team's and the key's rpm and max_concurrent limits, or 429."""
+    limited = scopes(team, key)
+    if not any(s.rpm is not None or s.max_concurrent is not None for s in limited):
+        yield
+        return
+    db, request_id = request.app[DB], request[LEDGER_ID]
+    try:
+        await db.admit(request_id, limited, request.app[CLOCK]().timestamp())
+    except StorageUnavailable:  # it may have committed all the same: give the slot back
+        await asyncio.shield(_release(request.app, request_id, limited))
+        raise
+    try:
+        yield
+    finally:
+        await asyncio.shield(_release(request.app, request_id, limited))
+
+
+async def _release(app: web.Application, request_id: str, limited: list[Scope]) -> None:
+    """Never raises: the request's answer (maybe a paid image) must not become an error
+    because its admission could not be given back at once."""
+    db = app[DB]
+    try:
+        await db.release(request_id, limited)
+    except StorageUnavailable:
+        app[DURABLE].later(
+            f"admission release of {request_id}", lambda: db.release(request_id, limited)
+        )
+    except Exception:
+        log.exception("releasing the admission of %s failed", request_id)
+
+
+def path_id(request: web.Request, name: str, unknown: str) -> str:
+    """An id from the URL, or 404: no id the gateway hands out is this long or holds a control
+    character (which no database column is obliged to store: PostgreSQL text refuses NUL)."""
+    value = request.match_info[name]
+    if len(value) > MAX_ID_CHARS or not value.isprintable():
+        raise NotFound(unknown, param=name)
+    return value
+
+
+def _retry_count(request: web.Request, record: dict[str, Any]) -> int:
+    raw = request.headers.get(RETRY_HEADER)
+    digits = raw is not None and raw.isascii() and raw.isdigit() and len(raw) < 6
+    count = int(raw) if digits and raw is not None else 0
+    record["retry_count"] = count
+    return count
+
+
+def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> None:
+    record.update(
+        model=req.model,
+        requested_model=req.requested_model,
+        n=req.n,
+        size=req.size,
+        resolution=req.resolution,
+        quality=req.quality,
+        refs=len(req.references),
+        ignored_params=list(req.ignored),
+        end_user=req.end_user,
+    )
+    if log_prompts:
+        record["prompt"] = req.prompt
+
+
+async def _dispatch(
+    request: web.Request, job: Job, key: str | None, retry_count: int, settings: Settings
+) -> Outcome:
+    app = request.app
+    generations = app[GENERATIONS]
+
+    async def fresh() -> Outcome:
+        if retry_count >= 1:
+            window_s = settings.idempotency.retry_dedupe_minutes * 60
+            since = job.now.timestamp() - window_s
+            attached = await generations.attach(job.team.name, job.fingerprint, since)
+            if attached is not None:
+                return attached
+        return await generations.run(job)
+
+    if key is None:
+        return await fresh()
+    request[RECORD]["idempotency"] = "new"
+    scoped = f"{job.key.fingerprint}:{key}" if job.key is not None else key  # per API key
+    outcome = await app[IDEMPOTENCY].run(
+        job.team.name, scoped, job.fingerprint, job.request_id, fresh
+    )
+    if outcome.extra.get("Idempotent-Replayed"):
+        request[RECORD]["idempotency"] = "replayed"
+    return outcome
+
+
+async def _respond(
+    request: web.Request,
+    outcome: Outcome,
+    req: ImageRequest,
+    team: TeamConfig,
+    settings: Settings,
+) -> web.Response:
+    record = request[RECORD]
+    if outcome.usage is not None:
+        record["budget_remaining_cny"] = units_to_cny(remaining(team, outcome.usage))
+    record.update(
+        upstream_status=outcome.upstream_status,
+        upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,
+        reserved_cny=units_to_cny(outcome.reserved),
+        upstream_id=short_id(outcome.upstream_id),
+        task_id=short_id(outcome.task_id),
+        attempts=outcome.attempts or None,
+        dedupe_of=outcome.dedupe_of,
+    )
+    headers = dict(outcome.extra)
+    if req.ignored:
+        headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
+    if outcome.dedupe_of is not None:
+        headers["X-Gateway-Deduplicated"] = outcome.dedupe_of
+        request.app[METRICS].deduped.labels(team.name).inc()
+    if outcome.error is not None:
+        return error_response(outcome.error, record, headers)
+    payload = outcome.payload or {}
+    record["result_ids"] = [
+        result_id(item["url"])
+        for item in payload.get("data", [])
+        if isinstance(item, dict) and isinstance(item.get("url"), str)
+    ] or None
+    if outcome.status == 200 and req.response_format == "b64_json" and "task_id" not in payload:
+        payload, warning = await as_b64_json(payload, request.app[DOWNLOADER])
+        headers.update(warning)
+    if settings.upstream.proxy_results:
+        payload = through_gateway(payload, _origin(request), settings.upstream)
+    elif outcome.raw is not None and req.response_format == "url":
+        # the upstream's own bytes: no need to serialize them again
+        return web.Response(
+            body=outcome.raw,
+            status=outcome.status,
+            content_type="application/json",
+            headers=headers,
+        )
+    return json_response(payload, outcome.status, headers)

@@ -1,0 +1,43 @@
+"""Typed keys for what the app holds; each resource is set by the cleanup context that owns it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from gateway.core.live import LiveConfig
+from gateway.http.admission import ByteBudget
+from gateway.ops.accesslog import AccessLog
+from gateway.ops.metrics import Metrics
+from gateway.services.books import Books, LogSlot
+from gateway.services.durable import Durable
+from gateway.services.generation import Generations
+from gateway.services.idempotency import Idempotency
+from gateway.services.tasks import TaskTracker
+from gateway.store.base import Store
+from gateway.upstream.base import Upstream
+from gateway.upstream.downloader import Downloader
+
+CONFIG = web.AppKey("config", LiveConfig)
+CLOCK = web.AppKey[Callable[[], datetime]]("clock")
+METRICS = web.AppKey("metrics", Metrics)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)
+BOOKS = web.AppKey("books", Books)
+DB = web.AppKey("db", Store)
+UPSTREAM = web.AppKey[Upstream]("upstream")
+DOWNLOADER = web.AppKey("downloader", Downloader)
+TASKS = web.AppKey("tasks", TaskTracker)
+GENERATIONS = web.AppKey("generations", Generations)
+IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
+DURABLE = web.AppKey("durable", Durable)
+BODIES = web.AppKey("bodies", ByteBudget)
+SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
+
+RECORD = web.RequestKey("record", dict[str, Any])
+SLOT = web.RequestKey("slot", LogSlot)
+SETTLING = web.RequestKey("settling", asyncio.Task[None])
+LEDGER_ID = web.RequestKey("ledger_id", str)

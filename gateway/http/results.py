@@ -1,0 +1,74 @@
+"""Result images: as ``b64_json`` for clients written for gpt-image-1, which the upstream lacks,
+or through the gateway (``proxy_results``) for networks that cannot reach the upstream.
+
+The images are already paid for when this runs, so a failed download never loses them: the
+client gets the URLs instead, with a header saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from gateway.core.config import UpstreamConfig
+from gateway.upstream.base import DownloadError
+from gateway.upstream.downloader import Downloader, is_result_origin
+
+log = logging.getLogger("gateway.results")
+
+WARNING_HEADER = "X-Gateway-Warning"
+FILES_PATH = "/v1/images/files/"
+RESULT_PATH = re.compile(r"/v1/images/files(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}){1,8}")
+
+
+async def as_b64_json(
+    payload: dict[str, Any], downloader: Downloader
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """``payload`` with ``data[].url`` replaced by ``b64_json``, or as it was plus a warning."""
+    items = payload.get("data") or []
+    urls = [item.get("url") for item in items]
+    try:
+        images = await asyncio.gather(*(downloader.fetch_image(url) for url in urls))
+    except DownloadError as exc:
+        log.warning("b64_json download failed, answering with URLs: %s", exc)
+        warning = f"b64_json unavailable ({exc}); returning URLs instead"
+        return payload, {WARNING_HEADER: "".join(ch if " " <= ch <= "~" else "?" for ch in warning)}
+    data = []
+    for item, image in zip(items, images, strict=True):
+        converted = {k: v for k, v in item.items() if k != "url"}
+        converted["b64_json"] = base64.b64encode(image).decode("ascii")
+        data.append(converted)
+    return {**payload, "data": data}, {}
+
+
+def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig) -> dict[str, Any]:
+    """``payload`` with each upstream result URL (``data[].url``, ``result_url``) pointing at the
+    gateway's own ``/v1/images/files/...``, which streams it from the upstream."""
+    shown = dict(payload)
+    if isinstance(shown.get("result_url"), str):
+        shown["result_url"] = _proxied(shown["result_url"], origin, config)
+    if isinstance(shown.get("data"), list):
+        shown["data"] = [
+            {**item, "url": _proxied(item["url"], origin, config)}
+            if isinstance(item, dict) and isinstance(item.get("url"), str)
+            else item
+            for item in shown["data"]
+        ]
+    return shown
+
+
+def _proxied(url: str, origin: str, config: UpstreamConfig) -> str:
+    parts = urlsplit(url)
+    if not is_result_origin(url, config) or not is_result_path(parts.path, parts.query):
+        return url
+    return origin + parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def is_result_path(raw_path: str, query: str) -> bool:
+    """A result image's path as the upstream writes them, and nothing a proxy could be steered
+    with: plain segments only (no ``..``, no percent-escapes), and at most ``download=1``."""
+    return RESULT_PATH.fullmatch(raw_path) is not None and query in ("", "download=1")

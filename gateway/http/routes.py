@@ -1,0 +1,29 @@
+"""Every route the gateway answers, in one table."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.core.config import Settings
+from gateway.http import admin, handlers, monitoring
+
+
+def add_routes(app: web.Application, settings: Settings) -> None:
+    """The main listener's routes; ``/metrics`` here unless it has a port of its own."""
+    for prefix in ("/v1", ""):
+        app.router.add_post(f"{prefix}/images/generations", handlers.create_image)
+        app.router.add_post(f"{prefix}/images/edits", handlers.create_image)
+        app.router.add_get(f"{prefix}/images/tasks/{{task_id}}", handlers.get_task)
+        app.router.add_get(f"{prefix}/models", handlers.list_models)
+    app.router.add_get("/v1/images/files/{path:.+}", handlers.result_file)
+    app.router.add_get("/healthz", monitoring.healthz)
+    app.router.add_get("/readyz", monitoring.readyz)
+    app.router.add_get("/admin/usage", admin.admin_usage)
+    app.router.add_get("/admin/ledger", admin.list_ledger)
+    app.router.add_post("/admin/ledger/{request_id}/resolve", admin.resolve_entry)
+    if settings.metrics.enabled and settings.metrics.port == 0:
+        add_metrics_routes(app)
+
+
+def add_metrics_routes(app: web.Application) -> None:
+    app.router.add_get("/metrics", monitoring.metrics_handler)

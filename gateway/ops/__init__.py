@@ -1,0 +1,1 @@
+"""What operators read: the access log, Prometheus metrics, log-safe text."""

@@ -1,0 +1,200 @@
+"""The access log: one JSON object per request, the monitoring dashboard's contract.
+
+Every record carries every field in ``FIELDS`` (null when it does not apply), so a reader never
+has to guess. Records are built from chosen values only, never from headers or bodies wholesale,
+which is what keeps keys, prompts, base64 data and result URLs out of them. Upstream and task
+ids are logged shortened: with the full id, the date and the image count a result URL could be
+rebuilt (the ledger keeps them whole, and ``ledger list`` finds an entry by its full id).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import IO, Any
+
+from gateway.ops.safe_log import scrub
+
+FIELDS: tuple[str, ...] = (
+    "ts", "request_id", "team", "method", "path", "endpoint", "mode", "model", "n", "size",
+    "resolution", "quality", "refs", "status", "error_type", "upstream_status", "upstream_ms",
+    "latency_ms", "cost_cny", "reserved_cny", "budget_remaining_cny", "task_id", "upstream_id",
+    "ignored_params", "client", "retry_count",
+    # Added fields (never renamed, only added to):
+    "error_code", "requested_model", "images", "attempts", "idempotency", "dedupe_of",
+    "result_ids", "gateway_ms", "prompt", "ledger_id", "ledger_state", "key", "end_user",
+    "queued_ms",
+)  # fmt: skip
+MAX_CLIENT_CHARS = 200
+ROTATION_CHECK_S = 1.0
+SHORT_ID_CHARS = 8
+FILES_PATH = "/v1/images/files/"
+TASK_PATHS = ("/v1/images/tasks/", "/images/tasks/")
+
+log = logging.getLogger("gateway")
+
+
+def new_record(method: str, path: str, request_id: str, client: str | None) -> dict[str, Any]:
+    record: dict[str, Any] = dict.fromkeys(FIELDS)
+    record.update(
+        request_id=request_id,
+        method=method,
+        path=redact_path(path),
+        client=safe_text(client or "", MAX_CLIENT_CHARS) or None,
+        cost_cny=0.0,
+        reserved_cny=0.0,
+    )
+    return record
+
+
+def settle_record(request_id: str, now: float) -> dict[str, Any]:
+    """A line for money moved outside any request (the settler, a resolution, recovery)."""
+    record = dict.fromkeys(FIELDS)
+    record.update(
+        ts=timestamp(now),
+        request_id=request_id,
+        ledger_id=request_id,
+        endpoint="settle",
+        cost_cny=0.0,
+        reserved_cny=0.0,
+    )
+    return record
+
+
+def short_id(value: str | None) -> str | None:
+    """Enough of an upstream or task id to correlate, too little to rebuild a result URL."""
+    if value is None:
+        return None
+    if len(value) > 2 * SHORT_ID_CHARS:
+        return value[:SHORT_ID_CHARS] + "…"
+    return "#" + hashlib.sha256(value.encode()).hexdigest()[:SHORT_ID_CHARS]
+
+
+def redact_path(path: str) -> str:
+    """A request path fit for a log: result-file paths are credentials, task ids shortened."""
+    if path.startswith(FILES_PATH):
+        return FILES_PATH + "…"
+    for prefix in TASK_PATHS:
+        if path.startswith(prefix) and len(path) > len(prefix):
+            return prefix + (short_id(path[len(prefix) :]) or "")
+    return safe_text(path, 256)
+
+
+def safe_text(value: str, limit: int) -> str:
+    """Printable text for a log or a header: aiohttp decodes header bytes with surrogateescape,
+    and a lone surrogate cannot be written as UTF-8."""
+    cut = value[:limit]
+    if cut.isprintable() and cut.isascii():
+        return cut
+    return "".join(
+        ch if ch.isprintable() and not 0xD800 <= ord(ch) <= 0xDFFF else "?" for ch in cut
+    )
+
+
+def result_id(url: str) -> str:
+    """A short, stable name for a result URL that does not grant access to the image."""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
+
+def timestamp(now: float) -> str:
+    """RFC 3339 in UTC with milliseconds, e.g. ``2026-11-26T01:05:06.451Z``.
+
+    strftime costs a tenth of a datetime round trip, and this runs for every request.
+    """
+    whole = int(now)
+    millis = int((now - whole) * 1000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(whole))}.{millis:03d}Z"
+
+
+class AccessLog:
+    """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away.
+
+    ``write`` never raises into the request it describes: a record that cannot be encoded is
+    written cleaned (lone surrogates replaced), and a write that fails anyway (disk full, file
+    gone) is reported on stderr once, the lost lines counted, and the file reopened so that the
+    next line has a chance; when writing works again that is reported too.
+    """
+
+    def __init__(self, target: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._target = target
+        self._monotonic = monotonic
+        self._stream: IO[str] = sys.stdout
+        self._identity: tuple[int, int] | None = None
+        self._checked = 0.0
+        self.lost = 0
+        self._failing = False
+        if target != "-":
+            self._open()
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate would fail half-way through the write
+                line = json.dumps(scrub(record), ensure_ascii=False, separators=(",", ":")) + "\n"
+            if self._identity is not None:
+                self._reopen_if_rotated()
+            self._stream.write(line)
+            self._stream.flush()
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if self._failing:
+            self._failing = False
+            log.warning("access log writable again; %d line(s) were lost", self.lost)
+
+    def reopen(self) -> None:
+        if self._target == "-":
+            return
+        with contextlib.suppress(OSError):  # the last buffered line could not be flushed
+            self._stream.close()
+        try:
+            self._open()
+        except OSError as exc:
+            self._failed(exc)
+
+    def close(self) -> None:
+        if self._target != "-":
+            with contextlib.suppress(OSError):
+                self._stream.close()
+
+    def _failed(self, exc: Exception) -> None:
+        self.lost += 1
+        if not self._failing:
+            self._failing = True
+            log.error(
+                "access log write failed (%s: %s); requests are still answered, lost lines are "
+                "counted and reported once writing works again",
+                type(exc).__name__,
+                getattr(exc, "strerror", None) or exc,
+            )
+        if self._target != "-":
+            with contextlib.suppress(Exception):  # drop whatever the failed stream still buffers
+                self._stream.close()
+                self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self._target, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._stream = os.fdopen(fd, "a", encoding="utf-8")
+        info = os.fstat(fd)
+        self._identity = (info.st_dev, info.st_ino)
+
+    def _reopen_if_rotated(self) -> None:
+        now = self._monotonic()
+        if now - self._checked < ROTATION_CHECK_S:
+            return
+        self._checked = now
+        try:
+            info = os.stat(self._target)
+        except FileNotFoundError:
+            self.reopen()
+            return
+        if (info.st_dev, info.st_ino) != self._identity:
+            self.reopen()

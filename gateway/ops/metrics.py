@@ -1,0 +1,122 @@
+"""Prometheus metrics, in a registry owned by the app (never the process-global default).
+
+Money gauges (budget, remaining, reserved, uncertain) are read from the ledger when scraped, so
+they are right on every instance however the money moved. Counters count what this process did.
+The ``key`` label is a key's identity (``team/name`` or ``team/sha256:…``), bounded by the config.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from gateway.core.money import units_to_cny
+
+UPSTREAM_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300)
+REQUEST_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 45, 60, 90, 120, 180, 240, 300,
+)  # fmt: skip
+RESERVE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "gateway_requests",
+            "Requests answered",
+            ["team", "endpoint", "status", "key"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "gateway_request_seconds",
+            "Whole request in the gateway, from its first byte to its answer",
+            ["endpoint", "mode"],
+            buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter(
+            "gateway_images", "Images generated and paid for", ["team", "quality"], registry=r
+        )
+        self.spent = Counter("gateway_spent_cny", "CNY captured", ["team", "key"], registry=r)
+        self.overrun = Counter(
+            "gateway_ledger_overrun_cny",
+            "CNY the upstream billed above what was held (recorded as an explicit overrun)",
+            ["team"],
+            registry=r,
+        )
+        self.budget = Gauge(
+            "gateway_budget_cny", "Budget of the current period", ["team"], registry=r
+        )
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining_cny",
+            "Budget left in the current period",
+            ["team"],
+            registry=r,
+        )
+        self.reserved = Gauge(
+            "gateway_reserved_cny", "CNY held for requests in flight", ["team"], registry=r
+        )
+        self.uncertain = Gauge(
+            "gateway_uncertain_cny",
+            "CNY whose outcome is unknown until an admin resolves it",
+            ["team"],
+            registry=r,
+        )
+        self.key_expiry = Gauge(
+            "gateway_key_expiry_timestamp_seconds",
+            "When a team key expires (Unix time); keys without an expiry are not listed",
+            ["key"],
+            registry=r,
+        )
+        self.upstream_seconds = Histogram(
+            "gateway_upstream_seconds",
+            "Time the upstream took to answer",
+            ["endpoint", "mode"],
+            buckets=UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures by HTTP status, or timeout, connection_lost, unreachable, "
+            "bad_response, too_large",
+            ["status"],
+            registry=r,
+        )
+        self.reserve_seconds = Histogram(
+            "gateway_reserve_seconds",
+            "Time to reserve a budget hold (durable write)",
+            buckets=RESERVE_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("gateway_requests_in_flight", "Requests being handled", registry=r)
+        self.pending_tasks = Gauge(
+            "gateway_pending_tasks", "Async tasks not yet settled", registry=r
+        )
+        self.deduped = Counter(
+            "gateway_deduplicated_requests",
+            "Retries answered without a new generation",
+            ["team"],
+            registry=r,
+        )
+        self.write_retries = Counter(
+            "gateway_ledger_write_retries",
+            "Ledger writes after an answer (settlements, stored outcomes) retried after a failure",
+            registry=r,
+        )
+        self.unsettled_results = Gauge(
+            "gateway_unsettled_results",
+            "Paid results held in memory because their settlement could not be stored yet",
+            registry=r,
+        )
+
+    def captured(self, team: str, key: str, quality: str, amount: int, images: int) -> None:
+        """Count money and images that moved into ``spent``."""
+        self.spent.labels(team, key).inc(units_to_cny(amount))
+        self.images.labels(team, quality).inc(images)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,453 @@
+"""One paid generation from hold to settlement, running apart from the client's connection.
+
+A generation runs as its own asyncio task: if the client disconnects or its handler is
+cancelled, the upstream call still completes, the result is stored and the hold settled, so a
+retry can collect it. Retries of the OpenAI SDK (``x-stainless-retry-count`` >= 1) attach to the
+generation they repeat instead of buying a second image.
+
+What settles is decided by ``gateway.core.settlement``; this module only orchestrates: reserve,
+send, answer, then commit the settlement (retried until it lands, the result kept in memory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Literal
+
+from gateway.core.config import KeyConfig, TeamConfig
+from gateway.core.errors import (
+    Conflict,
+    GatewayError,
+    StorageUnavailable,
+    UpstreamFailure,
+    UpstreamRejected,
+)
+from gateway.core.ledger import BudgetRefused, Hold, Settlement, Usage
+from gateway.core.normalize import ImageRequest
+from gateway.core.periods import Period
+from gateway.core.pricing import budget_refusal, hold_for
+from gateway.core.settlement import capture_reply, interrupted, landed, release, uncertain
+from gateway.core.wire import upstream_body
+from gateway.ops.metrics import Metrics
+from gateway.services.books import Books, LogSlot, MoneyMoved
+from gateway.services.durable import Durable
+from gateway.services.tasks import TaskTracker
+from gateway.store.base import Attempt, DuplicateTask, Store
+from gateway.upstream.base import Reply, SendState, Upstream, error_label
+
+log = logging.getLogger("gateway.generation")
+
+Mode = Literal["sync", "async"]
+CANCEL_GRACE_S = 5.0
+ATTACH_POLL_S = 0.1  # how often a retry looks at the shared ledger for its original's outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    request_id: str
+    team: TeamConfig
+    request: ImageRequest
+    path: str
+    query: Mapping[str, str]
+    mode: Mode
+    fingerprint: str
+    prices: Mapping[str, int]
+    period: Period
+    now: datetime
+    slot: LogSlot | None = None  # the request's access-log line, while money can join it
+    key: KeyConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a generation came to. ``final``: the upstream took the request, so the answer is
+    stored and replayed rather than tried again."""
+
+    status: int
+    request_id: str
+    payload: dict[str, Any] | None = None
+    raw: bytes | None = None  # the upstream's body as received, when it can be passed on as is
+    error: GatewayError | None = None
+    reserved: int = 0
+    upstream_id: str | None = None
+    task_id: str | None = None
+    upstream_status: int | None = None
+    upstream_ms: float | None = None
+    attempts: int = 0
+    final: bool = False
+    dedupe_of: str | None = None
+    usage: Usage | None = None  # the team's usage once this request's hold was placed
+    extra: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Running:
+    """A generation in progress: ``ready`` resolves when its answer is known, ``task`` ends
+    once its settlement is committed too."""
+
+    task: asyncio.Task[None]
+    ready: asyncio.Future[Outcome]
+
+
+class Generations:
+    def __init__(
+        self,
+        *,
+        db: Store,
+        upstream: Upstream,
+        tasks: TaskTracker,
+        metrics: Metrics,
+        books: Books,
+        durable: Durable,
+        clock: Callable[[], datetime],
+        attach_timeout_s: float = 300.0,
+    ) -> None:
+        self._db = db
+        self._upstream = upstream
+        self._tasks = tasks
+        self._metrics = metrics
+        self._books = books
+        self._durable = durable
+        self._clock = clock
+        self._attach_timeout_s = attach_timeout_s
+        self._latest: dict[tuple[str, str], _Running] = {}
+        self._by_request: dict[str, _Running] = {}
+        self._drain_started: float | None = None
+
+    def is_running(self, request_id: str) -> bool:
+        return request_id in self._by_request
+
+    def settling(self, request_id: str) -> asyncio.Task[None] | None:
+        """The generation's task while its settlement is not yet committed."""
+        running = self._by_request.get(request_id)
+        return running.task if running is not None else None
+
+    async def run(self, job: Job) -> Outcome:
+        """Start the generation and wait for its answer (the wait may be cancelled, not the work).
+
+        The answer comes as soon as the upstream's reply is in; its settlement is committed
+        right after, while the client already reads. That is safe because a sync settlement
+        never raises the money counted against the budget (a capture moves at most the held
+        amount from reserved to spent), so if the process dies before it commits, the hold
+        recovers as uncertain: still counted, never lost. Retries and drains wait for it.
+        """
+        ready: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._generate(job, ready), name=f"generation {job.request_id}")
+        running = _Running(task, ready)
+        key = (job.team.name, job.fingerprint)
+        self._latest[key] = running
+        self._by_request[job.request_id] = running
+        task.add_done_callback(lambda done: self._forget(key, job.request_id, running))
+        return await asyncio.shield(ready)
+
+    async def attach(self, team: str, fingerprint: str, since: float) -> Outcome | None:
+        """For a client retry: the outcome of the attempt it repeats, wherever it ran.
+
+        Running here: its answer. Running on another live instance: waited for (a bounded
+        poll of the shared ledger). Captured: its stored result. Uncertain: a clear error,
+        never a second paid generation. Failed for sure (released): None, try again.
+        """
+        running = self._latest.get((team, fingerprint))
+        if running is not None:
+            outcome = await asyncio.shield(running.ready)
+            if outcome.error is None or outcome.final:
+                return _as_dedupe(outcome)  # its image, or its unknown outcome: never buy again
+            return None  # it failed for sure and cost nothing: the retry may try again
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._attach_timeout_s
+        attempt = await self._db.latest_attempt(team, fingerprint, since)
+        while attempt is not None and attempt.state == "held" and attempt.live:
+            if loop.time() >= deadline:
+                return Outcome(409, attempt.request_id, error=_still_running(), final=True)
+            await asyncio.sleep(ATTACH_POLL_S)
+            attempt = await self._db.latest_attempt(team, fingerprint, since)
+        return _from_attempt(attempt)
+
+    async def settled(self) -> None:
+        """Wait until every generation started so far has committed its settlement."""
+        tasks = [running.task for running in self._by_request.values()]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def begin_drain(self) -> None:
+        """Shutdown has begun: the drain time counts from now."""
+        self._drain_started = asyncio.get_running_loop().time()
+
+    async def drain(self, drain_s: float) -> int:
+        """Wait out the drain time for running generations; cancel the rest (a request that
+        never left is released, one that did is uncertain)."""
+        tasks = {running.task for running in self._by_request.values()}
+        if not tasks:
+            return 0
+        now = asyncio.get_running_loop().time()
+        started = self._drain_started if self._drain_started is not None else now
+        timeout = max(0.0, started + drain_s - now)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:  # a settlement that cannot be stored must not hold the shutdown forever
+            await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+        return len(pending)
+
+    def _forget(self, key: tuple[str, str], request_id: str, running: _Running) -> None:
+        if self._latest.get(key) is running:
+            del self._latest[key]
+        self._by_request.pop(request_id, None)
+        task = running.task
+        failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            log.error("generation %s failed: %r", request_id, failure)
+        if not running.ready.done():
+            if failure is None:
+                running.ready.cancel()
+            else:
+                running.ready.set_exception(failure)
+
+    async def _generate(self, job: Job, ready: asyncio.Future[Outcome]) -> None:
+        hold = hold_for(
+            request_id=job.request_id,
+            team=job.team,
+            request=job.request,
+            prices=job.prices,
+            period=job.period,
+            now=job.now,
+            mode=job.mode,
+            fingerprint=job.fingerprint,
+            key=job.key,
+        )
+        started = time.perf_counter()
+        try:
+            usage = await self._reserve(hold)
+        except BudgetRefused as refused:
+            key = job.key if refused.scope == "key" else None
+            error = budget_refusal(job.team, job.period, refused.usage, hold.amount, key)
+            ready.set_result(
+                Outcome(error.status, job.request_id, error=error, usage=refused.usage)
+            )
+            return
+        except StorageUnavailable as exc:  # nothing is sent
+            # The hold may have committed all the same (its acknowledgement lost): release it,
+            # a no-op if there is none; once before answering, and if that fails, durably.
+            unsent = release("not sent: the reservation was not acknowledged")
+            now = self._clock().timestamp()
+
+            async def release_unsent() -> None:
+                if await self._settle(hold.request_id, unsent, now):
+                    self._books.moved(MoneyMoved.settled(hold, unsent), job.slot)
+
+            try:
+                await release_unsent()
+            except StorageUnavailable:
+                self._durable.later(f"release of {hold.request_id}", release_unsent)
+            ready.set_result(Outcome(exc.status, job.request_id, error=exc))
+            return
+        self._metrics.reserve_seconds.observe(time.perf_counter() - started)
+        state = SendState()
+        try:
+            outcome, settlement = await self._forward(job, hold, usage, state)
+        except BaseException:
+            # Cancelled (shutdown past the drain time) or a bug: the upstream may have worked.
+            await asyncio.shield(self._commit(job, hold, interrupted(hold, sent=state.sent)))
+            raise
+        ready.set_result(outcome)
+        if settlement is not None:
+            await self._commit(job, hold, settlement)
+
+    async def _reserve(self, hold: Hold) -> Usage:
+        """The durable hold. Cancelled while it is being written, the write may land all the
+        same: then nothing was sent, so it is released at once instead of left to recovery."""
+        reserving = asyncio.ensure_future(self._db.reserve(hold))
+        try:
+            return await asyncio.shield(reserving)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await reserving
+                cancelled = release("cancelled before the request was sent")
+                await self._db.settle(hold.request_id, cancelled, self._clock().timestamp())
+            raise
+
+    async def _forward(
+        self, job: Job, hold: Hold, usage: Usage, state: SendState
+    ) -> tuple[Outcome, Settlement | None]:
+        """Send the request: its outcome, and the settlement it calls for (None: a task, which
+        the tracker settles when it ends)."""
+        base: dict[str, Any] = {"request_id": job.request_id, "reserved": hold.amount}
+        base["usage"] = usage
+        try:
+            reply = await self._upstream.submit(
+                job.path, upstream_body(job.request), dict(job.query), state
+            )
+        except UpstreamRejected as exc:  # the upstream said no: nothing was generated
+            self._metrics.upstream_errors.labels(error_label(exc)).inc()
+            final = exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
+            outcome = _failed(exc, final=final, **base)
+            return outcome, release(exc.message, upstream_id=None)
+        except UpstreamFailure as exc:  # never sent (released) or the answer was lost (uncertain)
+            self._metrics.upstream_errors.labels(error_label(exc)).inc()
+            if exc.uncertain:  # the id an admin needs to resolve it
+                exc.message = f"{exc.message} (ledger id {job.request_id})"
+            outcome = _failed(exc, final=exc.uncertain, **base)
+            if exc.uncertain:
+                return outcome, uncertain(hold, exc.code or "upstream_error")
+            return outcome, release(exc.code or "upstream_error")
+        self._metrics.upstream_seconds.labels(job.request.endpoint, job.mode).observe(
+            reply.upstream_ms / 1000
+        )
+        base.update(
+            upstream_status=reply.status,
+            upstream_ms=reply.upstream_ms,
+            attempts=reply.attempts,
+            final=True,
+        )
+        if reply.status == 202:
+            try:
+                return await self._task_reply(job, hold, reply, base), None
+            except DuplicateTask:
+                error = UpstreamFailure(
+                    "The upstream answered with the id of an earlier task; the image may have "
+                    f"been generated. Do not retry blindly: ask your admin about ledger id "
+                    f"{job.request_id}.",
+                    code="upstream_bad_response",
+                    uncertain=True,
+                )
+                log.error("the upstream reused a task id for %s", job.request_id)
+                outcome = Outcome(error.status, error=error, **base)
+                return outcome, uncertain(hold, "the upstream reused a task id")
+        upstream_id = reply.payload.get("id")
+        captured = capture_reply(
+            hold,
+            len(reply.payload["data"]),
+            upstream_id if isinstance(upstream_id, str) else None,
+            reply.raw.decode("utf-8", "replace"),
+        )
+        if job.mode == "async":  # it answered at once: a task that is already complete
+            now = self._clock().timestamp()
+            answer = await self._durable.write(
+                f"settlement of {hold.request_id}",
+                lambda: self._tasks.completed_at_once(
+                    job.team.name, hold, reply.payload, captured, slot=job.slot, now=now
+                ),
+            )
+            return Outcome(200, payload=answer, task_id=answer["task_id"], **base), None
+        return (
+            Outcome(
+                200, payload=reply.payload, raw=reply.raw, upstream_id=captured.upstream_id, **base
+            ),
+            captured,
+        )
+
+    async def _task_reply(
+        self, job: Job, hold: Hold, reply: Reply, base: dict[str, Any]
+    ) -> Outcome:
+        """A 202: recorded before anyone hears of it; a sync caller waits for it to end."""
+        task_id = str(reply.payload["task_id"])
+        await self._durable.write(
+            f"task record of {job.request_id}",
+            lambda: self._tasks.submitted(task_id, job.team.name, job.request_id, hold.created_at),
+        )
+        if job.mode == "async":
+            return Outcome(202, payload=reply.payload, raw=reply.raw, task_id=task_id, **base)
+        answer = await self._tasks.follow(task_id, job.team.name, job.slot)
+        if answer is None:
+            error: GatewayError = UpstreamFailure(
+                f"The upstream turned this request into task {task_id}, which is still "
+                f"running; poll GET /v1/images/tasks/{task_id} for its result. Do not retry.",
+                status=504,
+                code="upstream_timeout",
+                uncertain=True,
+            )
+            return Outcome(504, error=error, task_id=task_id, **base)
+        if answer.get("status") != "completed":
+            error = UpstreamRejected(
+                502,
+                "upstream_error",
+                "The upstream ran this request as a task, and the task failed; nothing was "
+                "charged.",
+                code="upstream_task_failed",
+            )
+            return Outcome(502, error=error, task_id=task_id, **base)
+        payload = {
+            "created": int(self._clock().timestamp()),
+            "data": answer.get("data") or [{"url": answer.get("result_url")}],
+            "id": task_id,
+        }
+        return Outcome(200, payload=payload, upstream_id=task_id, **base)
+
+    async def _commit(self, job: Job, hold: Hold, settlement: Settlement) -> None:
+        now = self._clock().timestamp()
+        moved = await self._durable.write(
+            f"settlement of {hold.request_id}",
+            lambda: self._settle(hold.request_id, settlement, now),
+        )
+        if moved:
+            self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
+
+    async def _settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
+        """Whether this settlement moved the money, also when an earlier try of the very same
+        write committed but lost its acknowledgement."""
+        if await self._db.settle(request_id, settlement, now):
+            return True
+        entry = await self._db.find_entry(request_id)
+        return entry is not None and landed(entry, settlement, now)
+
+
+def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: Any) -> Outcome:
+    return Outcome(
+        error.status,
+        error=error,
+        upstream_status=error.upstream_status,
+        upstream_ms=error.upstream_ms,
+        attempts=error.attempts,
+        final=final,
+        **base,
+    )
+
+
+def _from_attempt(attempt: Attempt | None) -> Outcome | None:
+    """A retry's answer from the ledger's record of the request it repeats."""
+    if attempt is None or attempt.state == "released":
+        return None
+    request_id = attempt.request_id
+    if attempt.task_id is not None:  # an async submit: its task, whatever came of it
+        payload = {"status": "pending", "task_id": attempt.task_id}
+        return Outcome(202, request_id, payload=payload, task_id=attempt.task_id, final=True,
+                       dedupe_of=request_id)  # fmt: skip
+    if attempt.state == "captured" and attempt.result is not None:
+        payload = json.loads(attempt.result)
+        return Outcome(200, request_id, payload=payload, upstream_id=payload.get("id"),
+                       final=True, dedupe_of=request_id)  # fmt: skip
+    error = UpstreamFailure(
+        "The request this retry repeats reached the upstream and its outcome is not known; "
+        "it may have been generated. Ask your admin about ledger id " + request_id + ".",
+        code="outcome_unknown",
+        uncertain=True,
+    )
+    return Outcome(error.status, request_id, error=error, final=True, dedupe_of=request_id)
+
+
+def _still_running() -> GatewayError:
+    return Conflict(
+        "The request this retry repeats is still running on another gateway instance; retry "
+        "after it finishes.",
+        code="original_in_progress",
+        headers={"Retry-After": "5"},
+    )
+
+
+def _as_dedupe(outcome: Outcome) -> Outcome:
+    """The same answer for a retry, which itself holds, costs and sends nothing."""
+    return replace(
+        outcome,
+        raw=None,
+        reserved=0,
+        attempts=0,
+        usage=None,
+        dedupe_of=outcome.request_id,
+    )

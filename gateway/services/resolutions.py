@@ -1,0 +1,46 @@
+"""Closing uncertain money: an admin's resolution, and the access-log line of each resolution.
+
+A resolution made inside a gateway (``POST /admin/ledger/.../resolve``, or a task that ended
+after its hold went uncertain) writes its own line at once. One made by the CLI, which cannot
+reach a running gateway's log, is picked up by the next gateway pass (``log_outside``): each
+resolution is claimed for logging exactly once, whichever process gets there first.
+"""
+
+from __future__ import annotations
+
+from gateway.core.ledger import LedgerEntry, ResolvedState
+from gateway.core.settlement import admin_resolution
+from gateway.services.books import Books, MoneyMoved
+from gateway.store.base import Store
+
+
+async def resolve(
+    store: Store,
+    entry_id: str,
+    *,
+    state: ResolvedState,
+    images: int | None,
+    reason: str,
+    now: float,
+    books: Books | None,
+) -> LedgerEntry:
+    """Resolve an uncertain entry (UnknownEntry, ResolutionRefused); ``books``: log it here."""
+    entry = await store.resolve(
+        entry_id,
+        lambda found: admin_resolution(found, state, images, reason),
+        now,
+        logged=books is not None,
+    )
+    if books is not None:
+        books.moved(MoneyMoved.of_entry(entry))
+    return entry
+
+
+async def log_outside(store: Store, books: Books, now: float) -> int:
+    """Write the lines of resolutions made elsewhere (the CLI); how many were written."""
+    written = 0
+    for entry in await store.unlogged_resolutions():
+        if await store.claim_resolution_log(entry.request_id, now):
+            books.moved(MoneyMoved.of_entry(entry))
+            written += 1
+    return written

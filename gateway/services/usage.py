@@ -1,0 +1,194 @@
+"""The usage report: per team, a period's budget, spend and images, optionally broken down by key,
+end user, day or quality. The current period reads the counters; any other period is summed
+from the ledger's entries (``ledger verify`` proves the two agree)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, get_args
+
+from gateway.core.config import KeyConfig, Settings, TeamConfig
+from gateway.core.money import units_to_cny
+from gateway.core.normalize import QUALITIES
+from gateway.core.periods import period_at, period_label, window
+from gateway.core.pricing import remaining
+from gateway.core.tables import aligned
+from gateway.store.base import Grouping, ReportRow, Store
+
+GROUPINGS: tuple[str, ...] = get_args(Grouping)
+NO_KEY = "(none)"
+
+
+def check_report_args(period: str | None, by: str | None, settings: Settings) -> None:
+    """ValueError naming what is wrong with ``--period`` or ``--by``."""
+    if by is not None and by not in GROUPINGS:
+        raise ValueError(f"by must be one of {', '.join(GROUPINGS)}")
+    if period is not None:
+        window(period, settings.server.tz)
+
+
+async def usage_report(
+    db: Store,
+    settings: Settings,
+    now: datetime,
+    only: str | None = None,
+    *,
+    period: str | None = None,
+    by: Grouping | None = None,
+) -> dict[str, Any]:
+    """``{"teams": {name: {...}}}`` with every figure in CNY; ``only`` limits it to one team."""
+    check_report_args(period, by, settings)
+    teams: dict[str, Any] = {}
+    for name, team in settings.teams.items():
+        if only is None or name == only:
+            teams[name] = await _team_report(db, settings, team, now=now, period=period, by=by)
+    return {"teams": teams}
+
+
+async def _team_report(
+    db: Store,
+    settings: Settings,
+    team: TeamConfig,
+    *,
+    now: datetime,
+    period: str | None,
+    by: Grouping | None,
+) -> dict[str, Any]:
+    tz = settings.server.tz
+    current = period_at(team.period, now, tz)
+    if period is None or period == period_label(current.key):
+        start, end = current.start, current.end
+        usage = await db.usage(team.name, current.key)
+        spent, reserved, uncertain, overrun = (
+            usage.spent, usage.reserved, usage.uncertain, usage.overrun,
+        )  # fmt: skip
+        left: int | None = remaining(team, usage)
+    else:
+        start, end = window(period, tz)
+        totals = await _rows(db, team, start, end, by=None, settings=settings)
+        spent, reserved, uncertain, overrun = _sum(totals)
+        left = None  # a budget belongs to the team's own periods
+    since, until = _ts(start), _ts(end)
+    qualities = await db.report(team.name, since=since, until=until, by="quality", tz=tz.key)
+    images = {row.group: row.images for row in qualities}
+    report: dict[str, Any] = {
+        "budget_cny": units_to_cny(team.budget),
+        "spent_cny": units_to_cny(spent),
+        "reserved_cny": units_to_cny(reserved),
+        "uncertain_cny": units_to_cny(uncertain),
+        "remaining_cny": units_to_cny(left) if left is not None else None,
+        "overrun_cny": units_to_cny(overrun),
+        "images": {quality: images.get(quality, 0) for quality in QUALITIES},
+        "period": team.period,
+        "period_start": start.isoformat() if start else None,
+        "period_end": end.isoformat() if end else None,
+    }
+    if by is not None:
+        rows = await _rows(db, team, start, end, by=by, settings=settings)
+        report["by"] = await _breakdown(db, team, rows, by, current.key)
+    return report
+
+
+async def _rows(
+    db: Store,
+    team: TeamConfig,
+    start: datetime | None,
+    end: datetime | None,
+    *,
+    by: Grouping | None,
+    settings: Settings,
+) -> list[ReportRow]:
+    return await db.report(
+        team.name, since=_ts(start), until=_ts(end), by=by, tz=settings.server.tz.key
+    )
+
+
+async def _breakdown(
+    db: Store,
+    team: TeamConfig,
+    rows: list[ReportRow],
+    by: Grouping,
+    period_key: str,
+) -> dict[str, Any]:
+    keys = {key.fingerprint: key for key in team.all_keys()}
+    last_used = await db.key_last_used() if by == "key" else {}
+    found: dict[str, Any] = {}
+    for row in rows:
+        entry: dict[str, Any] = {
+            "spent_cny": units_to_cny(row.spent),
+            "reserved_cny": units_to_cny(row.reserved),
+            "uncertain_cny": units_to_cny(row.uncertain),
+            "images": row.images,
+            "requests": row.requests,
+        }
+        label = row.group if row.group is not None else NO_KEY
+        if by == "key":
+            key = keys.get(row.group or "")
+            label = key.identity if key else (row.key_id or NO_KEY)
+            used = last_used.get(row.group or "")
+            entry["last_used"] = rfc3339(used) if used is not None else None
+            if key is not None and key.budget is not None:
+                entry.update(await _key_cap(db, team, key, period_key))
+        found[label] = entry
+    return found
+
+
+async def _key_cap(db: Store, team: TeamConfig, key: KeyConfig, period: str) -> dict[str, float]:
+    """A capped key's budget and what is left of it in the team's current period."""
+    assert key.budget is not None
+    usage = await db.key_usage(team.name, key.fingerprint, period)
+    return {
+        "budget_cny": units_to_cny(key.budget),
+        "remaining_cny": units_to_cny(key.budget - usage.committed),
+    }
+
+
+def _sum(rows: list[ReportRow]) -> tuple[int, int, int, int]:
+    return (
+        sum(r.spent for r in rows),
+        sum(r.reserved for r in rows),
+        sum(r.uncertain for r in rows),
+        sum(r.overrun for r in rows),
+    )
+
+
+def _ts(moment: datetime | None) -> float | None:
+    return moment.timestamp() if moment is not None else None
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as an aligned text table for a terminal (and each breakdown under its team)."""
+    header = ("team", "budget", "spent", "reserved", "uncertain", "remaining", "images", "period")
+    rows = [header]
+    breakdowns: list[tuple[str, dict[str, Any]]] = []
+    for name, t in report["teams"].items():
+        images = " ".join(f"{q}={n}" for q, n in t["images"].items() if n) or "0"
+        span = f"{t['period_start'] or '-'} .. {t['period_end'] or '-'}"
+        figures = (
+            "-" if t[key] is None else f"{t[key]:.4f}"
+            for key in ("budget_cny", "spent_cny", "reserved_cny", "uncertain_cny", "remaining_cny")
+        )
+        rows.append((name, *figures, images, f"{t['period']} {span}"))
+        if "by" in t:
+            breakdowns.append((name, t["by"]))
+    text = aligned(rows)
+    for name, groups in breakdowns:
+        lines = [("  " + name, "spent", "reserved", "uncertain", "images", "requests", "last_used")]
+        for label, g in groups.items():
+            lines.append(
+                (
+                    "  " + label,
+                    f"{g['spent_cny']:.4f}",
+                    f"{g['reserved_cny']:.4f}",
+                    f"{g['uncertain_cny']:.4f}",
+                    str(g["images"]),
+                    str(g["requests"]),
+                    g.get("last_used") or "",
+                )
+            )
+        text += "\n" + aligned(lines)
+    return text
