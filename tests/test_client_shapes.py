@@ -6,8 +6,9 @@ says which, with versions and sources; ``tests/record_client_shapes.py`` made th
 bytes go to the gateway over a plain TCP connection with only ``${API_KEY}`` and ``${HOST}``
 substituted in the head: chunked bodies stay chunked, Content-Length bodies keep their length.
 Then both sides are checked: what the client reads (``data[].url``, or ``data[].b64_json``
-decoding to exactly the PNG the upstream serves for that result) and exactly the JSON body that
-reached the simulated upstream.
+decoding to exactly the PNG the upstream serves for that result, or both: an SDK asking for a
+GPT-image model under the default ``auto`` format) and exactly the JSON body that reached the
+simulated upstream.
 """
 
 from __future__ import annotations
@@ -142,6 +143,21 @@ def downloaded_results(upstream: Upstream) -> list[str]:
     return sorted(paths, key=lambda path: int(RESULT_PATH.fullmatch(path)[1]))  # type: ignore[index]
 
 
+def gets_both(meta: dict[str, Any], headers: CIMultiDict[str]) -> bool:
+    """The pinned ``auto`` rule, stated independently of the gateway: with no response_format
+    and no team default, an SDK (``x-stainless-lang``, or ``ai-sdk/`` in its User-Agent) asking
+    for a GPT-image model by name gets ``url`` and ``b64_json`` in each item."""
+    sent = meta["sent"]
+    fields = sent if isinstance(sent, dict) else {f["name"]: f.get("value") for f in sent}
+    team = meta["gateway_config"].get("teams", {}).get("design", {})
+    return (
+        "response_format" not in fields
+        and "default_response_format" not in team
+        and str(fields.get("model", "")).startswith(("gpt-image-", "chatgpt-image-"))
+        and ("x-stainless-lang" in headers or "ai-sdk/" in headers.get("User-Agent", ""))
+    )
+
+
 # -- the fixtures themselves ------------------------------------------------------------------
 
 
@@ -188,6 +204,9 @@ def test_every_client_in_the_issue_has_fixtures() -> None:
     shapes = {name: load(name)[1] for name in NAMES}
     assert any(m["framing"] == "chunked" for m in shapes.values())
     assert any(m["reads"] == "b64_json" for m in shapes.values())
+    both = [name for name in NAMES if gets_both(load(name)[1], split_head(load(name)[0])[1])]
+    assert any(n.startswith("openai_python") for n in both), both  # the auto rule is exercised
+    assert any(n.startswith("openai_node") for n in both), both
 
 
 # -- replay -----------------------------------------------------------------------------------
@@ -224,10 +243,14 @@ async def test_client_shape(name: str, start_gateway: Any, upstream: Upstream) -
 
     # What the client reads.
     results = downloaded_results(upstream)
-    if meta["reads"] == "b64_json":
+    both = gets_both(meta, split_head(raw)[1])
+    if meta["reads"] == "b64_json" or both:
         assert len(results) == len(data)
         for item, path in zip(data, results, strict=True):
-            assert "url" not in item
+            if both:  # the SDK reads whichever it was written for
+                assert item["url"] == upstream.url + path
+            else:
+                assert "url" not in item
             image = base64.b64decode(item["b64_json"], validate=True)
             assert image == await fetch(upstream.url + path)
             png_size(image)

@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from gateway.core.auth import key_digest
-from gateway.core.config import ConfigError, load_settings, parse_settings
-from gateway.core.money import MoneyError, cny_to_units, format_cny
+from gateway.core.config import DEFAULT_ALIASES, ConfigError, load_settings, parse_settings
+from gateway.core.money import MoneyError, cny_to_units, decimal_cny, format_cny
 from gateway.core.periods import period_at
 
 HASH = "a" * 64
@@ -144,6 +144,31 @@ def test_example_config_is_valid_once_its_placeholder_is_replaced_and_documents_
         assert f"{key} =" in text or f"# {key} =" in text, key
 
 
+def test_the_examples_shown_values_are_the_real_defaults(tmp_path: Path) -> None:
+    """Issue 20: the example said /var/lib/... was the database's default; it is gateway.db
+    beside the config. Its aliases and default_response_format are the defaults too."""
+    filled = tmp_path / "gateway.toml"
+    filled.write_text(EXAMPLE.read_text().replace("0" * 64, HASH))
+    example = load_settings(filled, env=ENV)
+    defaults = parse(MINIMAL, tmp=tmp_path)
+    assert example.database == defaults.database == tmp_path / "gateway.db"
+    assert example.model_aliases == defaults.model_aliases == DEFAULT_ALIASES
+    assert 'default_response_format = "auto"' in EXAMPLE.read_text()
+    assert defaults.teams["design"].default_response_format == "auto"
+
+
+@pytest.mark.parametrize("value", ["url", "b64_json", "auto"])
+def test_default_response_format_values(value: str) -> None:
+    team = {**MINIMAL["teams"]["design"], "default_response_format": value}
+    assert parse({"teams": {"design": team}}).teams["design"].default_response_format == value
+
+
+def test_default_response_format_refuses_others() -> None:
+    team = {**MINIMAL["teams"]["design"], "default_response_format": "both"}
+    found = problems({"teams": {"design": team}})
+    assert any("default_response_format must be url, b64_json or auto" in p for p in found)
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(f'[teams.design]\nkeys_sha256 = ["{HASH}"]\nbudget_cny = 1.5\n')
@@ -196,6 +221,7 @@ def test_money_refuses(value: object) -> None:
 def test_format_cny() -> None:
     assert format_cny(12_3400) == "12.3400 CNY"
     assert format_cny(-5) == "-0.0005 CNY"
+    assert decimal_cny(99_8000) == "99.8000" and decimal_cny(-5) == "-0.0005"
 
 
 def test_periods_in_utc_and_a_zone() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.dataurls import DataUrl
-from gateway.core.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest, PayloadTooLarge
 from gateway.core.normalize import Rules, normalize
 from gateway.core.wire import fingerprint, upstream_body
 from gateway.http.jsonsplit import MAX_TOKENS, Splitter, TooManyReferences, resolve
@@ -36,7 +36,7 @@ def outcome(fields: dict) -> tuple[str, ...]:
     """What the upstream would receive, or the refusal's parameter."""
     try:
         request = normalize(fields, [], endpoint="edits", rules=RULES)
-    except InvalidRequest as exc:
+    except (InvalidRequest, PayloadTooLarge) as exc:
         return ("refused", str(exc.param))
     body = b"".join(bytes(chunk) for chunk in upstream_body(request).chunks())
     return ("sent", body.decode(), fingerprint(request, async_mode=False, key_fp="k"))
@@ -81,7 +81,7 @@ def test_same_outcome_as_parsing_the_whole_body(raw: bytes, cuts: list[int]) -> 
     except TooManyReferences:
         assert expected == ("refused", "image_urls")
         return
-    except InvalidRequest as exc:  # refused while streaming: an image already too large
+    except PayloadTooLarge as exc:  # refused while streaming: an image already too large
         assert "larger than" in exc.message and expected[0] == "refused"
         return
     assert got == expected
@@ -120,7 +120,7 @@ def test_a_repeated_key_replaces_its_count() -> None:
 
 def test_an_oversized_image_is_refused_while_streaming() -> None:
     splitter = Splitter(30)
-    with pytest.raises(InvalidRequest) as excinfo:
+    with pytest.raises(PayloadTooLarge) as excinfo:  # 413, as for an uploaded file
         splitter.feed(b'{"images": [{"image_url": "data:image/png;base64,' + b"A" * 48)
     assert excinfo.value.param == "images[0]"
 

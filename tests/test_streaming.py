@@ -65,7 +65,8 @@ async def test_oversized_image_is_refused_while_streaming(
             '{"images": [{"image_url": "data:image/png;base64,', IMAGE * 2, '"}], "prompt": "x"}'
         ),
     )
-    assert status == 400 and answer["error"]["param"] == "images[0]"
+    assert status == 413 and answer["error"]["param"] == "images[0]"
+    assert answer["error"]["code"] == "payload_too_large"
     assert "larger than" in answer["error"]["message"]
     assert upstream.sim.generation_requests() == []
 

@@ -12,6 +12,7 @@ from gateway.core.config import KeyConfig, TeamConfig
 from gateway.core.errors import Unauthorized
 
 KEY_PREFIX = "igw_"
+OPENAI_KEY_PREFIX = ("sk-", "sk_")  # OpenAI's keys, and the upstream's central one
 KEY_BYTES = 24  # 192 bits
 MIN_KEY_CHARS = 16
 MAX_KEY_CHARS = 512
@@ -76,7 +77,13 @@ class KeyIndex(Generic[T]):
             )
         owner = self.owner(token)
         if owner is None:
-            raise Unauthorized("Incorrect API key provided.")
+            hint = ""
+            if token.startswith(OPENAI_KEY_PREFIX):
+                hint = (
+                    " This looks like an OpenAI or upstream key (sk-...); this gateway expects "
+                    f"your team's gateway key ({KEY_PREFIX}...), from your gateway admin."
+                )
+            raise Unauthorized("Incorrect API key provided." + hint)
         return owner
 
 

@@ -20,15 +20,24 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.core.money import MoneyError, cny_to_units
-from gateway.core.normalize import QUALITIES, UPSTREAM_MODEL
+from gateway.core.normalize import QUALITIES, UPSTREAM_MODEL, FormatSetting
 from gateway.core.periods import PERIOD_KINDS, PeriodKind
 
 DEFAULT_KEY_ENV = "IMAGE_GATEWAY_UPSTREAM_KEY"
 DEFAULT_DSN_ENV = "IMAGE_GATEWAY_DATABASE_URL"
 DEFAULT_PRICES_CNY = {"low": "0.10", "medium": "0.20", "high": "0.40", "auto": "0.20"}
+# OpenAI's image model names (those @ai-sdk/openai 3.0 lists), all served by the upstream's one
+# model; a dated snapshot of any of them (gpt-image-2-2026-04-21) is accepted as the name.
 DEFAULT_ALIASES = dict.fromkeys(
-    ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "dall-e-2", "dall-e-3"), UPSTREAM_MODEL
-)
+    (
+        "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5",
+        "gpt-image-2.5-flare", "gpt-image-2.5-sunburst",
+        "gpt-image-2.6-flare", "gpt-image-2.6-sunburst",
+        "chatgpt-image-latest", "dall-e-2", "dall-e-3",
+    ),
+    UPSTREAM_MODEL,
+)  # fmt: skip
+RESPONSE_FORMATS = ("url", "b64_json", "auto")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 PLACEHOLDER_SHA256 = "0" * 64  # the example config's: never a real key
 KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -157,7 +166,7 @@ class TeamConfig:
     period: PeriodKind = "monthly"
     rpm: int | None = None
     max_concurrent: int | None = None
-    default_response_format: Literal["url", "b64_json"] = "url"
+    default_response_format: FormatSetting = "auto"
     keys: tuple[KeyConfig, ...] = ()
 
     def all_keys(self) -> tuple[KeyConfig, ...]:
@@ -372,7 +381,7 @@ def _at_least_one(value: int) -> str | None:
 
 
 def _response_format(value: str) -> str | None:
-    return None if value in ("url", "b64_json") else "must be url or b64_json"
+    return None if value in RESPONSE_FORMATS else "must be url, b64_json or auto"
 
 
 def _period(value: str) -> str | None:
@@ -580,7 +589,7 @@ def _teams(t: _Table) -> dict[str, TeamConfig]:
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             t.errors.append(f"{team.path}: team names are 1-64 letters, digits, _ . -")
         period = team.get("period", str, "monthly", _period)
-        fmt = team.get("default_response_format", str, "url", _response_format)
+        fmt = team.get("default_response_format", str, "auto", _response_format)
         budget = _units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0))
         named = _named_keys(team, name, budget)
         teams[name] = TeamConfig(

@@ -25,6 +25,7 @@ class DataUrl:
     payload: bytearray = field(repr=False)
     problem: str | None = None
     digest: bytes = field(default=b"", repr=False)
+    too_large: bool = False  # the problem is the image's size (413, like an uploaded file)
 
     @property
     def length(self) -> int:
@@ -76,7 +77,7 @@ class DataUrlBuilder:
         """The reference, with the verdict ``images.check_data_url`` gives on the whole URL."""
         plain = len(self._payload) if self._first_pad < 0 else self._first_pad
         aligned = max(0, plain // 4 - 1) * 4
-        problem = None
+        problem, too_large = None, False
         try:
             tail = binascii.a2b_base64(self._payload[aligned:], strict_mode=True)
         except (binascii.Error, ValueError):
@@ -86,5 +87,5 @@ class DataUrlBuilder:
             if not size:
                 problem = "data URL is empty"
             elif size > self._max:
-                problem = f"image is larger than {self._max} bytes"
-        return DataUrl(self._prefix, self._payload, problem)
+                problem, too_large = f"image is larger than {self._max} bytes", True
+        return DataUrl(self._prefix, self._payload, problem, too_large=too_large)

@@ -20,6 +20,10 @@ class BadReference(ValueError):
     """A reference image the upstream would refuse; the message says why."""
 
 
+class ReferenceTooLarge(BadReference):
+    """A data URL's image is over ``max_image_mb`` (413, like an uploaded file)."""
+
+
 def sniff_image_type(data: bytes | bytearray) -> str | None:
     """The MIME type named by the file's magic bytes, or None if it is not PNG/JPEG/WebP/GIF."""
     for magic, mime in MIME_BY_MAGIC:
@@ -58,7 +62,7 @@ def check_data_url(value: str, max_image_bytes: int) -> None:
     payload = value[match.end() :]
     # Four base64 characters carry three bytes: a cheap bound before decoding anything.
     if len(payload) // 4 * 3 > max_image_bytes + 3:
-        raise BadReference(f"image is larger than {max_image_bytes} bytes")
+        raise ReferenceTooLarge(f"image is larger than {max_image_bytes} bytes")
     try:
         decoded = binascii.a2b_base64(payload, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
@@ -66,4 +70,4 @@ def check_data_url(value: str, max_image_bytes: int) -> None:
     if not decoded:
         raise BadReference("data URL is empty")
     if len(decoded) > max_image_bytes:
-        raise BadReference(f"image is larger than {max_image_bytes} bytes")
+        raise ReferenceTooLarge(f"image is larger than {max_image_bytes} bytes")

@@ -36,8 +36,14 @@ def units_to_cny(units: int) -> float:
     return units / UNITS_PER_CNY
 
 
-def format_cny(units: int) -> str:
-    """Human text such as ``12.3400 CNY``: fixed four places, so nothing is rounded away."""
+def decimal_cny(units: int) -> str:
+    """The exact decimal text of an amount, such as ``12.3400``: fixed four places, so nothing
+    is rounded away (what a header carries)."""
     sign = "-" if units < 0 else ""
     whole, frac = divmod(abs(units), UNITS_PER_CNY)
-    return f"{sign}{whole}.{frac:04d} CNY"
+    return f"{sign}{whole}.{frac:04d}"
+
+
+def format_cny(units: int) -> str:
+    """Human text such as ``12.3400 CNY``."""
+    return f"{decimal_cny(units)} CNY"

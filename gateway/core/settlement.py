@@ -93,8 +93,8 @@ def task_settlement(
     """
     if answer.get("status") != "completed":
         return release("upstream task failed", upstream_id=task_id, result=result), None
-    data = answer.get("data")
-    images = min(len(data), n) if isinstance(data, list) else n  # the schema holds images <= n
+    listed = [v for v in (answer.get("data"), answer.get("result_urls")) if isinstance(v, list)]
+    images = min(len(listed[0]), n) if listed else n  # the schema holds images <= n
     cost, warning = _reported_cost(answer.get("cost"), hold_amount)
     amount, overrun = min(cost, hold_amount), max(0, cost - hold_amount)
     if overrun:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -25,13 +26,14 @@ from gateway.core.errors import (
 )
 from gateway.core.limits import Scope, scopes
 from gateway.core.live import Snapshot
-from gateway.core.money import units_to_cny
+from gateway.core.money import decimal_cny, units_to_cny
 from gateway.core.normalize import (
     UPSTREAM_MODEL,
     Endpoint,
     ImageRequest,
     end_user_label,
     normalize,
+    sdk_client,
 )
 from gateway.core.periods import period_at
 from gateway.core.pricing import remaining
@@ -60,6 +62,7 @@ from gateway.ops.accesslog import FILES_PATH, result_id, short_id
 from gateway.services.generation import Job, Outcome
 from gateway.services.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.services.idempotency import check_key
+from gateway.services.usage import standing
 from gateway.upstream.base import DownloadError
 
 log = logging.getLogger("gateway")
@@ -69,6 +72,7 @@ MAX_ID_CHARS = 200
 ASYNC_VALUES = ("1", "true", "yes")
 RETRY_HEADER = "x-stainless-retry-count"
 END_USER_HEADER = "X-Gateway-End-User"
+BUDGET_HEADER = "X-Gateway-Budget-Remaining"
 FILE_CHUNK = 64 * 1024
 
 
@@ -98,6 +102,9 @@ async def create_image(request: web.Request) -> web.Response:
                 endpoint=endpoint,
                 rules=snapshot.rules_for(team.name),
                 form=body.form,
+                from_sdk=sdk_client(
+                    request.headers.get("x-stainless-lang"), request.headers.get("User-Agent")
+                ),
             )
             del body  # the normalized request keeps what it needs; the rest can go
         if image_request.end_user is None and END_USER_HEADER in request.headers:
@@ -127,7 +134,7 @@ async def create_image(request: web.Request) -> web.Response:
     settling = app[GENERATIONS].settling(job.request_id)
     if settling is not None and outcome.dedupe_of is None:
         request[SETTLING] = settling  # the log line waits for the money
-    return await _respond(request, outcome, image_request, team, settings)
+    return await _respond(request, outcome, image_request, team, settings, now=job.now)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -138,8 +145,7 @@ async def get_task(request: web.Request) -> web.Response:
     task_id = path_id(request, "task_id", "No task with that id was found.")
     record["task_id"] = record["upstream_id"] = short_id(task_id)
     answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
-    if isinstance(answer.get("result_url"), str):
-        record["result_ids"] = [result_id(answer["result_url"])]
+    record["result_ids"] = _result_ids(answer)
     upstream = request.app[CONFIG].current.settings.upstream
     if upstream.proxy_results:
         answer = through_gateway(answer, _origin(request), upstream)
@@ -204,6 +210,17 @@ async def list_models(request: web.Request) -> web.Response:
             ],
         }
     )
+
+
+async def team_usage(request: web.Request) -> web.Response:
+    """GET /v1/gateway/usage: the caller's team (and key) in its current period."""
+    request[RECORD]["endpoint"] = "usage"
+    snapshot = request.app[CONFIG].current
+    team, key = _caller(request, snapshot)
+    figures = await standing(
+        request.app[DB], snapshot.settings, team, request.app[CLOCK](), key=key
+    )
+    return json_response(figures.as_json())
 
 
 def _caller(request: web.Request, snapshot: Snapshot) -> tuple[TeamConfig, KeyConfig]:
@@ -317,6 +334,8 @@ async def _respond(
     req: ImageRequest,
     team: TeamConfig,
     settings: Settings,
+    *,
+    now: datetime,
 ) -> web.Response:
     record = request[RECORD]
     if outcome.usage is not None:
@@ -338,14 +357,12 @@ async def _respond(
         request.app[METRICS].deduped.labels(team.name).inc()
     if outcome.error is not None:
         return error_response(outcome.error, record, headers)
+    headers.update(await _budget_header(request, team, settings, now, outcome))
     payload = outcome.payload or {}
-    record["result_ids"] = [
-        result_id(item["url"])
-        for item in payload.get("data", [])
-        if isinstance(item, dict) and isinstance(item.get("url"), str)
-    ] or None
-    if outcome.status == 200 and req.response_format == "b64_json" and "task_id" not in payload:
-        payload, warning = await as_b64_json(payload, request.app[DOWNLOADER])
+    record["result_ids"] = _result_ids(payload)
+    if outcome.status == 200 and req.response_format != "url" and "task_id" not in payload:
+        keep_url = req.response_format == "both"
+        payload, warning = await as_b64_json(payload, request.app[DOWNLOADER], keep_url=keep_url)
         headers.update(warning)
     if settings.upstream.proxy_results:
         payload = through_gateway(payload, _origin(request), settings.upstream)
@@ -358,3 +375,27 @@ async def _respond(
             headers=headers,
         )
     return json_response(payload, outcome.status, headers)
+
+
+async def _budget_header(
+    request: web.Request, team: TeamConfig, settings: Settings, now: datetime, outcome: Outcome
+) -> dict[str, str]:
+    """The team's remaining budget once this request's hold was placed (for an answer that
+    placed none, a replay, as it stands now). Never costs a paid answer: a ledger that cannot
+    be read just leaves the header out."""
+    try:
+        figures = await standing(request.app[DB], settings, team, now, usage=outcome.usage)
+    except StorageUnavailable:
+        log.warning("%s left out: the ledger cannot be read", BUDGET_HEADER)
+        return {}
+    return {BUDGET_HEADER: decimal_cny(figures.remaining)}
+
+
+def _result_ids(payload: dict[str, Any]) -> list[str] | None:
+    """A short hash of each result URL an answer carries (``data[].url``)."""
+    items = payload.get("data")
+    return [
+        result_id(item["url"])
+        for item in (items if isinstance(items, list) else [])
+        if isinstance(item, dict) and isinstance(item.get("url"), str)
+    ] or None

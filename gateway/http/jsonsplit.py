@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.core.dataurls import DataUrl, DataUrlBuilder, ImageTooLarge
-from gateway.core.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest, PayloadTooLarge
 
 MAX_REFERENCES = 16
 MAX_TOKENS = 10_000
@@ -275,8 +275,8 @@ class Splitter:
         assert string.builder is not None
         try:
             return string.builder.feed(data)
-        except ImageTooLarge as exc:
-            raise InvalidRequest(f"{string.param}: {exc}.", param=string.param) from None
+        except ImageTooLarge as exc:  # 413, as for an uploaded file over the same limit
+            raise PayloadTooLarge(f"{string.param}: {exc}.", param=string.param) from None
 
     def _fall_back(self, string: _String, at: int) -> int:
         """Not plain base64 after all: the string goes to the skeleton, for the ordinary check."""

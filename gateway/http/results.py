@@ -1,5 +1,6 @@
-"""Result images: as ``b64_json`` for clients written for gpt-image-1, which the upstream lacks,
-or through the gateway (``proxy_results``) for networks that cannot reach the upstream.
+"""Result images: as ``b64_json`` for clients written for OpenAI's GPT-image models, which the
+upstream lacks, or through the gateway (``proxy_results``) for networks that cannot reach the
+upstream.
 
 The images are already paid for when this runs, so a failed download never loses them: the
 client gets the URLs instead, with a header saying why.
@@ -26,9 +27,10 @@ RESULT_PATH = re.compile(r"/v1/images/files(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127
 
 
 async def as_b64_json(
-    payload: dict[str, Any], downloader: Downloader
+    payload: dict[str, Any], downloader: Downloader, *, keep_url: bool = False
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """``payload`` with ``data[].url`` replaced by ``b64_json``, or as it was plus a warning."""
+    """``payload`` with ``b64_json`` in each ``data[]`` item (in place of ``url``, or beside it
+    with ``keep_url``), or as it was plus a warning."""
     items = payload.get("data") or []
     urls = [item.get("url") for item in items]
     try:
@@ -39,18 +41,24 @@ async def as_b64_json(
         return payload, {WARNING_HEADER: "".join(ch if " " <= ch <= "~" else "?" for ch in warning)}
     data = []
     for item, image in zip(items, images, strict=True):
-        converted = {k: v for k, v in item.items() if k != "url"}
+        converted = {k: v for k, v in item.items() if keep_url or k != "url"}
         converted["b64_json"] = base64.b64encode(image).decode("ascii")
         data.append(converted)
     return {**payload, "data": data}, {}
 
 
 def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig) -> dict[str, Any]:
-    """``payload`` with each upstream result URL (``data[].url``, ``result_url``) pointing at the
-    gateway's own ``/v1/images/files/...``, which streams it from the upstream."""
+    """``payload`` with each upstream result URL (``data[].url``, ``result_url``,
+    ``result_urls[]``) pointing at the gateway's own ``/v1/images/files/...``, which streams it
+    from the upstream."""
     shown = dict(payload)
     if isinstance(shown.get("result_url"), str):
         shown["result_url"] = _proxied(shown["result_url"], origin, config)
+    if isinstance(shown.get("result_urls"), list):
+        shown["result_urls"] = [
+            _proxied(url, origin, config) if isinstance(url, str) else url
+            for url in shown["result_urls"]
+        ]
     if isinstance(shown.get("data"), list):
         shown["data"] = [
             {**item, "url": _proxied(item["url"], origin, config)}

@@ -323,9 +323,15 @@ class TaskTracker:
 
 
 def present(answer: dict[str, Any]) -> dict[str, Any]:
-    """The upstream's task fields, plus OpenAI-style ``data`` once completed."""
+    """The upstream's task fields, plus OpenAI-style ``data`` once completed: one item per
+    image, whether the answer lists them (``data[]``, ``result_urls[]``) or gives one
+    ``result_url``."""
     shown = dict(answer)
-    url = answer.get("result_url")
-    if answer.get("status") == "completed" and isinstance(url, str) and "data" not in shown:
-        shown["data"] = [{"url": url}]
+    if answer.get("status") == "completed" and not isinstance(answer.get("data"), list):
+        urls = answer.get("result_urls")
+        if not isinstance(urls, list) or not urls:
+            urls = [answer.get("result_url")]
+        data = [{"url": url} for url in urls if isinstance(url, str)]
+        if data:
+            shown["data"] = data
     return shown

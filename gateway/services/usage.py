@@ -1,22 +1,86 @@
 """The usage report: per team, a period's budget, spend and images, optionally broken down by key,
 end user, day or quality. The current period reads the counters; any other period is summed
-from the ledger's entries (``ledger verify`` proves the two agree)."""
+from the ledger's entries (``ledger verify`` proves the two agree).
+
+A team's standing in its current period (``Standing``) is computed in one place, so the report,
+the team's own ``GET /v1/gateway/usage`` and the ``X-Gateway-Budget-Remaining`` header agree."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, get_args
 
 from gateway.core.config import KeyConfig, Settings, TeamConfig
+from gateway.core.ledger import Usage
 from gateway.core.money import units_to_cny
 from gateway.core.normalize import QUALITIES
-from gateway.core.periods import period_at, period_label, window
+from gateway.core.periods import Period, period_at, period_label, window
 from gateway.core.pricing import remaining
 from gateway.core.tables import aligned
 from gateway.store.base import Grouping, ReportRow, Store
 
 GROUPINGS: tuple[str, ...] = get_args(Grouping)
 NO_KEY = "(none)"
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A team's money in one of its periods and, for a capped key, the key's."""
+
+    team: TeamConfig
+    period: Period
+    usage: Usage
+    key: KeyConfig | None = None
+    key_usage: Usage | None = None  # only for a key with its own budget
+
+    @property
+    def remaining(self) -> int:
+        return remaining(self.team, self.usage)
+
+    @property
+    def key_remaining(self) -> int | None:
+        if self.key is None or self.key.budget is None or self.key_usage is None:
+            return None
+        return self.key.budget - self.key_usage.committed
+
+    def as_json(self) -> dict[str, Any]:
+        """The team route's answer (every amount in CNY; the key's fields null when uncapped)."""
+        key_budget = self.key.budget if self.key is not None else None
+        key_left = self.key_remaining
+        return {
+            "team": self.team.name,
+            "key": self.key.identity if self.key is not None else None,
+            "period": period_label(self.period.key),
+            "budget_cny": units_to_cny(self.team.budget),
+            "spent_cny": units_to_cny(self.usage.spent),
+            "reserved_cny": units_to_cny(self.usage.reserved),
+            "uncertain_cny": units_to_cny(self.usage.uncertain),
+            "remaining_cny": units_to_cny(self.remaining),
+            "resets_at": self.period.end.isoformat() if self.period.end else None,
+            "key_budget_cny": units_to_cny(key_budget) if key_budget is not None else None,
+            "key_remaining_cny": units_to_cny(key_left) if key_left is not None else None,
+        }
+
+
+async def standing(
+    db: Store,
+    settings: Settings,
+    team: TeamConfig,
+    now: datetime,
+    *,
+    key: KeyConfig | None = None,
+    usage: Usage | None = None,
+) -> Standing:
+    """The team's standing in its period at ``now``: from the counters, or from ``usage``
+    when the caller already has it (a hold's answer says the usage it left)."""
+    period = period_at(team.period, now, settings.server.tz)
+    if usage is None:
+        usage = await db.usage(team.name, period.key)
+    key_usage = None
+    if key is not None and key.budget is not None:
+        key_usage = await db.key_usage(team.name, key.fingerprint, period.key)
+    return Standing(team, period, usage, key, key_usage)
 
 
 def check_report_args(period: str | None, by: str | None, settings: Settings) -> None:
@@ -58,11 +122,12 @@ async def _team_report(
     current = period_at(team.period, now, tz)
     if period is None or period == period_label(current.key):
         start, end = current.start, current.end
-        usage = await db.usage(team.name, current.key)
+        figures = await standing(db, settings, team, now)
+        usage = figures.usage
         spent, reserved, uncertain, overrun = (
             usage.spent, usage.reserved, usage.uncertain, usage.overrun,
         )  # fmt: skip
-        left: int | None = remaining(team, usage)
+        left: int | None = figures.remaining
     else:
         start, end = window(period, tz)
         totals = await _rows(db, team, start, end, by=None, settings=settings)
@@ -85,7 +150,7 @@ async def _team_report(
     }
     if by is not None:
         rows = await _rows(db, team, start, end, by=by, settings=settings)
-        report["by"] = await _breakdown(db, team, rows, by, current.key)
+        report["by"] = await _breakdown(db, settings, team, rows, by, now=now)
     return report
 
 
@@ -105,10 +170,12 @@ async def _rows(
 
 async def _breakdown(
     db: Store,
+    settings: Settings,
     team: TeamConfig,
     rows: list[ReportRow],
     by: Grouping,
-    period_key: str,
+    *,
+    now: datetime,
 ) -> dict[str, Any]:
     keys = {key.fingerprint: key for key in team.all_keys()}
     last_used = await db.key_last_used() if by == "key" else {}
@@ -128,19 +195,11 @@ async def _breakdown(
             used = last_used.get(row.group or "")
             entry["last_used"] = rfc3339(used) if used is not None else None
             if key is not None and key.budget is not None:
-                entry.update(await _key_cap(db, team, key, period_key))
+                figures = await standing(db, settings, team, now, key=key)
+                entry["budget_cny"] = units_to_cny(key.budget)
+                entry["remaining_cny"] = units_to_cny(figures.key_remaining or 0)
         found[label] = entry
     return found
-
-
-async def _key_cap(db: Store, team: TeamConfig, key: KeyConfig, period: str) -> dict[str, float]:
-    """A capped key's budget and what is left of it in the team's current period."""
-    assert key.budget is not None
-    usage = await db.key_usage(team.name, key.fingerprint, period)
-    return {
-        "budget_cny": units_to_cny(key.budget),
-        "remaining_cny": units_to_cny(key.budget - usage.committed),
-    }
 
 
 def _sum(rows: list[ReportRow]) -> tuple[int, int, int, int]:

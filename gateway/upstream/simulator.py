@@ -176,6 +176,8 @@ class Simulator:
                 PRICES[task.request.get("quality", "medium")] * task.request.get("n", 1), 4
             )
             answer["result_url"] = task.urls[0]
+            if len(task.urls) > 1:  # one URL per image besides the documented result_url
+                answer["data"] = [{"url": url} for url in task.urls]
         if task.status == "failed":
             answer["error"] = "generation failed"
         return web.json_response(answer)
