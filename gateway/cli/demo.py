@@ -93,6 +93,11 @@ Or, after `pip install openai`, with the OpenAI Python SDK:
     client = OpenAI(base_url="{url}/v1", api_key="{team_key}")
     print(client.images.generate(model="gpt-image-2", prompt="a corgi astronaut").data[0].url)
 
+The team's own budget, with its key (every image answer also carries
+X-Gateway-Budget-Remaining):
+
+    curl -s {url}/v1/gateway/usage -H "Authorization: Bearer {team_key}"
+
 Usage so far (admin key):
 
     curl -s {url}/admin/usage -H "Authorization: Bearer {admin_key}"

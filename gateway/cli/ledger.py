@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from gateway.cli.support import CommandError, fail, offline
+from gateway.cli.support import CONFIG_HELP, CommandError, examples, fail, offline
 from gateway.core.config import Settings
 from gateway.core.ledger import LedgerEntry
 from gateway.core.periods import utc_now
@@ -36,18 +36,38 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     ledger = commands.add_parser("ledger", help="list, resolve, export and verify ledger entries")
     sub = ledger.add_subparsers(required=True, metavar="ACTION")
 
-    show = sub.add_parser("list", help="ledger entries, newest first")
-    show.add_argument("--config", type=Path, required=True)
-    show.add_argument("--state", choices=("held", "captured", "released", "uncertain"))
-    show.add_argument("--team")
+    show = sub.add_parser(
+        "list",
+        help="ledger entries, newest first",
+        **examples(
+            "image-gateway ledger list --config gateway.toml --state uncertain",
+            "image-gateway ledger list --config gateway.toml --id <ledger, upstream or task id>",
+        ),
+    )
+    show.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
+    show.add_argument(
+        "--state",
+        choices=("held", "captured", "released", "uncertain"),
+        help="only entries in this state",
+    )
+    show.add_argument("--team", help="only this team's entries")
     show.add_argument("--period", help="YYYY-MM, YYYY-MM-DD or total (default: the current one)")
     show.add_argument("--id", dest="entry_id", help="one entry, by ledger, upstream or task id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(run=offline(_list))
 
-    fix = sub.add_parser("resolve", help="close an uncertain entry")
-    fix.add_argument("request_id")
-    fix.add_argument("--config", type=Path, required=True)
+    fix = sub.add_parser(
+        "resolve",
+        help="close an uncertain entry",
+        **examples(
+            "image-gateway ledger resolve <ledger id> --config gateway.toml --captured "
+            '--reason "alice: provider usage shows it"',
+            "image-gateway ledger resolve <ledger id> --config gateway.toml --released "
+            '--reason "alice: not in the provider\'s records"',
+        ),
+    )
+    fix.add_argument("request_id", help="the entry's ledger id (as `ledger list` shows it)")
+    fix.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     outcome = fix.add_mutually_exclusive_group(required=True)
     outcome.add_argument("--captured", action="store_true", help="it was generated: charge it")
     outcome.add_argument("--released", action="store_true", help="it was not: free the money")
@@ -55,14 +75,24 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     fix.add_argument("--reason", required=True, help="who resolved it and why")
     fix.set_defaults(run=offline(_resolve))
 
-    export = sub.add_parser("export", help="one row per request of a period, for reconciliation")
-    export.add_argument("--config", type=Path, required=True)
+    export = sub.add_parser(
+        "export",
+        help="one row per request of a period, for reconciliation",
+        **examples("image-gateway ledger export --config gateway.toml --period 2026-05 > may.csv"),
+    )
+    export.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     export.add_argument("--period", required=True, help="YYYY-MM, YYYY-MM-DD or total")
-    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument(
+        "--format", choices=("csv", "json"), default="csv", help="output format (default csv)"
+    )
     export.set_defaults(run=offline(_export))
 
-    check = sub.add_parser("verify", help="recompute every counter from the ledger's entries")
-    check.add_argument("--config", type=Path, required=True)
+    check = sub.add_parser(
+        "verify",
+        help="recompute every counter from the ledger's entries",
+        **examples("image-gateway ledger verify --config gateway.toml"),
+    )
+    check.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     check.set_defaults(run=offline(_verify))
 
 
@@ -159,7 +189,13 @@ def add_db_commands(commands: argparse._SubParsersAction) -> None:
     """``db copy``: move a SQLite history into PostgreSQL."""
     db = commands.add_parser("db", help="move a ledger between backends")
     sub = db.add_subparsers(required=True, metavar="ACTION")
-    copy = sub.add_parser("copy", help="copy a SQLite history into an empty PostgreSQL database")
+    copy = sub.add_parser(
+        "copy",
+        help="copy a SQLite history into an empty PostgreSQL database",
+        **examples(
+            "image-gateway db copy --from /var/lib/image-gateway/gateway.db --config pg.toml"
+        ),
+    )
     copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file")
     copy.add_argument("--config", type=Path, required=True, help="the PostgreSQL config")
     copy.set_defaults(run=offline(_copy))

@@ -14,8 +14,11 @@ from pathlib import Path
 from gateway import __version__
 from gateway.cli import ledger as cli_ledger
 from gateway.cli.support import (
+    CONFIG_HELP,
     STORE_ERRORS,
     CommandError,
+    HelpFormatter,
+    examples,
     load_config,
     offline,
 )
@@ -30,6 +33,19 @@ from gateway.store.migrations import SchemaTooNew, SchemaTooOld
 from gateway.store.postgres import PostgresOpenError
 
 DEMO_HOST, DEMO_PORT = "127.0.0.1", 8080
+DESCRIPTION = (
+    "A gateway between your teams and a paid OpenAI-Images-compatible upstream: teams use "
+    "their unmodified OpenAI SDKs with a team key (igw_...); the gateway holds the one central "
+    "key and enforces each team's budget in CNY, with every charge in a ledger."
+)
+EPILOG = """\
+start here:
+  image-gateway serve --demo          a simulated upstream: no key, nothing leaves the machine
+  image-gateway new-key               a team key and its config line
+  image-gateway check-config --config gateway.toml
+  image-gateway serve --config gateway.toml
+
+`image-gateway COMMAND --help` shows each command's options and examples."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,13 +60,33 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="image-gateway", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"image-gateway {__version__}")
+    parser = argparse.ArgumentParser(
+        prog="image-gateway",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"image-gateway {__version__}",
+        help="print the version and exit",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the gateway")
+    serve = commands.add_parser(
+        "serve",
+        help="run the gateway",
+        description="Run the gateway (production, a rehearsal, or the demo).",
+        **examples(
+            "image-gateway serve --demo",
+            "image-gateway serve --demo --port 9000",
+            "image-gateway serve --config /etc/image-gateway/gateway.toml",
+            "image-gateway serve --config rehearsal.toml --simulate-upstream",
+        ),
+    )
     source = serve.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="the TOML config file")
+    source.add_argument("--config", type=Path, help=CONFIG_HELP)
     source.add_argument(
         "--demo", action="store_true", help="run with an embedded simulated upstream"
     )
@@ -63,15 +99,46 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="demo only: port to listen on (default 8080)")
     serve.set_defaults(run=_serve)
 
-    new_key = commands.add_parser("new-key", help="print a new team key and its config line")
+    new_key = commands.add_parser(
+        "new-key",
+        help="print a new team key and its config line",
+        description="Print a new team key (igw_..., 192 random bits) and the line for the config.",
+        **examples("image-gateway new-key"),
+    )
     new_key.set_defaults(run=_new_key)
 
-    check = commands.add_parser("check-config", help="validate a config file")
-    check.add_argument("path", type=Path)
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file",
+        description="Validate a config file: exit 0 saying whether its database exists (or, "
+        "for PostgreSQL, answers), or 1 naming the key of each problem.",
+        **examples(
+            "image-gateway check-config --config /etc/image-gateway/gateway.toml",
+            "image-gateway check-config /etc/image-gateway/gateway.toml",
+            "image-gateway check-config --config rehearsal.toml --simulate-upstream",
+        ),
+    )
+    check.add_argument("path", type=Path, nargs="?", help="the config file (or use --config)")
+    check.add_argument("--config", type=Path, dest="config", help=CONFIG_HELP)
+    check.add_argument(
+        "--simulate-upstream",
+        action="store_true",
+        help="check it for a rehearsal (serve --simulate-upstream): no central key needed",
+    )
     check.set_defaults(run=_check_config)
 
-    usage = commands.add_parser("usage", help="report each team's budget and spend")
-    usage.add_argument("--config", type=Path, required=True)
+    usage = commands.add_parser(
+        "usage",
+        help="report each team's budget and spend",
+        description="Each team's budget, spend and images for a period, read from the ledger "
+        "(nothing is written).",
+        **examples(
+            "image-gateway usage --config gateway.toml",
+            "image-gateway usage --config gateway.toml --team design --by key",
+            "image-gateway usage --config gateway.toml --period 2026-05 --json",
+        ),
+    )
+    usage.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     usage.add_argument("--team", help="only this team")
     usage.add_argument("--period", help="YYYY-MM, YYYY-MM-DD or total (default: the current one)")
     usage.add_argument("--by", choices=GROUPINGS, help="break each team down by this")
@@ -79,13 +146,24 @@ def _parser() -> argparse.ArgumentParser:
     usage.set_defaults(run=offline(_usage))
 
     hash_key = commands.add_parser(
-        "hash-key", help="print the config line for a key (read from standard input)"
+        "hash-key",
+        help="print the config line for a key (read from standard input)",
+        description="Print the sha256 line for a key, to put in the config (never the key).",
+        **examples('printf %s "$KEY" | image-gateway hash-key'),
     )
     hash_key.add_argument("key", nargs="?", help="the key (default: read from standard input)")
     hash_key.set_defaults(run=_hash_key)
 
-    keys = commands.add_parser("keys", help="every key of every team, never the key itself")
-    keys.add_argument("--config", type=Path, required=True)
+    keys = commands.add_parser(
+        "keys",
+        help="every key of every team, never the key itself",
+        description="Every key of every team: name, fingerprint, expiry, caps and last use.",
+        **examples(
+            "image-gateway keys --config gateway.toml",
+            "image-gateway keys --config gateway.toml --json",
+        ),
+    )
+    keys.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     keys.add_argument("--json", action="store_true", help="print JSON")
     keys.set_defaults(run=offline(_keys))
 
@@ -171,17 +249,20 @@ async def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = load_config(args.path)
+    if (args.path is None) == (args.config is None):
+        raise CommandError("check-config: give the config file once, as PATH or --config PATH")
+    path: Path = args.path or args.config
+    settings = load_config(path, require_central_key=not args.simulate_upstream)
     if settings.storage.backend == "postgres":
         try:
             state = asyncio.run(_probe_postgres(settings))
         except (PostgresOpenError, SchemaTooNew) as exc:
-            raise CommandError(f"{args.path}: {settings.storage.dsn_source}: {exc}") from None
-        print(f"{args.path}: OK ({len(settings.teams)} teams, PostgreSQL: {state})")
+            raise CommandError(f"{path}: {settings.storage.dsn_source}: {exc}") from None
+        print(f"{path}: OK ({len(settings.teams)} teams, PostgreSQL: {state})")
         return 0
     database = settings.database
     state = "exists" if database.exists() else "does not exist yet: the gateway will create it"
-    print(f"{args.path}: OK ({len(settings.teams)} teams, database {database}: {state})")
+    print(f"{path}: OK ({len(settings.teams)} teams, database {database}: {state})")
     return 0
 
 

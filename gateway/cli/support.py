@@ -62,6 +62,25 @@ def config_problems(path: Path, problems: list[str]) -> str:
     )
 
 
+CONFIG_HELP = "the gateway's TOML config file"
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual, but keeps a block under a heading (``examples:``) as
+    written: command lines must not be re-flowed."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.partition("\n")[0].endswith(":"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def examples(*lines: str) -> dict[str, Any]:
+    """``add_parser`` keywords that end a command's ``--help`` with these example lines."""
+    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+    return {"epilog": text, "formatter_class": HelpFormatter}
+
+
 def fail(message: str) -> int:
     print(f"image-gateway: {message}", file=sys.stderr)
     return 1
