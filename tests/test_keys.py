@@ -250,6 +250,7 @@ async def test_reports_by_end_user_day_quality_and_a_past_period(
     await post(gateway, key, user="bob", quality="low", n=2)
     gateway.clock.advance(days=10)  # the next month: 2026-12
     await post(gateway, key, user="carol")
+    await gateway.settled()  # a sync answer leaves before its settlement commits
     report = await admin_usage(gateway, "?period=2026-11&by=end_user")
     design_team = report["design"]
     assert design_team["spent_cny"] == pytest.approx(0.8)
