@@ -1,3 +1,3 @@
 """image-gateway: a budget-enforcing reverse proxy for an OpenAI-Images-compatible upstream."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

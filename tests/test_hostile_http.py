@@ -366,7 +366,9 @@ async def test_malformed_heads_are_answered_and_logged_without_their_content(
     assert_nothing_secret(stderr)
     assert "Traceback" not in stderr, stderr
     diagnostics = re.findall(r"malformed request from 127\.0\.0\.1: (.*)", stderr)
-    assert len(diagnostics) == len(sent), stderr  # one line each, naming the problem
+    # One line per distinct problem: identical ones within 10 s are counted, not repeated
+    # (gateway.ops.repeats), so a flood of junk cannot flood the journal.
+    assert len(set(diagnostics)) == len(diagnostics) >= 3, stderr
     assert any("authorization header" in line for line in diagnostics), diagnostics
     assert access_lines(tmp_path) == []  # none of them reached the app
 

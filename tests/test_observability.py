@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway import __version__
 from gateway.core.auth import key_digest
 from gateway.ops.accesslog import FIELDS
 from tests.conftest import ADMIN_KEY, PNG, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream
@@ -271,6 +272,7 @@ async def test_readyz(gateway: Gateway) -> None:
             body = await resp.json()
     assert body == {
         "status": "ready",
+        "version": __version__,
         "checks": {"config": "ok", "database": "ok", "central_key": "ok"},
     }
     await gateway.db.close()

@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from openai import OpenAI
 
+from gateway import __version__
 from tests.conftest import TEAM_KEYS, Upstream, base_config, merge
 from tests.process import GatewayProcess, to_toml
 
@@ -89,6 +90,7 @@ async def test_a_rehearsal_runs_the_real_config_and_its_budgets_against_the_simu
             200,
             {
                 "status": "ready",
+                "version": __version__,
                 "checks": {
                     "config": "ok",
                     "database": "ok",

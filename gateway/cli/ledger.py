@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from gateway.cli.backup import add_backup_command
 from gateway.cli.support import CONFIG_HELP, CommandError, examples, fail, offline
 from gateway.core.config import Settings
 from gateway.core.ledger import LedgerEntry
@@ -186,8 +187,8 @@ async def _entries(
 
 
 def add_db_commands(commands: argparse._SubParsersAction) -> None:
-    """``db copy``: move a SQLite history into PostgreSQL."""
-    db = commands.add_parser("db", help="move a ledger between backends")
+    """``db copy``: move a SQLite history into PostgreSQL; ``db backup``: copy the ledger."""
+    db = commands.add_parser("db", help="back up a ledger, or move it between backends")
     sub = db.add_subparsers(required=True, metavar="ACTION")
     copy = sub.add_parser(
         "copy",
@@ -199,6 +200,7 @@ def add_db_commands(commands: argparse._SubParsersAction) -> None:
     copy.add_argument("--from", dest="source", type=Path, required=True, help="the SQLite file")
     copy.add_argument("--config", type=Path, required=True, help="the PostgreSQL config")
     copy.set_defaults(run=offline(_copy))
+    add_backup_command(sub)
 
 
 async def _copy(args: argparse.Namespace, settings: Settings) -> int:

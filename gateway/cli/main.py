@@ -26,6 +26,7 @@ from gateway.core.auth import key_digest, new_team_key, plausible_key
 from gateway.core.config import Settings
 from gateway.core.periods import utc_now
 from gateway.http.app import StartupError
+from gateway.ops.repeats import RepeatFilter
 from gateway.services.keylist import format_keys, key_listing
 from gateway.services.usage import GROUPINGS, check_report_args, format_report, usage_report
 from gateway.store.factory import open_store
@@ -94,6 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         "--simulate-upstream",
         action="store_true",
         help="with --config: a rehearsal, the embedded simulator in place of [upstream]",
+    )
+    serve.add_argument(
+        "--accept-restored-ledger",
+        action="store_true",
+        help="with --config: start on a ledger restored from an older backup (recorded)",
     )
     serve.add_argument("--host", help="demo only: address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="demo only: port to listen on (default 8080)")
@@ -178,11 +184,15 @@ def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format=stamp + "%(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    for handler in logging.getLogger().handlers:  # an outage logs each error once per window
+        handler.addFilter(RepeatFilter())
 
 
 def _serve(args: argparse.Namespace) -> int:
     if args.demo and args.simulate_upstream:
         raise CommandError("--simulate-upstream is only valid with --config (--demo always is)")
+    if args.accept_restored_ledger and (args.demo or args.simulate_upstream):
+        raise CommandError("--accept-restored-ledger goes with --config alone")
     if args.config is not None and (args.host is not None or args.port is not None):
         raise CommandError("--host and --port are for --demo; set [server] host and port instead")
     _setup_logging()
@@ -199,7 +209,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = load_config(args.config)
     from gateway.http.server import serve  # noqa: PLC0415 - keeps `new-key` and `check-config` light
 
-    return _run_server(serve(settings, config_path=args.config))
+    return _run_server(
+        serve(
+            settings,
+            config_path=args.config,
+            accept_restored_ledger=args.accept_restored_ledger,
+        )
+    )
 
 
 def _run_server(main: object) -> int:

@@ -203,6 +203,9 @@ class StorageConfig:
     dsn: Secret | None = None  # postgresql:// URL (it may hold a password)
     dsn_source: str = ""  # where it came from, for messages
     instance_lease_s: float = 30.0
+    # What this gateway last saw committed, kept outside the database to detect a restored
+    # (older) ledger: beside the SQLite file, or in $STATE_DIRECTORY (else beside the config).
+    watermark: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,10 @@ def parse_settings(
     storage = root.table("storage")
     database = _resolve(storage.get("database", str, "gateway.db", _non_empty), base_dir)
     storage_config = _storage(storage, base_dir, env)
+    if storage_config.watermark is None:
+        storage_config = replace(
+            storage_config, watermark=_default_watermark(storage_config, database, base_dir, env)
+        )
     log_table = root.table("log")
     access = log_table.get("access", str, "-", _non_empty)
     log = LogConfig(
@@ -458,8 +465,19 @@ def _upstream(
     return config
 
 
+def _default_watermark(
+    storage: StorageConfig, database: Path, base_dir: Path, env: Mapping[str, str]
+) -> Path:
+    if storage.backend == "sqlite":
+        return database.with_name(database.name + ".watermark")
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]  # systemd's StateDirectory=
+    return (Path(state) if state else base_dir) / "ledger.watermark"
+
+
 def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig:
     backend = t.get("backend", str, "sqlite", _backend)
+    watermark_key = t.get("watermark", str, None, _non_empty)
+    watermark = None if watermark_key is None else _resolve(watermark_key, base_dir)
     lease = t.get("instance_lease_s", float, 30.0, _positive)
     dsn_env = t.get("dsn_env", str, None, _non_empty)
     dsn_file = t.get("dsn_file", str, None, _non_empty)
@@ -467,7 +485,7 @@ def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig
         for key in ("dsn_env", "dsn_file", "instance_lease_s"):
             if key in t.data:
                 t.errors.append(f'{t.name(key)} goes with backend = "postgres"')
-        return StorageConfig()
+        return StorageConfig(watermark=watermark)
     if "database" in t.data:
         t.errors.append(
             f'{t.name("database")} is the SQLite file: remove it with backend = "postgres" '
@@ -485,6 +503,7 @@ def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig
         dsn=Secret(value) if value else None,
         dsn_source=source,
         instance_lease_s=lease,
+        watermark=watermark,
     )
 
 

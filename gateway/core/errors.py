@@ -212,6 +212,14 @@ class StorageUnavailable(GatewayError):
     should_retry = False
 
 
+class UpgradeRequired(GatewayError):
+    """The database serves only newer releases than this instance (README, "Upgrading")."""
+
+    status = 503
+    type = "server_error"
+    code = "upgrade_required"
+
+
 class InternalError(GatewayError):
     status = 500
     type = "server_error"

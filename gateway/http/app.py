@@ -15,12 +15,15 @@ from datetime import datetime
 
 from aiohttp import web
 
+from gateway import __version__
 from gateway.core.config import Settings
+from gateway.core.errors import StorageUnavailable
 from gateway.core.live import LiveConfig
 from gateway.core.money import format_cny
 from gateway.core.periods import utc_now
 from gateway.http.admission import ByteBudget
 from gateway.http.keys import (
+    ACCEPT_RESTORED,
     ACCESS_LOG,
     BODIES,
     BOOKS,
@@ -35,8 +38,10 @@ from gateway.http.keys import (
     SIMULATED,
     TASKS,
     UPSTREAM,
+    WATCH,
 )
 from gateway.http.middleware import gateway_middleware
+from gateway.http.release import release_gate
 from gateway.http.routes import add_metrics_routes, add_routes
 from gateway.ops.accesslog import AccessLog
 from gateway.ops.metrics import Metrics
@@ -45,7 +50,11 @@ from gateway.services.durable import Durable
 from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
 from gateway.services.resolutions import log_outside
+from gateway.services.restores import KEEP_EVERY_S, RestoredLedger, WatermarkKeeper, check_restored
+from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
+from gateway.store import migrations
+from gateway.store.base import Store
 from gateway.store.factory import open_store
 from gateway.upstream.client import HttpUpstream
 from gateway.upstream.downloader import Downloader
@@ -61,18 +70,27 @@ class StartupError(Exception):
 
 
 def create_app(
-    settings: Settings, *, clock: Callable[[], datetime] = utc_now, simulated: bool = False
+    settings: Settings,
+    *,
+    clock: Callable[[], datetime] = utc_now,
+    simulated: bool = False,
+    accept_restored_ledger: bool = False,
 ) -> web.Application:
-    """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so)."""
+    """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so).
+    ``accept_restored_ledger``: start on a ledger behind the watermark, recording that."""
     app = web.Application(
-        middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes
+        middlewares=[gateway_middleware, release_gate],
+        client_max_size=settings.server.max_body_bytes,
     )
     app[CONFIG] = LiveConfig(settings)
     app[CLOCK] = clock
     app[SIMULATED] = simulated
+    app[ACCEPT_RESTORED] = accept_restored_ledger
     app[METRICS] = Metrics()
     app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
-    app.cleanup_ctx.extend([_access_log_ctx, _database_ctx, _upstream_ctx, _services_ctx])
+    app.cleanup_ctx.extend(
+        [_access_log_ctx, _database_ctx, _watch_ctx, _upstream_ctx, _services_ctx]
+    )
     app.on_shutdown.append(_begin_drain)
     add_routes(app, settings)
     return app
@@ -84,6 +102,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
     metrics_app[CONFIG], metrics_app[CLOCK] = main[CONFIG], main[CLOCK]
     metrics_app[METRICS], metrics_app[ACCESS_LOG] = main[METRICS], main[ACCESS_LOG]
     metrics_app[BOOKS], metrics_app[DB] = main[BOOKS], main[DB]
+    metrics_app[WATCH] = main[WATCH]
     add_metrics_routes(metrics_app)
     return metrics_app
 
@@ -112,9 +131,22 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
             where,
         )
     try:
+        await _check_release(db)
+        where = (
+            f"at {settings.database}" if settings.storage.backend == "sqlite" else "in PostgreSQL"
+        )
+        if db.created:
+            where += " (none existed: a new, empty one was made)"
+        assert settings.storage.watermark is not None, "set by the config parser"
+        await check_restored(
+            db, settings.storage.watermark, accept=app[ACCEPT_RESTORED], where=where
+        )
         now = app[CLOCK]().timestamp()
         recovered = await db.recover_in_flight(now)
         recovered += await db.reap_silent_instances(now, settings.storage.instance_lease_s)
+    except RestoredLedger as exc:
+        await db.close()
+        raise StartupError(str(exc)) from None
     except BaseException:
         await db.close()
         raise
@@ -133,6 +165,46 @@ async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     app[DB] = db
     yield
     await db.close()
+
+
+async def _check_release(db: Store) -> None:
+    state = await db.schema_state()
+    if migrations.too_old(__version__, state):
+        raise StartupError(
+            f"upgrade required: the database serves image-gateway {state.min_release} and "
+            f"newer; this is {__version__}"
+        )
+
+
+async def _watch_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The storage check behind /metrics and the release gate, and the watermark, each in a
+    loop of its own; the watermark is written once more after the services drained."""
+    db, settings = app[DB], app[CONFIG].current.settings
+    watch = StorageWatch(db, app[METRICS], app[CONFIG], app[CLOCK], __version__)
+    app[METRICS].build_info.labels(__version__, str(_schema_step(settings))).set(1)
+    app[WATCH] = watch
+    assert settings.storage.watermark is not None, "set by the config parser"
+    keeper = WatermarkKeeper(db, settings.storage.watermark)
+    loops = [
+        asyncio.create_task(watch.run(), name="storage watch"),
+        asyncio.create_task(
+            _every(KEEP_EVERY_S, "writing the watermark", keeper.keep), name="watermark"
+        ),
+    ]
+    yield
+    for task in loops:
+        task.cancel()
+    for task in loops:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    try:
+        await keeper.keep()
+    except Exception as exc:  # the database is gone: the last periodic write stands
+        log.warning("could not write the watermark at shutdown: %s", exc)
+
+
+def _schema_step(settings: Settings) -> int:
+    return migrations.load(settings.storage.backend)[-1].version
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -234,6 +306,8 @@ async def _every(interval_s: float, what: str, step: Callable[[], Awaitable[obje
     while True:
         try:
             await step()
+        except StorageUnavailable as exc:  # an outage: one line (repeats are counted), no stack
+            log.error("%s failed: %s; retrying in %ss", what, exc, interval_s)
         except Exception:  # retried at the next turn; the loop must not die
             log.exception("%s failed; retrying in %ss", what, interval_s)
         await asyncio.sleep(interval_s)

@@ -17,6 +17,7 @@ from gateway.services.books import Books, LogSlot
 from gateway.services.durable import Durable
 from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
+from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
 from gateway.store.base import Store
 from gateway.upstream.base import Upstream
@@ -36,6 +37,8 @@ IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
 DURABLE = web.AppKey("durable", Durable)
 BODIES = web.AppKey("bodies", ByteBudget)
 SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
+ACCEPT_RESTORED = web.AppKey("accept_restored", bool)  # serve --accept-restored-ledger
+WATCH = web.AppKey("storage_watch", StorageWatch)
 
 RECORD = web.RequestKey("record", dict[str, Any])
 SLOT = web.RequestKey("slot", LogSlot)

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from gateway.core.config import ConfigError, Settings, load_settings
 from gateway.http.app import StartupError, create_app, create_metrics_app
-from gateway.http.keys import ACCESS_LOG, CONFIG
+from gateway.http.keys import ACCESS_LOG, CONFIG, METRICS
 from gateway.http.protocol import (
     ConnectionLimits,
     GatewayRunner,
@@ -43,6 +43,7 @@ async def serve(
     config_path: Path | None = None,
     on_ready: Callable[[str], None] | None = None,
     simulate: Simulate | None = None,
+    accept_restored_ledger: bool = False,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then drain in-flight requests and exit.
 
@@ -63,7 +64,9 @@ async def serve(
         except StartupError:
             sock.close()
             raise
-    app = create_app(settings, simulated=simulate is not None)
+    app = create_app(
+        settings, simulated=simulate is not None, accept_restored_ledger=accept_restored_ledger
+    )
     limits = connection_limits(settings)
     runner = GatewayRunner(
         app,
@@ -166,10 +169,12 @@ def reload(
     try:
         new = load_settings(config_path, require_central_key=simulate is None)
     except ConfigError as exc:
+        app[METRICS].config_reloads.labels("refused").inc()
         log.error(
             "reload refused, the running config stays in force:\n  %s", "\n  ".join(exc.problems)
         )
     else:
+        app[METRICS].config_reloads.labels("applied").inc()
         needs_restart = app[CONFIG].reload(new if simulate is None else simulate(new))
         log.info("config reloaded from %s (%d teams)", config_path, len(new.teams))
         if needs_restart:

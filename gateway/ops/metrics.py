@@ -1,7 +1,9 @@
 """Prometheus metrics, in a registry owned by the app (never the process-global default).
 
-Money gauges (budget, remaining, reserved, uncertain) are read from the ledger when scraped, so
-they are right on every instance however the money moved. Counters count what this process did.
+Money gauges (budget, remaining, reserved, uncertain) are read from the ledger by a background
+loop, and once more (waiting a fraction of a second at most) when scraped, so they are right on
+every instance however the money moved, and still answered, at their last values, while the
+database is down. Counters count what this process did.
 The ``key`` label is a key's identity (``team/name`` or ``team/sha256:…``), bounded by the config.
 """
 
@@ -112,6 +114,38 @@ class Metrics:
             "Paid results held in memory because their settlement could not be stored yet",
             registry=r,
         )
+
+        self.storage_up = Gauge(
+            "gateway_storage_up",
+            "1 if the last check of the database succeeded, 0 if it failed (read at scrape time "
+            "from a background check: /metrics never waits on the database)",
+            registry=r,
+        )
+        self.storage_last_ok = Gauge(
+            "gateway_storage_last_ok_timestamp_seconds",
+            "When the database last answered a check (Unix time); the money gauges are as of then",
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "gateway_build_info",
+            "1, labelled with this process's release and the schema step its code knows",
+            ["version", "schema"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "gateway_config_info",
+            "1, labelled with the first 12 hex digits of the SHA-256 of the config in force",
+            ["sha256"],
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads (SIGHUP) by result: applied, or refused (the running config stays)",
+            ["result"],
+            registry=r,
+        )
+        for result in ("applied", "refused"):
+            self.config_reloads.labels(result)
 
     def captured(self, team: str, key: str, quality: str, amount: int, images: int) -> None:
         """Count money and images that moved into ``spent``."""

@@ -19,6 +19,8 @@ from typing import Literal
 
 from gateway.core.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
 from gateway.core.limits import Scope
+from gateway.core.restore import Position
+from gateway.store.migrations import SchemaState
 
 NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
 
@@ -135,6 +137,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Commit what is queued and close; closing twice is harmless."""
+
+    @abc.abstractmethod
+    async def schema_state(self) -> SchemaState:
+        """The schema records in ``meta``, read afresh: a newer release may migrate the
+        database under a running fleet."""
+
+    @abc.abstractmethod
+    async def position(self) -> Position:
+        """How far the ledger has gone, read in one snapshot (see ``core.restore``)."""
+
+    @abc.abstractmethod
+    async def record_restore(self, accepted_at: float, record: str) -> None:
+        """Keep an accepted restore in the ledger (a ``meta`` row ``restore_accepted:<time>``)."""
+
+    @abc.abstractmethod
+    async def restores_since(self, since: float) -> list[str]:
+        """Restores accepted at or after ``since`` (their records), oldest first."""
 
     @abc.abstractmethod
     async def check_ready(self) -> None:

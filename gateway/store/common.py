@@ -7,10 +7,12 @@ module keeps its own statements.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 from gateway.core.ledger import Hold, LedgerEntry, Mismatch, ResolutionRecord
+from gateway.core.restore import Position
 from gateway.store.base import NEVER, TaskRow, Verification
 
 ENTRY_COLUMNS = (
@@ -140,3 +142,20 @@ def to_task_row(row: Any) -> TaskRow:
         settled=row[12],
         resolved=bool(row[13]),
     )
+
+
+# How far the ledger has gone (core.restore.Position), in one statement: one snapshot.
+POSITION = (
+    "SELECT (SELECT COUNT(*) FROM holds), (SELECT COUNT(*) FROM settlements),"
+    " (SELECT COUNT(*) FROM resolutions), (SELECT MAX(created_at) FROM holds),"
+    " (SELECT COALESCE(SUM(spent), 0) FROM usage)"
+)
+RESTORE_PREFIX = "restore_accepted:"
+
+
+def to_position(row: Sequence[Any]) -> Position:
+    holds, settlements, resolutions, last_at, spent = row
+    return Position(
+        int(holds), int(settlements), int(resolutions),
+        None if last_at is None else float(last_at), int(spent),
+    )  # fmt: skip

@@ -51,8 +51,9 @@ async def copy_sqlite_to_postgres(source: Path, dsn: str) -> Copied:
     lock, so no gateway can be writing to it while it is copied.
     """
     with _shared_lock(source), contextlib.closing(_read_only(source)) as sqlite:
-        row = sqlite.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        migrations.require_current(int(row[0]), migrations.load("sqlite"), where=str(source))
+        meta = dict(sqlite.execute("SELECT key, value FROM meta").fetchall())
+        current = migrations.state_of(meta)
+        migrations.require_current(current, migrations.load("sqlite"), where=str(source))
         conn = await asyncpg.connect(dsn)
         try:
             return await _copy(sqlite, conn)

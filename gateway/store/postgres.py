@@ -32,6 +32,7 @@ import asyncpg
 from gateway.core.errors import StorageUnavailable
 from gateway.core.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
 from gateway.core.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
+from gateway.core.restore import Position
 from gateway.core.settlement import NotResolvable, ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
@@ -55,10 +56,13 @@ from gateway.store.common import (
     IMAGES,
     IN_FLIGHT,
     OPEN_MONEY,
+    POSITION,
+    RESTORE_PREFIX,
     SUMS,
     TASK_SELECT,
     hold_params,
     to_entry,
+    to_position,
     to_task_row,
     verification,
 )
@@ -165,6 +169,29 @@ class PostgresStore(Store):
         await self._execute(
             "UPDATE instances SET heartbeat_at = now() WHERE instance_id = $1", self.instance_id
         )
+
+    async def schema_state(self) -> migrations.SchemaState:
+        rows = await self._fetch(SCHEMA_META)
+        return migrations.state_of({r["key"]: r["value"] for r in rows})
+
+    async def position(self) -> Position:
+        async with self._connection() as conn, conn.transaction(isolation="repeatable_read"):
+            return to_position(tuple(await conn.fetchrow(POSITION)))
+
+    async def record_restore(self, accepted_at: float, record: str) -> None:
+        await self._execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)"
+            " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
+            f"{RESTORE_PREFIX}{accepted_at:.6f}",
+            record,
+        )
+
+    async def restores_since(self, since: float) -> list[str]:
+        rows = await self._fetch(
+            "SELECT key, value FROM meta WHERE key LIKE $1 ORDER BY key", RESTORE_PREFIX + "%"
+        )
+        prefix = len(RESTORE_PREFIX)
+        return [r["value"] for r in rows if float(r["key"][prefix:]) >= since]
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -747,29 +774,31 @@ async def verify_on(conn: asyncpg.Connection) -> Verification:
 
 
 async def _migrate(conn: asyncpg.Connection, *, migrate: bool) -> int:
-    """Migrate to this code's schema under the advisory lock; the version it was at."""
+    """Migrate to this code's schema under the advisory lock; the step it was at."""
     steps = migrations.load("postgres")
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK)
     try:
-        current = await _schema_version(conn)
+        current = was = await _schema_state(conn)
         if not migrate:
             migrations.require_current(current, steps, where="the PostgreSQL database")
-            return current
+            return was.step
         for step in migrations.pending(current, steps, where="the PostgreSQL database"):
+            records = migrations.records_after(step, steps, current)
             async with conn.transaction():
                 await conn.execute(step.sql)
-                await conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', $1)"
+                await conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES ($1, $2)"
                     " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value",
-                    str(step.version),
+                    list(records.items()),
                 )
-            log.info("database migrated to schema version %d (%s)", step.version, step.name)
+            current = migrations.state_of(records)
+            log.info("database migrated to schema step %d (%s)", step.version, step.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
-    return current
+    return was.step
 
 
-async def _schema_version(conn: asyncpg.Connection) -> int:
+async def _schema_state(conn: asyncpg.Connection) -> migrations.SchemaState:
     exists = await conn.fetchval("SELECT to_regclass('public.meta') IS NOT NULL")
     if not exists:
         tables = await conn.fetchval(
@@ -779,12 +808,15 @@ async def _schema_version(conn: asyncpg.Connection) -> int:
             raise PostgresOpenError(
                 "the PostgreSQL database has tables but is not an image-gateway database"
             )
-        return 0
-    value = await conn.fetchval("SELECT value FROM meta WHERE key = 'schema_version'")
-    return int(value) if value is not None else 0
+        return migrations.SchemaState(0, 0)
+    return migrations.state_of({r["key"]: r["value"] for r in await conn.fetch(SCHEMA_META)})
 
 
 # -- statements ------------------------------------------------------------------------------
+
+SCHEMA_META = (
+    "SELECT key, value FROM meta WHERE key IN ('schema_version', 'schema_step', 'min_release')"
+)
 
 _RESERVE_SQL = (
     "SELECT * FROM reserve_hold($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,"

@@ -38,6 +38,7 @@ from gateway.core.ledger import (
     Usage,
 )
 from gateway.core.limits import Limiter, Scope
+from gateway.core.restore import Position
 from gateway.core.settlement import ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
@@ -61,10 +62,13 @@ from gateway.store.common import (
     IMAGES,
     IN_FLIGHT,
     OPEN_MONEY,
+    POSITION,
+    RESTORE_PREFIX,
     SUMS,
     TASK_SELECT,
     hold_params,
     to_entry,
+    to_position,
     to_task_row,
     verification,
 )
@@ -146,14 +150,10 @@ class SQLiteStore(Store):
         try:
             reader = await aiosqlite.connect(_read_only_uri(path), uri=True)
             store = cls(path, None, reader)
-            rows = await store._rows(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-                if await store._has_meta()
-                else "SELECT 0"
-            )
+            state = await store.schema_state() if await store._has_meta() else _NO_SCHEMA
         except sqlite3.DatabaseError as exc:
             raise StoreOpenError(f"{path}: cannot read the database ({exc})") from None
-        migrations.require_current(int(rows[0][0]), migrations.load("sqlite"), where=str(path))
+        migrations.require_current(state, migrations.load("sqlite"), where=str(path))
         return store
 
     async def close(self) -> None:
@@ -187,6 +187,24 @@ class SQLiteStore(Store):
                 "restart the gateway (committed money may be missing from the file)"
             )
 
+    async def schema_state(self) -> migrations.SchemaState:
+        return migrations.state_of(dict(await self._rows(_SCHEMA_META)))
+
+    async def position(self) -> Position:
+        return to_position((await self._rows(POSITION))[0])
+
+    async def record_restore(self, accepted_at: float, record: str) -> None:
+        await self._write(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            (f"{RESTORE_PREFIX}{accepted_at:.6f}", record),
+        )
+
+    async def restores_since(self, since: float) -> list[str]:
+        rows = await self._rows(
+            "SELECT key, value FROM meta WHERE key LIKE ? ORDER BY key", (RESTORE_PREFIX + "%",)
+        )
+        return [value for key, value in rows if float(key.removeprefix(RESTORE_PREFIX)) >= since]
+
     # -- plumbing ----------------------------------------------------------------------------
 
     async def _run(
@@ -207,8 +225,10 @@ class SQLiteStore(Store):
 
     async def _rows(self, sql: str, params: Iterable[Any] = ()) -> list[Any]:
         try:
-            async with self._reader.execute(sql, tuple(params)) as cursor:
-                return list(await cursor.fetchall())
+            # One step in the reader's thread: a statement left open between two steps would
+            # hold its snapshot for a concurrent read too (the storage watch reads while
+            # requests do), and that read would miss a commit made in between.
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))
         except sqlite3.DatabaseError as exc:
             raise self._unavailable(exc) from None
 
@@ -592,10 +612,11 @@ async def _open_writer(path: Path, *, migrate: bool) -> Writer:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
-        current = _schema_version(conn, path)
+        current = _schema_state(conn, path)
         if migrate:
-            for step in migrations.pending(current, migrations.load("sqlite"), where=str(path)):
-                _apply(conn, step)
+            steps = migrations.load("sqlite")
+            for step in migrations.pending(current, steps, where=str(path)):
+                current = _apply(conn, step, steps, current)
         else:
             migrations.require_current(current, migrations.load("sqlite"), where=str(path))
 
@@ -607,21 +628,29 @@ async def _open_writer(path: Path, *, migrate: bool) -> Writer:
         raise StoreOpenError(f"{path}: cannot open the database ({exc.strerror})") from None
 
 
-def _schema_version(conn: sqlite3.Connection, path: Path) -> int:
+def _schema_state(conn: sqlite3.Connection, path: Path) -> migrations.SchemaState:
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if "meta" not in tables:
         if tables:
             raise StoreOpenError(f"{path} is an SQLite file but not an image-gateway database")
-        return 0
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
+        return _NO_SCHEMA
+    return migrations.state_of(dict(conn.execute(_SCHEMA_META).fetchall()))
 
 
-def _apply(conn: sqlite3.Connection, step: migrations.Migration) -> None:
-    """One migration in one transaction, its version recorded in the same transaction."""
+def _apply(
+    conn: sqlite3.Connection,
+    step: migrations.Migration,
+    steps: tuple[migrations.Migration, ...],
+    current: migrations.SchemaState,
+) -> migrations.SchemaState:
+    """One migration in one transaction, its records (step, level, floor) in the same one."""
+    records = migrations.records_after(step, steps, current)
+    rows = ", ".join(
+        "('{}', '{}')".format(key, value.replace("'", "''")) for key, value in records.items()
+    )
     script = (
         f"BEGIN IMMEDIATE;\n{step.sql}\n;\nINSERT OR REPLACE INTO meta (key, value)"
-        f" VALUES ('schema_version', '{step.version}');\nCOMMIT;"
+        f" VALUES {rows};\nCOMMIT;"
     )
     try:
         conn.executescript(script)
@@ -629,7 +658,8 @@ def _apply(conn: sqlite3.Connection, step: migrations.Migration) -> None:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    log.info("database migrated to schema version %d (%s)", step.version, step.name)
+    log.info("database migrated to schema step %d (%s)", step.version, step.name)
+    return migrations.state_of(records)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -662,6 +692,11 @@ def _read_only_uri(path: Path) -> str:
 
 
 # -- statements ------------------------------------------------------------------------------
+
+_NO_SCHEMA = migrations.SchemaState(0, 0)
+_SCHEMA_META = (
+    "SELECT key, value FROM meta WHERE key IN ('schema_version', 'schema_step', 'min_release')"
+)
 
 _RESERVE_SQL = (
     "INSERT INTO holds (request_id, team, period, created_at, endpoint, mode, quality,"
