@@ -35,7 +35,10 @@ def backup_sqlite(source: Path, target: Path) -> None:
         raise BackupFailed("the backup must go to another file than the database")
     live = Path(f"{source}-wal").exists()
     uri = f"{source.as_uri()}?{'mode=ro' if live else 'immutable=1'}"
-    fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise BackupFailed(f"cannot write beside {target}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
         with contextlib.closing(sqlite3.connect(uri, uri=True)) as src:
