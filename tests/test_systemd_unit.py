@@ -287,31 +287,52 @@ def test_readme_config_is_valid_and_matches_the_unit(tmp_path: Path) -> None:
     assert timespan_s(last("TimeoutStopSec") or "0") >= settings.server.drain_s + STOP_MARGIN_S
 
 
-def test_logrotate_rotates_the_access_log_without_copytruncate(tmp_path: Path) -> None:
+def installed(name: str, package: str) -> str:
+    """The path of a tool; skipped without it, except under CI (``.ci/run`` installs it)."""
+    path = shutil.which(name) or next(
+        (str(p) for p in (Path("/usr/sbin") / name,) if p.exists()), None
+    )
+    if path is not None:
+        return path
+    message = f"{name} is not installed (apt-get install {package})"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; under CI it must run, not skip")
+    pytest.skip(message)
+
+
+def logrotate_directives() -> tuple[list[str], list[str]]:
+    """The rotated paths and the directives of the one block, comments stripped."""
     lines = [
         line.split("#", 1)[0].strip() for line in LOGROTATE.read_text(encoding="utf-8").splitlines()
     ]
     lines = [line for line in lines if line]
-    assert lines[0].endswith("{")
-    assert lines[0][:-1].strip() == "/var/log/image-gateway/access.log"
-    path = parse_settings(
+    assert lines[0].endswith("{") and lines[-1] == "}"
+    return lines[0][:-1].split(), lines[1:-1]
+
+
+def test_logrotate_rotates_every_instances_access_log_without_copytruncate(
+    tmp_path: Path,
+) -> None:
+    paths, directives = logrotate_directives()
+    single = parse_settings(
         readme_config(),
         base_dir=Path("/etc/image-gateway"),
         env={},
         require_central_key=False,
     ).log.access
-    assert lines[0][:-1].strip() == path
-    directives = set(lines[1:])
-    for wanted in ("daily", "rotate 14", "compress", "delaycompress", "missingok", "notifempty"):
+    assert paths == [single, str(Path(single).with_name("access-*.log"))]  # image-gateway@NAME
+    for wanted in ("daily", "rotate 14", "compress", "delaycompress", "missingok", "notifempty",
+                   "sharedscripts"):  # fmt: skip
         assert wanted in directives
     assert any(re.fullmatch(r"create 0640( \S+ \S+)?", line) for line in directives)
     assert "copytruncate" not in directives
-    script = lines[lines.index("postrotate") + 1 : lines.index("endscript")]
-    assert any("systemctl reload image-gateway.service" in line for line in script)
+    script = directives[directives.index("postrotate") + 1 : directives.index("endscript")]
+    assert script == [
+        "systemctl try-reload-or-restart image-gateway.service >/dev/null 2>&1 || true",
+        "systemctl try-reload-or-restart 'image-gateway@*.service' >/dev/null 2>&1 || true",
+    ]
 
-    exe = shutil.which("logrotate")
-    if exe is None:
-        pytest.skip("logrotate is not installed; only the file's directives were checked")
+    exe = installed("logrotate", "logrotate")
     proc = subprocess.run(
         [exe, "--debug", "--state", str(tmp_path / "state"), str(LOGROTATE)],
         check=False,
@@ -324,6 +345,44 @@ def test_logrotate_rotates_the_access_log_without_copytruncate(tmp_path: Path) -
         pytest.skip(f"logrotate refuses this checkout's file ownership: {output.strip()}")
     assert proc.returncode == 0, output
     assert "error:" not in output, output
+
+
+def test_logrotate_rotates_both_kinds_of_log_and_reloads_every_unit_once(tmp_path: Path) -> None:
+    """The shipped file, run for real on a copy whose paths point into ``tmp_path``, with a
+    ``systemctl`` that only writes down how it was called."""
+    exe = installed("logrotate", "logrotate")
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o750)
+    for name in ("access.log", "access-a.log", "access-b.log"):
+        (logs / name).write_text('{"n": 1}\n')
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "systemctl-calls"
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    fake.chmod(0o755)
+    config = tmp_path / "image-gateway.logrotate"
+    config.write_text(
+        LOGROTATE.read_text(encoding="utf-8").replace("/var/log/image-gateway/", f"{logs}/")
+    )
+    config.chmod(0o644)
+    proc = subprocess.run(
+        [exe, "--force", "--state", str(tmp_path / "state"), str(config)],
+        check=False, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"},
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    if "owner is wrong" in output or "bad file mode" in output or "insecure" in output:
+        pytest.skip(f"logrotate refuses this temporary directory: {output.strip()}")
+    assert proc.returncode == 0, output
+    assert sorted(p.name for p in logs.iterdir()) == [
+        "access-a.log", "access-a.log.1", "access-b.log", "access-b.log.1", "access.log",
+        "access.log.1",
+    ]  # fmt: skip
+    assert calls.read_text().splitlines() == [  # once for all three files
+        "try-reload-or-restart image-gateway.service",
+        "try-reload-or-restart image-gateway@*.service",
+    ]
 
 
 # --- the gateway keeps the unit's contract -----------------------------------------------------
@@ -503,11 +562,7 @@ def test_the_template_security_exposure_is_at_most_2(tmp_path: Path) -> None:
 
 
 def test_the_nginx_example_is_valid_nginx(tmp_path: Path) -> None:
-    nginx = shutil.which("nginx") or (
-        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
-    )
-    if nginx is None:
-        pytest.skip("nginx is not installed (apt-get install nginx) to check the example with")
+    nginx = installed("nginx", "nginx")
     example = ROOT / "deploy" / "nginx" / "image-gateway.conf"
     text = example.read_text(encoding="utf-8")
     assert "proxy_read_timeout 330s" in text and "non_idempotent" not in text.split("#")[0]
