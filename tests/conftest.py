@@ -34,6 +34,7 @@ TEAM_KEYS = {
     "ops": "igw_ops_key_for_tests_111111111111111",
 }
 ADMIN_KEY = "igw_admin_key_for_tests_22222222222222"
+NAMED_ADMIN_KEYS = {"alice": "igw_admin_alice_key_for_tests_666666666"}  # [[admin.keys]]
 NAMED_KEYS = {  # more keys of the design team, for named-key tests
     "web-app": "igw_design_web_app_key_3333333333333",
     "batch": "igw_design_batch_key_44444444444444444",
@@ -226,7 +227,10 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-SECRETS = (UPSTREAM_KEY, *TEAM_KEYS.values(), *NAMED_KEYS.values(), ADMIN_KEY)
+SECRETS = (
+    UPSTREAM_KEY, *TEAM_KEYS.values(), *NAMED_KEYS.values(), ADMIN_KEY,
+    *NAMED_ADMIN_KEYS.values(),
+)  # fmt: skip
 CLIENT_LOGGERS = ("httpx", "httpcore", "openai")
 
 
@@ -312,7 +316,7 @@ async def start_gateway(
     for needle in (*SECRETS, "base64,"):
         assert needle not in logs, f"{needle[:8]}... found in a log"
     # Upstream ids whole (with the date and count they rebuild a result URL) are never logged.
-    for upstream_id in {*(i for i, _ in upstream.sim.served), *upstream.sim.tasks}:
+    for upstream_id in {*(served.id for served in upstream.sim.served), *upstream.sim.tasks}:
         assert upstream_id not in logs, f"upstream id {upstream_id[:8]}... found in a log"
     for gateway in started:  # the database is dropped after its gateways have closed it
         if not gateway.server.closed:

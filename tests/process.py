@@ -63,8 +63,10 @@ class GatewayProcess:
         cwd: Path | None = None,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        command: str = "serve",
     ) -> None:
         self.config = config
+        self.command = command  # or "simulate-upstream", which notifies READY=1 the same way
         self.args = args  # after `serve [--config PATH]`, e.g. ("--simulate-upstream",)
         self.cwd = cwd
         self.env = env or {}  # added to the test's own environment
@@ -93,7 +95,7 @@ class GatewayProcess:
         }
         config = () if self.config is None else ("--config", str(self.config))
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "serve", *config, *self.args,
+            sys.executable, "-m", "gateway", self.command, *config, *self.args,
             env=env, cwd=self.cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             preexec_fn=self.preexec_fn,
         )  # fmt: skip

@@ -307,3 +307,66 @@ def test_a_float_of_more_than_15_digits_is_rounded_so_the_example_writes_strings
     path = tmp_path / "gateway.toml"
     path.write_text(f'[teams.design]\nkeys_sha256 = ["{HASH}"]\nbudget_cny = 12345678901234.5678\n')
     assert load_settings(path, env=ENV).teams["design"].budget == 123_456_789_012_345_680
+
+
+# -- audit (issue 21): named admin keys, the instance's name, trusted proxies -----------------
+
+ADMIN_HASH = "b" * 64
+
+
+def test_admin_keys_named_and_unnamed() -> None:
+    settings = parse(
+        {
+            **MINIMAL,
+            "admin": {
+                "keys_sha256": [ADMIN_HASH],
+                "keys": [{"name": "alice", "sha256": "c" * 64}],
+            },
+        }
+    )
+    assert [k.identity for k in settings.all_admin_keys()] == ["sha256:bbbbbbbb", "alice"]
+    assert settings.metrics.require_admin  # any admin key makes /metrics need one
+    only_named = parse({**MINIMAL, "admin": {"keys": [{"name": "bob", "sha256": "c" * 64}]}})
+    assert only_named.metrics.require_admin
+
+
+@pytest.mark.parametrize(
+    ("admin", "problem"),
+    [
+        ({"keys": [{"name": "Alice", "sha256": ADMIN_HASH}]}, "admin.keys[0].name is required"),
+        ({"keys": [{"sha256": ADMIN_HASH}]}, "admin.keys[0].name is required"),
+        ({"keys": [{"name": "gateway", "sha256": ADMIN_HASH}]}, "gateway's own resolutions"),
+        ({"keys": [{"name": "a", "sha256": "B" * 64}]}, "admin.keys[0].sha256 must be 64"),
+        ({"keys": [{"name": "a", "sha256": ADMIN_HASH, "role": "x"}]}, "admin.keys[0].role"),
+        (
+            {"keys": [{"name": "a", "sha256": ADMIN_HASH}, {"name": "a", "sha256": "c" * 64}]},
+            "the name 'a' is used twice",
+        ),
+        (
+            {"keys_sha256": [ADMIN_HASH], "keys": [{"name": "a", "sha256": ADMIN_HASH}]},
+            "admin.keys.a: key hash bbbbbbbbbbbb... is also used by admin.keys_sha256",
+        ),
+        (
+            {"keys": [{"name": "a", "sha256": HASH}]},
+            "admin.keys.a: key hash aaaaaaaaaaaa... is also used by teams.design.keys_sha256",
+        ),
+    ],
+)
+def test_admin_key_problems_are_named(admin: dict, problem: str) -> None:
+    found = problems({**MINIMAL, "admin": admin})
+    assert any(problem in p for p in found), found
+
+
+def test_instance_name_and_trusted_proxies() -> None:
+    server = parse(
+        {**MINIMAL, "server": {"instance_name": "gw-a", "trusted_proxies": ["10.0.0.0/8", "::1"]}}
+    ).server
+    assert server.instance_name == "gw-a"
+    assert [str(n) for n in server.trusted_proxies] == ["10.0.0.0/8", "::1/128"]
+    assert parse(MINIMAL).server.trusted_proxies == ()  # nobody is trusted by default
+    found = problems(
+        {**MINIMAL, "server": {"instance_name": "gw a", "trusted_proxies": ["10.0.0.0/33", 7]}}
+    )
+    assert any(p.startswith("server.instance_name must be 1-128") for p in found), found
+    assert any(p.startswith("server.trusted_proxies[0] must be an IP network") for p in found)
+    assert any(p.startswith("server.trusted_proxies[1] must be an IP network") for p in found)

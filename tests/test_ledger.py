@@ -408,7 +408,7 @@ async def test_ledger_commands_list_export_verify_and_refuse(
     assert code == 0
     header, *rows = out.splitlines()
     assert header.split() == ["created_at", "request_id", "team", "state", "quality", "held",
-                              "counted", "images", "upstream_id", "reason"]  # fmt: skip
+                              "counted", "images", "upstream_id", "by", "reason"]  # fmt: skip
     assert [row.split()[3] for row in rows] == ["uncertain", "captured"]  # newest first
 
     code, out, _ = await cli("ledger", "export", "--config", config, "--period", "2026-12")

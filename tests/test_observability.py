@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
 from gateway.core.auth import key_digest
+from gateway.http.keys import INSTANCE
 from gateway.ops.accesslog import FIELDS
 from tests.conftest import ADMIN_KEY, PNG, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import hang, json_error
@@ -45,6 +47,9 @@ TYPES: dict[str, tuple[type, ...]] = {
     "ignored_params": (list, type(None)),
     "client": (str, type(None)),
     "retry_count": (int, type(None)),
+    "client_ip": (str,),
+    "instance": (str,),
+    "actor": (str, type(None)),
 }
 ENDPOINTS = {"generations", "edits", "tasks", "models", "admin", "health", "metrics"}
 
@@ -124,6 +129,12 @@ async def test_every_request_is_one_complete_typed_line(start_gateway, upstream:
         ("health", None, 200),
         ("metrics", None, 200),
     ]
+    assert {line["client_ip"] for line in lines} == {"127.0.0.1"}  # the socket peer
+    assert {line["instance"] for line in lines} == {gateway.app[INSTANCE]}
+    assert {headers["X-Gateway-Instance"] for _, _, headers in seen} == {gateway.app[INSTANCE]}
+    admin_key = f"sha256:{key_digest(ADMIN_KEY)[:8]}"  # unnamed: known by its hash prefix
+    assert [line["actor"] for line in lines if line["actor"]] == [admin_key, admin_key]
+    assert [line["endpoint"] for line in lines if line["actor"]] == ["admin", "metrics"]
     success, invalid, unauthorized, failed, timed_out, submitted, polled = lines[:7]
     assert (success["size"], success["quality"], success["refs"], success["n"]) == (
         "1:1",
@@ -280,3 +291,11 @@ async def test_readyz(gateway: Gateway) -> None:
         async with http.get(gateway.url + "/readyz") as resp:
             assert resp.status == 503
             assert (await resp.json())["checks"]["database"].startswith("error")
+
+
+def test_the_readme_documents_every_access_log_field() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("### The access log", 1)[1].split("\n\n| field | meaning |\n", 1)[1]
+    rows = table.split("\n\n", 1)[0].splitlines()[1:]  # below the header's rule
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row)}
+    assert set(FIELDS) <= documented, set(FIELDS) - documented

@@ -125,6 +125,7 @@ async def test_a_rehearsal_runs_the_real_config_and_its_budgets_against_the_simu
     warnings = [line for line in stderr.splitlines() if " WARNING gateway: SIMULATED" in line]
     assert len(warnings) == 1 and "NOT PRODUCTION" in warnings[0], stderr
     assert "REHEARSAL" in stdout and "SIMULATED UPSTREAM, NOT PRODUCTION" in stdout
+    assert f"  ledger    {tmp_path / 'gateway.db'}\n" in stdout  # the ledger really charged
     assert "sk_simulated_" not in stderr + stdout
     logged = [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
     assert sorted(
@@ -218,6 +219,7 @@ async def test_the_demo_keeps_its_key_and_ledger_across_restarts(tmp_path: Path)
     assert code == 0 and key not in stderr and admin_key not in stderr
     folder = tmp_path / ".image-gateway-demo"
     assert str(folder) in banner
+    assert f"The ledger: {folder / 'gateway.db'}\n" in banner
     assert folder.stat().st_mode & 0o777 == 0o700
     assert (folder / "keys.json").stat().st_mode & 0o777 == 0o600
     assert (folder / "gateway.db").exists()

@@ -79,7 +79,9 @@ async def raw(db: Store, sql: str) -> None:
 
 
 def admin(state: str, images: int | None = None, reason: str = "checked with the provider"):
-    return lambda entry: admin_resolution(entry, state, images, reason)  # type: ignore[arg-type]
+    return lambda entry: admin_resolution(  # type: ignore[arg-type]
+        entry, state, images, reason, actor="alice"
+    )
 
 
 async def test_reservation_refused_past_the_budget(db: Store) -> None:

@@ -43,7 +43,10 @@ async def run_demo(host: str, port: int, folder: Path) -> None:
         require_central_key=False,
     )
     await serve_simulated(
-        settings, on_ready=lambda url: print(banner(url, team_key, admin_key, folder), flush=True)
+        settings,
+        on_ready=lambda url: print(
+            banner(url, team_key, admin_key, folder, settings.ledger_name()), flush=True
+        ),
     )
 
 
@@ -70,7 +73,7 @@ def demo_keys(folder: Path) -> tuple[str, str]:
     return keys["team"], keys["admin"]
 
 
-def banner(url: str, team_key: str, admin_key: str, folder: Path) -> str:
+def banner(url: str, team_key: str, admin_key: str, folder: Path, ledger: str) -> str:
     return f"""
 image-gateway demo is running on {url} (simulated upstream: nothing leaves this machine).
 Team "demo" has a daily budget of {DEMO_BUDGET_CNY} CNY. Its key:
@@ -79,6 +82,7 @@ Team "demo" has a daily budget of {DEMO_BUDGET_CNY} CNY. Its key:
 
 The keys and the database are kept in {folder}
 (the same key works after a restart from this directory; delete the folder to start over).
+The ledger: {ledger}
 
 Generate an image with curl (about {SIM_DELAY_S:.0f} s), then open the URL it returns:
 

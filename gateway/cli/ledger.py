@@ -1,24 +1,29 @@
-"""``image-gateway ledger list | resolve | export | verify``: reconciling and closing money.
+"""``image-gateway ledger list | resolve | expire | export | verify``: reconciling and closing
+money.
 
 The commands read the database directly, so they work whether or not a gateway is running; a
-resolution written here is seen by a running gateway's next budget check (the counters live in
-the database), and a gateway writes its access-log line on its next pass.
+resolution or expiry written here is seen by a running gateway's next budget check (the counters
+live in the database), and a gateway writes its access-log line on its next pass. Each records
+who made it: ``--actor``, by default the OS user.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 from pathlib import Path
 
 from gateway.cli.backup import add_backup_command
 from gateway.cli.support import CONFIG_HELP, CommandError, examples, fail, offline
 from gateway.core.config import Settings
-from gateway.core.ledger import LedgerEntry
+from gateway.core.ledger import LedgerEntry, actor_problem
 from gateway.core.periods import utc_now
-from gateway.core.settlement import ResolutionRefused
+from gateway.core.settlement import ExpiryRefused, ResolutionRefused
 from gateway.services.reconcile import (
     entry_json,
+    expired_line,
     export_csv,
     export_row,
     mismatch_line,
@@ -26,7 +31,7 @@ from gateway.services.reconcile import (
     resolved_line,
     table,
 )
-from gateway.services.resolutions import resolve
+from gateway.services.resolutions import expire, resolve
 from gateway.store.base import Store, UnknownEntry
 from gateway.store.dbcopy import CopyRefused, copy_sqlite_to_postgres
 from gateway.store.factory import open_store
@@ -74,7 +79,22 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     outcome.add_argument("--released", action="store_true", help="it was not: free the money")
     fix.add_argument("--images", type=int, help="with --captured: images served (default all)")
     fix.add_argument("--reason", required=True, help="who resolved it and why")
+    fix.add_argument("--actor", help="who resolves it (default: the OS user)")
     fix.set_defaults(run=offline(_resolve))
+
+    stuck = sub.add_parser(
+        "expire",
+        help="turn a held entry stuck past [tasks] max_pending_age_s uncertain",
+        **examples(
+            "image-gateway ledger expire <ledger id> --config gateway.toml "
+            '--reason "its task can never be polled"',
+        ),
+    )
+    stuck.add_argument("request_id", help="the entry's ledger id (as `ledger list` shows it)")
+    stuck.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
+    stuck.add_argument("--reason", required=True, help="why it is given up on")
+    stuck.add_argument("--actor", help="who expires it (default: the OS user)")
+    stuck.set_defaults(run=offline(_expire))
 
     export = sub.add_parser(
         "export",
@@ -116,9 +136,21 @@ async def _list(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def os_user() -> str:
+    """Who runs the command: under sudo the user who ran sudo, else the login name."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except OSError:  # no name for this uid (a bare container)
+        return f"uid-{os.getuid()}"
+
+
 async def _resolve(args: argparse.Namespace, settings: Settings) -> int:
     if args.images is not None and not args.captured:
         return fail("--images goes with --captured")
+    actor = args.actor if args.actor is not None else os_user()
+    problem = actor_problem(actor)
+    if problem:
+        return fail(f"--actor: {problem}")
     db = await open_store(settings, "writer")
     try:
         entry = await resolve(
@@ -127,6 +159,7 @@ async def _resolve(args: argparse.Namespace, settings: Settings) -> int:
             state="captured" if args.captured else "released",
             images=args.images,
             reason=args.reason,
+            actor=actor,
             now=utc_now().timestamp(),
             books=None,
         )
@@ -137,6 +170,31 @@ async def _resolve(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         await db.close()
     print(resolved_line(entry))
+    return 0
+
+
+async def _expire(args: argparse.Namespace, settings: Settings) -> int:
+    actor = args.actor if args.actor is not None else os_user()
+    problem = actor_problem(actor)
+    if problem:
+        return fail(f"--actor: {problem}")
+    db = await open_store(settings, "writer")
+    try:
+        entry = await expire(
+            db,
+            args.request_id,
+            reason=args.reason,
+            actor=actor,
+            now=utc_now().timestamp(),
+            max_pending_age_s=settings.tasks.max_pending_age_s,
+        )
+    except UnknownEntry:
+        return fail(f"no ledger entry has the id {args.request_id!r}")
+    except ExpiryRefused as exc:
+        return fail(f"cannot expire {args.request_id}: {exc}")
+    finally:
+        await db.close()
+    print(expired_line(entry))
     return 0
 
 

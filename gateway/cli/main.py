@@ -105,6 +105,28 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="demo only: port to listen on (default 8080)")
     serve.set_defaults(run=_serve)
 
+    simulate = commands.add_parser(
+        "simulate-upstream",
+        help="run the simulated upstream alone, for several gateways to share (a fleet rehearsal)",
+        description="Run the embedded simulated upstream on its own: point every rehearsing "
+        "instance's [upstream] base_url at it (any sk_ central key). GET /__served lists what it "
+        "delivered, to match against `image-gateway ledger export`.",
+        **examples(
+            "image-gateway simulate-upstream --port 9300",
+            "image-gateway simulate-upstream --port 9300 --host 0.0.0.0 --delay 0.5",
+        ),
+    )
+    simulate.add_argument("--port", type=int, required=True, help="port to listen on (0: any)")
+    simulate.add_argument("--host", default=DEMO_HOST, help="address (default 127.0.0.1)")
+    simulate.add_argument(
+        "--delay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="time a sync generation takes (default 2; a task takes twice as long)",
+    )
+    simulate.set_defaults(run=_simulate_upstream)
+
     new_key = commands.add_parser(
         "new-key",
         help="print a new team key and its config line",
@@ -203,6 +225,13 @@ def _serve(args: argparse.Namespace) -> int:
         return _run_server(run_demo(args.host or DEMO_HOST, port, DEMO_DIR.absolute()))
     if args.simulate_upstream:
         settings = load_config(args.config, require_central_key=False)
+        if settings.storage.backend == "postgres":
+            raise CommandError(
+                "--simulate-upstream gives each instance a simulator of its own, so a fleet on "
+                "PostgreSQL would lose its tasks between instances: run `image-gateway "
+                "simulate-upstream --port N` once and point each instance's [upstream] base_url "
+                "at it (with any sk_ key), then `serve --config` as usual"
+            )
         from gateway.cli.rehearsal import rehearse  # noqa: PLC0415 - loads the simulator
 
         return _run_server(rehearse(settings, args.config))
@@ -214,6 +243,29 @@ def _serve(args: argparse.Namespace) -> int:
             settings,
             config_path=args.config,
             accept_restored_ledger=args.accept_restored_ledger,
+        )
+    )
+
+
+def _simulate_upstream(args: argparse.Namespace) -> int:
+    from gateway.cli.simulate import (  # noqa: PLC0415 - loads the simulator
+        DEFAULT_DELAY_S,
+        banner,
+        simulate_upstream,
+    )
+
+    delay = DEFAULT_DELAY_S if args.delay is None else args.delay
+    if not 0 <= delay <= 600:
+        raise CommandError("--delay must be from 0 to 600 seconds")
+    if not 0 <= args.port <= 65535:
+        raise CommandError("--port must be a port number from 0 to 65535")
+    _setup_logging()
+    return _run_server(
+        simulate_upstream(
+            args.host,
+            args.port,
+            delay_s=delay,
+            on_ready=lambda url: print(banner(url, delay), flush=True),
         )
     )
 

@@ -31,7 +31,7 @@ async def serve_simulated(
 ) -> None:
     """Serve ``settings`` with a simulator on a free loopback port as the upstream."""
     key = "sk_simulated_" + secrets.token_hex(16)  # the simulator's own, made for this run
-    simulator = Simulator(key, delay_s=SIM_DELAY_S, task_delay_s=2 * SIM_DELAY_S)
+    simulator = Simulator(key, delay_s=SIM_DELAY_S, task_delay_s=2 * SIM_DELAY_S, record=False)
     runner = web.AppRunner(simulator.app(), access_log=None, handle_signals=False)
     await runner.setup()
     try:
@@ -70,7 +70,7 @@ image-gateway REHEARSAL on {url}: SIMULATED UPSTREAM, NOT PRODUCTION.
   config    {config_path}: its {teams}, keys, budgets, prices, limits, log, metrics
   upstream  an embedded simulator in place of [upstream]: placeholder images,
             no central key, nothing leaves this machine
-  ledger    {settings.database}
+  ledger    {settings.ledger_name()}
             charged as in production; `image-gateway usage --config {config_path}` reads it.
             Give a rehearsal its own database, never the production one.
 

@@ -8,6 +8,7 @@ variable or a file, typically a systemd credential). Every problem is collected,
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import tomllib
@@ -19,6 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from gateway.core.ledger import GATEWAY_ACTOR
 from gateway.core.money import MoneyError, cny_to_units
 from gateway.core.normalize import QUALITIES, UPSTREAM_MODEL, FormatSetting
 from gateway.core.periods import PERIOD_KINDS, PeriodKind
@@ -44,6 +46,7 @@ KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 FINGERPRINT_CHARS = 16
 DEFAULT_PORTS = {"http": 80, "https": 443}
 FILE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # fits a header and a log line
 MIB = 1024 * 1024
 
 
@@ -89,6 +92,8 @@ class ServerConfig:
     backlog: int = 1024
     header_timeout_s: float = 10.0
     keepalive_timeout_s: float = 75.0
+    instance_name: str = ""  # "": the host name and the port listened on
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     @property
     def tz(self) -> ZoneInfo:
@@ -175,6 +180,19 @@ class TeamConfig:
 
 
 @dataclass(frozen=True)
+class AdminKey:
+    """An admin key, known by its SHA-256; a named one is recorded by name (audit)."""
+
+    sha256: str
+    name: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """Who acted, in the ledger and the access log: the name, or ``sha256:<first 8 hex>``."""
+        return self.name or "sha256:" + self.sha256[:8]
+
+
+@dataclass(frozen=True)
 class TasksConfig:
     poll_cache_ttl_s: float = 2.0
     settle_interval_s: float = 5.0
@@ -222,6 +240,18 @@ class Settings:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     storage: StorageConfig = field(default_factory=StorageConfig)
+    admin_keys: tuple[AdminKey, ...] = ()  # [[admin.keys]]: named
+
+    def all_admin_keys(self) -> tuple[AdminKey, ...]:
+        """Unnamed admin keys (``keys_sha256``) and named ones (``[[admin.keys]]``)."""
+        return tuple(AdminKey(digest) for digest in self.admin_keys_sha256) + self.admin_keys
+
+    def ledger_name(self) -> str:
+        """Where the ledger is, for banners and messages: the SQLite file, or the PostgreSQL
+        host and database (never the user or password of the URL)."""
+        if self.storage.backend == "sqlite" or self.storage.dsn is None:
+            return str(self.database)
+        return postgres_name(self.storage.dsn.reveal())
 
     def reloaded(self, new: Settings) -> tuple[Settings, list[str]]:
         """``new``, except what a running process cannot change (kept from ``self``, and named)."""
@@ -304,6 +334,7 @@ def parse_settings(
     teams = _teams(root.table("teams"))
     admin = root.table("admin")
     admin_keys = _key_hashes(admin, "keys_sha256", required=False)
+    named_admin_keys = _admin_keys(admin)
     models = root.table("models")
     aliases = _aliases(models)
     settings = Settings(
@@ -316,9 +347,12 @@ def parse_settings(
         admin_keys_sha256=admin_keys,
         tasks=_tasks(root.table("tasks")),
         idempotency=_idempotency(root.table("idempotency")),
-        metrics=_metrics(root.table("metrics"), admin_keys),
+        metrics=_metrics(
+            root.table("metrics"), admin_keys + tuple(k.sha256 for k in named_admin_keys)
+        ),
         model_aliases=aliases,
         storage=storage_config,
+        admin_keys=named_admin_keys,
     )
     for table in (storage, log_table, admin, models):
         table.finish()
@@ -424,9 +458,47 @@ def _server(t: _Table) -> ServerConfig:
         backlog=t.get("backlog", int, 1024, _at_least_one),
         header_timeout_s=t.get("header_timeout_s", float, 10.0, _positive),
         keepalive_timeout_s=t.get("keepalive_timeout_s", float, 75.0, _positive),
+        instance_name=t.get("instance_name", str, "", _instance_name),
+        trusted_proxies=_networks(t, "trusted_proxies"),
     )
     t.finish()
     return config
+
+
+def _instance_name(value: str) -> str | None:
+    if INSTANCE_NAME.fullmatch(value):
+        return None
+    return "must be 1-128 of A-Z a-z 0-9 _ . : @ - (starting with a letter or digit)"
+
+
+def _networks(t: _Table, key: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of CIDRs (``10.0.0.0/8``, ``::1/128``; a bare address is its own /32 or /128)."""
+    networks = []
+    for index, value in enumerate(t.get(key, list, [])):
+        try:
+            if not isinstance(value, str):  # ip_network(7) would be 0.0.0.7/32
+                raise TypeError(value)
+            networks.append(ipaddress.ip_network(value, strict=False))
+        except (TypeError, ValueError):
+            t.errors.append(
+                f"{t.name(key)}[{index}] must be an IP network in CIDR form, such as "
+                '"10.0.0.0/8" or "127.0.0.1/32"'
+            )
+    return tuple(networks)
+
+
+def postgres_name(dsn: str) -> str:
+    """``PostgreSQL database NAME on HOST[:PORT]`` from a postgresql:// URL, without its user
+    or password (a host or database given as a query parameter counts too)."""
+    try:
+        parts = urlsplit(dsn)
+        query = dict(pair.split("=", 1) for pair in parts.query.split("&") if "=" in pair)
+        host = parts.hostname or query.get("host") or "localhost"
+        port = parts.port or query.get("port")
+    except ValueError:
+        return "PostgreSQL (its URL does not parse)"
+    database = parts.path.lstrip("/") or query.get("dbname") or parts.username or "postgres"
+    return f"PostgreSQL database {database} on {host}{f':{port}' if port else ''}"
 
 
 def _upstream(
@@ -711,6 +783,36 @@ def _key_hashes(t: _Table, key: str, *, required: bool) -> tuple[str, ...]:
     return tuple(good)
 
 
+def _admin_keys(admin: _Table) -> tuple[AdminKey, ...]:
+    """``[[admin.keys]]``: a name (as team key names) and a sha256 each."""
+    keys: list[AdminKey] = []
+    for index, item in enumerate(admin.get("keys", list, [])):
+        entry = _Table(item, f"{admin.name('keys')}[{index}]", admin.errors)
+        name = entry.get("name", str, None)
+        if name is None or not KEY_NAME.fullmatch(name):
+            admin.errors.append(
+                f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
+                "letter or digit)"
+            )
+            name = None
+        elif name == GATEWAY_ACTOR:
+            admin.errors.append(
+                f"{entry.name('name')}: {name!r} names the gateway's own resolutions"
+            )
+        elif any(k.name == name for k in keys):
+            admin.errors.append(f"{entry.name('name')}: the name {name!r} is used twice")
+        digest = entry.get("sha256", str, None)
+        if digest is None or not SHA256_HEX.fullmatch(digest):
+            admin.errors.append(
+                f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
+                "hash-key` prints it)"
+            )
+        elif name is not None:
+            keys.append(AdminKey(digest, name))
+        entry.finish()
+    return tuple(keys)
+
+
 def _aliases(t: _Table) -> dict[str, str]:
     aliases = t.get("aliases", dict, DEFAULT_ALIASES)
     for name, target in aliases.items():
@@ -773,6 +875,9 @@ def _check_unique_keys(settings: Settings, errors: list[str]) -> None:
                     f"{owner[digest]}"
                 )
             owner.setdefault(digest, f"teams.{team.name}.{where}")
-    for digest in settings.admin_keys_sha256:
-        if digest in owner:
-            errors.append(f"admin.keys_sha256: key hash {digest[:12]}... is also a team key")
+    for key in settings.all_admin_keys():
+        where = f"admin.keys.{key.name}" if key.name else "admin.keys_sha256"
+        if key.sha256 in owner:
+            used = owner[key.sha256]
+            errors.append(f"{where}: key hash {key.sha256[:12]}... is also used by {used}")
+        owner.setdefault(key.sha256, where)

@@ -25,6 +25,7 @@ DIGEST_HEX = 12
 PER_INSTANCE = (
     ("server", "host"),
     ("server", "port"),
+    ("server", "instance_name"),
     ("metrics", "port"),
     ("log", "access"),
     ("storage", "watermark"),

@@ -15,6 +15,8 @@ HoldState = Literal["held", "captured", "released", "uncertain"]
 SettleState = Literal["captured", "released", "uncertain"]
 ResolvedState = Literal["captured", "released"]
 Mode = Literal["sync", "async"]
+GATEWAY_ACTOR = "gateway"  # the gateway's own resolutions (a task that ended after all)
+ACTOR_CHARS = 64
 
 
 class BudgetRefused(Exception):
@@ -101,13 +103,14 @@ Settlement = Capture | Release | Uncertain
 @dataclass(frozen=True, slots=True)
 class Resolution:
     """How an uncertain settlement was closed, by an admin or by the gateway itself once the
-    task's true outcome became known."""
+    task's true outcome became known. ``actor`` says who: an admin key's name, the CLI's
+    ``--actor``, or ``gateway``."""
 
     state: ResolvedState
     images: int
     amount: int
     reason: str
-    actor: Literal["admin", "gateway"]
+    actor: str
     overrun: int = 0
 
     @property
@@ -186,6 +189,15 @@ class LedgerEntry:
     @property
     def overrun_total(self) -> int:
         return self.overrun + (self.resolution.overrun if self.resolution is not None else 0)
+
+
+def actor_problem(actor: str) -> str | None:
+    """Why ``actor`` cannot name who resolved or expired an entry (None if it can)."""
+    if not actor or len(actor) > ACTOR_CHARS or not actor.isprintable() or actor != actor.strip():
+        return f"the actor must be 1 to {ACTOR_CHARS} printable characters"
+    if actor == GATEWAY_ACTOR:
+        return f"{GATEWAY_ACTOR!r} names the gateway's own resolutions; choose another actor"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

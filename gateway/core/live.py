@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gateway.core.auth import KeyIndex
-from gateway.core.config import KeyConfig, Settings
+from gateway.core.config import AdminKey, KeyConfig, Settings
 from gateway.core.normalize import Rules
 
 
@@ -13,14 +13,14 @@ from gateway.core.normalize import Rules
 class Snapshot:
     settings: Settings
     team_keys: KeyIndex[KeyConfig]
-    admin_keys: KeyIndex[str]
+    admin_keys: KeyIndex[AdminKey]
 
     @classmethod
     def of(cls, settings: Settings) -> Snapshot:
         return cls(
             settings=settings,
             team_keys=KeyIndex.for_teams(settings.teams),
-            admin_keys=KeyIndex((digest, "admin") for digest in settings.admin_keys_sha256),
+            admin_keys=KeyIndex((key.sha256, key) for key in settings.all_admin_keys()),
         )
 
     def rules_for(self, team: str) -> Rules:

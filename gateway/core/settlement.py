@@ -10,6 +10,7 @@ resolution of anything but an uncertain settlement, a second settlement or resol
     upstream said no / never sent   release
     outcome unknown                 uncertain(the whole hold): counted, never silently refunded
     uncertain, truth known later    resolution captured | released (admin, or the gateway)
+    held, stuck past the max age    expiry by an admin: uncertain(the whole hold)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from gateway.core.ledger import (
+    GATEWAY_ACTOR,
     Capture,
     Hold,
     LedgerEntry,
@@ -27,6 +29,7 @@ from gateway.core.ledger import (
     ResolvedState,
     Settlement,
     Uncertain,
+    actor_problem,
 )
 from gateway.core.money import UNITS_PER_CNY
 
@@ -41,6 +44,10 @@ class ResolutionRefused(ValueError):
 
 class NotResolvable(ResolutionRefused):
     """The entry is not uncertain, or was resolved already: nothing to resolve (409)."""
+
+
+class ExpiryRefused(ValueError):
+    """This held entry cannot be expired (not held, or still young); the message says why."""
 
 
 def capture_reply(hold: Hold, images: int, upstream_id: str | None, result: str) -> Capture:
@@ -120,26 +127,56 @@ def landed(entry: LedgerEntry, settlement: Settlement, now: float) -> bool:
 
 
 def admin_resolution(
-    entry: LedgerEntry, state: ResolvedState, images: int | None, reason: str
+    entry: LedgerEntry, state: ResolvedState, images: int | None, reason: str, *, actor: str
 ) -> Resolution:
-    """An admin closes an uncertain entry: ``images`` x unit price captured (default: all held),
-    the rest released."""
+    """An admin (``actor``) closes an uncertain entry: ``images`` x unit price captured
+    (default: all held), the rest released."""
     _check_resolvable(entry)
-    if not reason.strip():
-        raise ResolutionRefused("a reason is required")
-    if not reason.isprintable():  # NUL, control characters, lone surrogates: not storable
-        raise ResolutionRefused(REASON_TEXT)
+    problem = _reason_problem(reason) or actor_problem(actor)
+    if problem:
+        raise ResolutionRefused(problem)
     if state == "released":
         if images not in (None, 0):
             raise ResolutionRefused("--images goes with --captured only")
-        return Resolution("released", 0, 0, reason.strip()[:REASON_LIMIT], "admin")
+        return Resolution("released", 0, 0, reason.strip()[:REASON_LIMIT], actor)
     count = entry.n if images is None else images
     if not 0 <= count <= entry.n:
         raise ResolutionRefused(f"{count} images is more than the {entry.n} held")
     amount = count * entry.unit_price
     if amount > entry.settled_amount:
         raise ResolutionRefused("that is more than the uncertain amount")
-    return Resolution("captured", count, amount, reason.strip()[:REASON_LIMIT], "admin")
+    return Resolution("captured", count, amount, reason.strip()[:REASON_LIMIT], actor)
+
+
+def admin_expiry(
+    entry: LedgerEntry,
+    *,
+    now: float,
+    max_pending_age_s: float,
+    instance_gone: bool,
+    reason: str,
+    actor: str,
+) -> Uncertain:
+    """An admin (``actor``) gives up on a stuck hold: one still ``held`` past ``[tasks]
+    max_pending_age_s``, or whose instance is gone, becomes uncertain, whole (it may have been
+    generated), to be resolved like any other. A younger hold of a live gateway may still
+    settle by itself, and anything already settled has nothing to expire."""
+    if entry.settled_state != "held":
+        raise ExpiryRefused(
+            f"{entry.request_id} is {entry.state}, not held: only held entries can be expired"
+        )
+    problem = _reason_problem(reason) or actor_problem(actor)
+    if problem:
+        raise ExpiryRefused(problem)
+    age = now - entry.created_at
+    if age < max_pending_age_s and not instance_gone:
+        raise ExpiryRefused(
+            f"{entry.request_id} has been held for {_duration(age)}, less than [tasks] "
+            f"max_pending_age_s ({_duration(max_pending_age_s)}), and its gateway is alive: "
+            "it may still settle by itself"
+        )
+    text = f"expired by {actor}: {reason.strip()}"
+    return Uncertain(amount=entry.held, reason=text[:REASON_LIMIT])
 
 
 def automatic_resolution(
@@ -152,10 +189,10 @@ def automatic_resolution(
     )
     if isinstance(settled, Release):
         reason = "resolved automatically: the upstream task failed"
-        return Resolution("released", 0, 0, reason, "gateway"), warning
+        return Resolution("released", 0, 0, reason, GATEWAY_ACTOR), warning
     reason = "resolved automatically: the upstream task completed"
     resolution = Resolution(
-        "captured", settled.images, settled.amount, reason, "gateway", overrun=settled.overrun
+        "captured", settled.images, settled.amount, reason, GATEWAY_ACTOR, overrun=settled.overrun
     )
     return resolution, warning
 
@@ -168,6 +205,23 @@ def _check_resolvable(entry: LedgerEntry) -> None:
             f"{entry.request_id} is {entry.settled_state}, not uncertain: only uncertain "
             "entries can be resolved"
         )
+
+
+def _reason_problem(reason: str) -> str | None:
+    if not reason.strip():
+        return "a reason is required"
+    if not reason.isprintable():  # NUL, control characters, lone surrogates: not storable
+        return REASON_TEXT
+    return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _reported_cost(value: object, hold_amount: int) -> tuple[int, str | None]:

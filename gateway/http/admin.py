@@ -7,7 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.core.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
+from gateway.core.config import AdminKey
+from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.live import Snapshot
 from gateway.core.settlement import REASON_TEXT, NotResolvable, ResolutionRefused
 from gateway.http.handlers import path_id
@@ -53,7 +54,7 @@ async def list_ledger(request: web.Request) -> web.Response:
 async def resolve_entry(request: web.Request) -> web.Response:
     """POST /admin/ledger/{request_id}/resolve with ``{"state", "images", "reason"}``."""
     request[RECORD]["endpoint"] = "admin"
-    require_admin(request, request.app[CONFIG].current)
+    admin = require_admin(request, request.app[CONFIG].current)
     state, images, reason = _resolution_body(await _json_body(request))
     try:
         entry = await resolve(
@@ -62,6 +63,7 @@ async def resolve_entry(request: web.Request) -> web.Response:
             state=state,
             images=images,
             reason=reason,
+            actor=admin.identity,
             now=request.app[CLOCK]().timestamp(),
             books=request.app[BOOKS],
         )
@@ -130,7 +132,8 @@ async def admin_usage(request: web.Request) -> web.Response:
     return json_response(report)
 
 
-def require_admin(request: web.Request, snapshot: Snapshot) -> None:
+def require_admin(request: web.Request, snapshot: Snapshot) -> AdminKey:
+    """The admin key of the request (401 otherwise); its line in the access log names it."""
     key = snapshot.admin_keys.require(request.headers.get("Authorization"))
-    if key != "admin":
-        raise PermissionDenied("An admin key is required.")
+    request[RECORD]["actor"] = key.identity
+    return key

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
@@ -34,6 +36,7 @@ from gateway.http.keys import (
     DURABLE,
     GENERATIONS,
     IDEMPOTENCY,
+    INSTANCE,
     METRICS,
     SIMULATED,
     TASKS,
@@ -63,6 +66,8 @@ log = logging.getLogger("gateway")
 
 PURGE_EVERY_S = 3600.0
 LARGE_BODIES_AT_ONCE = 2  # max_body_mb-sized bodies read and checked at the same time
+INSTANCE_HEADER = "X-Gateway-Instance"
+NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.:@-]")
 
 
 class StartupError(Exception):
@@ -75,9 +80,11 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
     simulated: bool = False,
     accept_restored_ledger: bool = False,
+    instance: str | None = None,
 ) -> web.Application:
     """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so).
-    ``accept_restored_ledger``: start on a ledger behind the watermark, recording that."""
+    ``accept_restored_ledger``: start on a ledger behind the watermark, recording that.
+    ``instance``: this instance's name (default: ``instance_name(settings)``)."""
     app = web.Application(
         middlewares=[gateway_middleware, release_gate],
         client_max_size=settings.server.max_body_bytes,
@@ -86,6 +93,8 @@ def create_app(
     app[CLOCK] = clock
     app[SIMULATED] = simulated
     app[ACCEPT_RESTORED] = accept_restored_ledger
+    app[INSTANCE] = instance or instance_name(settings)
+    app.on_response_prepare.append(_name_instance)
     app[METRICS] = Metrics()
     app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
     app.cleanup_ctx.extend(
@@ -100,6 +109,8 @@ def create_metrics_app(main: web.Application) -> web.Application:
     """A separate listener for ``/metrics`` ([metrics] port), sharing the main app's registry."""
     metrics_app = web.Application(middlewares=[gateway_middleware])
     metrics_app[CONFIG], metrics_app[CLOCK] = main[CONFIG], main[CLOCK]
+    metrics_app[INSTANCE] = main[INSTANCE]
+    metrics_app.on_response_prepare.append(_name_instance)
     metrics_app[METRICS], metrics_app[ACCESS_LOG] = main[METRICS], main[ACCESS_LOG]
     metrics_app[BOOKS], metrics_app[DB] = main[BOOKS], main[DB]
     metrics_app[WATCH] = main[WATCH]
@@ -107,10 +118,24 @@ def create_metrics_app(main: web.Application) -> web.Application:
     return metrics_app
 
 
+def instance_name(settings: Settings, port: int | None = None) -> str:
+    """``[server] instance_name``, else this host's name and the port it listens on (``port``:
+    the one really bound, when ``[server] port`` is 0)."""
+    if settings.server.instance_name:
+        return settings.server.instance_name
+    host = NOT_IN_A_NAME.sub("-", socket.gethostname()) or "localhost"
+    return f"{host}:{settings.server.port if port is None else port}"
+
+
+async def _name_instance(request: web.Request, response: web.StreamResponse) -> None:
+    """Every response says which instance answered it (a fleet behind one address)."""
+    response.headers[INSTANCE_HEADER] = request.app[INSTANCE]
+
+
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
     target = app[CONFIG].current.settings.log.access
     try:
-        access_log = AccessLog(target)
+        access_log = AccessLog(target, instance=app[INSTANCE])
     except OSError as exc:
         raise StartupError(f"cannot open the access log {target}: {exc.strerror}") from None
     app[ACCESS_LOG] = access_log
@@ -121,7 +146,7 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[CONFIG].current.settings
-    db = await open_store(settings)
+    db = await open_store(settings, instance=app[INSTANCE])
     if db.created:
         where = settings.database if settings.storage.backend == "sqlite" else "PostgreSQL"
         log.warning(

@@ -39,6 +39,7 @@ BODIES = web.AppKey("bodies", ByteBudget)
 SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
 ACCEPT_RESTORED = web.AppKey("accept_restored", bool)  # serve --accept-restored-ledger
 WATCH = web.AppKey("storage_watch", StorageWatch)
+INSTANCE = web.AppKey("instance", str)  # this instance's name: X-Gateway-Instance, the log
 
 RECORD = web.RequestKey("record", dict[str, Any])
 SLOT = web.RequestKey("slot", LogSlot)

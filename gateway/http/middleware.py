@@ -24,7 +24,8 @@ from gateway.core.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from gateway.http.keys import BOOKS, LEDGER_ID, METRICS, RECORD, SETTLING, SLOT
+from gateway.core.forwarded import client_ip
+from gateway.http.keys import BOOKS, CONFIG, LEDGER_ID, METRICS, RECORD, SETTLING, SLOT
 from gateway.http.queueing import queued_ms
 from gateway.http.responses import error_response
 from gateway.ops.accesslog import new_record, timestamp
@@ -49,6 +50,11 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     request[LEDGER_ID] = own_id  # unique even when a client reuses its X-Request-ID
     record = new_record(request.method, request.path, request_id, request.headers.get("User-Agent"))
     record["queued_ms"] = queued_ms(request)  # the wait before this handler; see gateway/queueing
+    record["client_ip"] = client_ip(
+        request.remote,
+        request.headers.getall("X-Forwarded-For", ()),
+        request.app[CONFIG].current.settings.server.trusted_proxies,
+    )
     request[RECORD] = record
     slot = LogSlot(record)
     request[SLOT] = slot

@@ -16,8 +16,8 @@ from pathlib import Path
 from aiohttp import web
 
 from gateway.core.config import ConfigError, Settings, load_settings
-from gateway.http.app import StartupError, create_app, create_metrics_app
-from gateway.http.keys import ACCESS_LOG, CONFIG, METRICS
+from gateway.http.app import StartupError, create_app, create_metrics_app, instance_name
+from gateway.http.keys import ACCESS_LOG, CONFIG, INSTANCE, METRICS
 from gateway.http.protocol import (
     ConnectionLimits,
     GatewayRunner,
@@ -65,7 +65,10 @@ async def serve(
             sock.close()
             raise
     app = create_app(
-        settings, simulated=simulate is not None, accept_restored_ledger=accept_restored_ledger
+        settings,
+        simulated=simulate is not None,
+        accept_restored_ledger=accept_restored_ledger,
+        instance=instance_name(settings, sock.getsockname()[1]),
     )
     limits = connection_limits(settings)
     runner = GatewayRunner(
@@ -100,7 +103,7 @@ async def serve(
         loop.add_signal_handler(signal.SIGTERM, stop.set)  # repeated while draining: no effect
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: reload(app, config_path, simulate))
-        _log_listening(url, settings, simulated=simulate is not None)
+        _log_listening(url, app[INSTANCE], settings, simulated=simulate is not None)
         notify("READY=1", f"STATUS=listening on {url}")
         if on_ready is not None:
             on_ready(url)
@@ -115,16 +118,16 @@ async def serve(
     log.info("stopped cleanly")
 
 
-def _log_listening(url: str, settings: Settings, *, simulated: bool) -> None:
+def _log_listening(url: str, instance: str, settings: Settings, *, simulated: bool) -> None:
     if simulated:
         log.warning(
             "SIMULATED UPSTREAM, NOT PRODUCTION: requests are answered by the embedded simulator "
             "at %s (placeholder images; nothing leaves this machine), not by [upstream]; budgets "
             "are charged to the ledger %s as usual",
             settings.upstream.base_url,
-            settings.database,
+            settings.ledger_name(),
         )
-    log.info("listening on %s (%d teams)", url, len(settings.teams))
+    log.info("listening on %s as instance %s (%d teams)", url, instance, len(settings.teams))
 
 
 def connection_limits(settings: Settings) -> ConnectionLimits:

@@ -29,7 +29,7 @@ FIELDS: tuple[str, ...] = (
     # Added fields (never renamed, only added to):
     "error_code", "requested_model", "images", "attempts", "idempotency", "dedupe_of",
     "result_ids", "gateway_ms", "prompt", "ledger_id", "ledger_state", "key", "end_user",
-    "queued_ms",
+    "queued_ms", "client_ip", "instance", "actor",
 )  # fmt: skip
 MAX_CLIENT_CHARS = 200
 ROTATION_CHECK_S = 1.0
@@ -113,7 +113,8 @@ def timestamp(now: float) -> str:
 
 
 class AccessLog:
-    """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away.
+    """Appends lines to stdout or a file, reopened on ``reopen()`` or when rotated away. Every
+    line names the ``instance`` that wrote it.
 
     ``write`` never raises into the request it describes: a record that cannot be encoded is
     written cleaned (lone surrogates replaced), and a write that fails anyway (disk full, file
@@ -121,8 +122,15 @@ class AccessLog:
     next line has a chance; when writing works again that is reported too.
     """
 
-    def __init__(self, target: str, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        target: str,
+        monotonic: Callable[[], float] = time.monotonic,
+        *,
+        instance: str | None = None,
+    ) -> None:
         self._target = target
+        self._instance = instance
         self._monotonic = monotonic
         self._stream: IO[str] = sys.stdout
         self._identity: tuple[int, int] | None = None
@@ -133,6 +141,8 @@ class AccessLog:
             self._open()
 
     def write(self, record: dict[str, Any]) -> None:
+        if self._instance is not None:
+            record["instance"] = self._instance
         try:
             line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
             try:

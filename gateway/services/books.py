@@ -32,6 +32,7 @@ class MoneyMoved:
     upstream_id: str | None
     task_id: str | None
     key: str | None = None
+    actor: str | None = None  # who moved it, when a person did (a resolution, an expiry)
 
     @classmethod
     def settled(cls, hold: Hold, settlement: Settlement, task_id: str | None = None) -> MoneyMoved:
@@ -44,16 +45,26 @@ class MoneyMoved:
     @classmethod
     def of_entry(cls, entry: LedgerEntry, resolution: Resolution | None = None) -> MoneyMoved:
         """What an entry's last step did: its resolution if it has one, else its settlement."""
+        actor = None
         if resolution is None and entry.resolution is None:
             charged, images, overrun = entry.charged, entry.images, entry.overrun
         else:
             r = resolution or entry.resolution
             assert r is not None
             charged = r.amount + r.overrun if r.state == "captured" else 0
-            images, overrun = r.images, r.overrun
+            images, overrun, actor = r.images, r.overrun, r.actor
         return cls(
             entry.request_id, entry.team, entry.mode, entry.quality, entry.n, entry.state,
-            charged, images, overrun, entry.upstream_id, entry.task_id, entry.key_id,
+            charged, images, overrun, entry.upstream_id, entry.task_id, entry.key_id, actor,
+        )  # fmt: skip
+
+    @classmethod
+    def expired(cls, entry: LedgerEntry, actor: str) -> MoneyMoved:
+        """An admin's expiry: the hold moved to uncertain, nothing spent (whatever the entry
+        became since)."""
+        return cls(
+            entry.request_id, entry.team, entry.mode, entry.quality, entry.n, "uncertain", 0, 0,
+            0, entry.upstream_id, entry.task_id, entry.key_id, actor,
         )  # fmt: skip
 
 
@@ -114,6 +125,7 @@ class Books:
             ledger_state=moved.state,
             upstream_id=short_id(moved.upstream_id),
             task_id=short_id(moved.task_id),
+            actor=moved.actor,
         )
         self._access_log.write(record)
 

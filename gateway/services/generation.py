@@ -388,6 +388,16 @@ class Generations:
         )
         if moved:
             self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
+        elif settlement.images:  # paid-for images went out, and the ledger does not say so
+            log.warning(
+                "%s was answered with %d image(s) after its hold had been settled otherwise (an "
+                "admin's `ledger expire`, or its instance taken for dead): the ledger keeps that "
+                "settlement; if it is uncertain, resolve it with `image-gateway ledger resolve "
+                "%s --captured`",
+                hold.request_id,
+                settlement.images,
+                hold.request_id,
+            )
 
     async def _settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
         """Whether this settlement moved the money, also when an earlier try of the very same

@@ -67,6 +67,7 @@ def entry_json(entry: LedgerEntry) -> dict[str, Any]:
             "amount_cny": units_to_cny(r.amount + r.overrun if r.state == "captured" else 0),
             "reason": r.reason,
             "resolved_at": rfc3339(r.resolved_at),
+            "actor": r.actor,
         }
     return {
         "request_id": entry.request_id,
@@ -126,7 +127,7 @@ def export_csv(entries: Iterable[LedgerEntry]) -> str:
 def table(entries: Iterable[LedgerEntry]) -> str:
     """One line per entry, as given (newest first), aligned for a terminal."""
     header = ("created_at", "request_id", "team", "state", "quality", "held", "counted", "images",
-              "upstream_id", "reason")  # fmt: skip
+              "upstream_id", "by", "reason")  # fmt: skip
     rows = [header]
     for e in entries:
         reason = e.resolution.reason if e.resolution else (e.reason or "")
@@ -141,6 +142,7 @@ def table(entries: Iterable[LedgerEntry]) -> str:
                 f"{units_to_cny(counted(e)):.4f}",
                 str(e.charged_images),
                 e.upstream_id or e.task_id or "-",
+                e.resolution.actor if e.resolution else "-",
                 reason[:60].replace("\n", " "),
             )
         )
@@ -161,6 +163,14 @@ def resolved_line(entry: LedgerEntry) -> str:
         f"{entry.request_id} ({entry.team}): captured {r.images} of {entry.n} images, "
         f"{format_cny(r.amount + r.overrun)} moved from uncertain to spent"
         + (f", {format_cny(freed)} released" if freed else "")
+    )
+
+
+def expired_line(entry: LedgerEntry) -> str:
+    """What an expiry moved, in one line."""
+    return (
+        f"{entry.request_id} ({entry.team}): expired, {format_cny(entry.settled_amount)} moved "
+        "from reserved to uncertain; resolve it with `image-gateway ledger resolve`"
     )
 
 

@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from gateway.core.ledger import Hold, LedgerEntry, Mismatch, Resolution, Settlement, Usage
+from gateway.core.ledger import (
+    Hold,
+    LedgerEntry,
+    Mismatch,
+    Resolution,
+    Settlement,
+    Uncertain,
+    Usage,
+)
 from gateway.core.limits import Scope
 from gateway.core.restore import Position
 from gateway.store.migrations import SchemaState
@@ -124,6 +132,15 @@ class Verification:
 
 
 Decide = Callable[[LedgerEntry], Resolution]
+DecideExpiry = Callable[[LedgerEntry, bool], Uncertain]  # (entry, its instance is gone)
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """A held entry an admin turned uncertain (``ledger expire``), and who did it."""
+
+    entry: LedgerEntry
+    actor: str
 
 
 class Store(abc.ABC):
@@ -175,6 +192,14 @@ class Store(abc.ABC):
     ) -> LedgerEntry:
         """Resolve an uncertain entry with what ``decide`` makes of it, atomically; the entry
         after. ``logged``: the caller writes its access-log line (else a gateway will)."""
+
+    @abc.abstractmethod
+    async def expire(
+        self, entry_id: str, decide: DecideExpiry, now: float, *, actor: str
+    ) -> LedgerEntry:
+        """Turn a stuck ``held`` entry uncertain with what ``decide`` makes of it (told whether
+        the hold's instance is gone), atomically, recording ``actor`` for a gateway to log; the
+        entry after. UnknownEntry; ExpiryRefused (also when it settled meanwhile)."""
 
     @abc.abstractmethod
     async def usage(self, team: str, period: str) -> Usage: ...
@@ -230,6 +255,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def claim_resolution_log(self, request_id: str, now: float) -> bool:
         """True exactly once per resolution: the caller writes its line."""
+
+    @abc.abstractmethod
+    async def unlogged_expiries(self) -> list[Expiry]:
+        """Expiries nobody has written an access-log line for yet (made by the CLI)."""
+
+    @abc.abstractmethod
+    async def claim_expiry_log(self, request_id: str, now: float) -> bool:
+        """True exactly once per expiry: the caller writes its line."""
 
     # -- async tasks -------------------------------------------------------------------------
 

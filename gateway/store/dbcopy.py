@@ -1,9 +1,9 @@
 """``image-gateway db copy``: a SQLite history into an empty PostgreSQL database, whole.
 
 Everything is copied in one transaction, as it is: holds, tasks, settlements, resolutions and
-their log, stored Idempotency-Key outcomes, and the counters. The triggers that move money are
-told to stand aside (``image_gateway.copying``) since the counters are copied too; the ones
-that refuse a settlement above its hold still check every row. The copy ends with ``ledger
+their log, expiries, stored Idempotency-Key outcomes, and the counters. The triggers that move
+money are told to stand aside (``image_gateway.copying``) since the counters are copied too; the
+ones that refuse a settlement above its hold still check every row. The copy ends with ``ledger
 verify`` on the target: counters and entries must agree, or the transaction is rolled back.
 """
 
@@ -26,8 +26,8 @@ from gateway.store.postgres import verify_on
 # In the order that keeps every reference satisfied (settlements of a task's hold may carry an
 # overrun only once the task is there).
 TABLES = (
-    "holds", "tasks", "settlements", "resolutions", "resolution_log", "idempotency", "usage",
-    "key_usage",
+    "holds", "tasks", "settlements", "resolutions", "resolution_log", "expiries", "idempotency",
+    "usage", "key_usage",
 )  # fmt: skip
 
 

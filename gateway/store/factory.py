@@ -12,9 +12,12 @@ from gateway.store.sqlite import SQLiteStore
 Role = Literal["gateway", "reader", "writer"]
 
 
-async def open_store(settings: Settings, role: Role = "gateway") -> Store:
-    """``gateway``: migrated, registered (PostgreSQL) or locked (SQLite). ``reader`` and
-    ``writer`` are for tools: they never migrate, and a SQLite reader never writes."""
+async def open_store(
+    settings: Settings, role: Role = "gateway", *, instance: str | None = None
+) -> Store:
+    """``gateway``: migrated, registered (PostgreSQL, as ``instance``) or locked (SQLite).
+    ``reader`` and ``writer`` are for tools: they never migrate, and a SQLite reader never
+    writes."""
     storage = settings.storage
     if storage.backend == "postgres":
         assert storage.dsn is not None, "validated by the config"
@@ -23,6 +26,7 @@ async def open_store(settings: Settings, role: Role = "gateway") -> Store:
             migrate=role == "gateway",
             register=role == "gateway",
             lease_s=storage.instance_lease_s,
+            name=instance,
         )
     if role == "reader":
         return await SQLiteStore.open_read_only(settings.database)

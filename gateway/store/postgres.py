@@ -33,13 +33,15 @@ from gateway.core.errors import StorageUnavailable
 from gateway.core.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
 from gateway.core.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
 from gateway.core.restore import Position
-from gateway.core.settlement import NotResolvable, ResolutionRefused, recovered
+from gateway.core.settlement import ExpiryRefused, NotResolvable, ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,
     Attempt,
     Decide,
+    DecideExpiry,
     DuplicateTask,
+    Expiry,
     Grouping,
     LedgerQuery,
     ReportRow,
@@ -117,8 +119,10 @@ class PostgresStore(Store):
         register: bool = True,
         lease_s: float = DEFAULT_LEASE_S,
         max_connections: int = 20,
+        name: str | None = None,
     ) -> PostgresStore:
-        """Connect, migrate (unless a tool), and register this instance in the fleet."""
+        """Connect, migrate (unless a tool), and register this instance in the fleet (its id
+        starts with ``name``, the instance's name in the access log, when given)."""
         try:
             pool = await asyncpg.create_pool(
                 dsn,
@@ -139,7 +143,7 @@ class PostgresStore(Store):
                     raise PostgresOpenError(
                         f"cannot prepare the PostgreSQL database: {_why(exc)}"
                     ) from None
-            instance_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+            instance_id = f"{name or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
             store = cls(pool, instance_id, lease_s)
             store.created = was == 0 and migrate
             if register:
@@ -278,6 +282,37 @@ class PostgresStore(Store):
         except asyncpg.UniqueViolationError:  # another instance resolved it meanwhile
             raise NotResolvable(f"{entry_id} was already resolved") from None
 
+    async def expire(
+        self, entry_id: str, decide: DecideExpiry, now: float, *, actor: str
+    ) -> LedgerEntry:
+        """A hold's instance is gone when it has no row in ``instances`` that heartbeat within
+        the lease (or the hold has no instance: copied from SQLite)."""
+
+        async def expire(conn: asyncpg.Connection) -> LedgerEntry:
+            row = await conn.fetchrow(_ENTRY_BY_ANY_ID, entry_id)
+            if row is None:
+                raise UnknownEntry(entry_id)
+            entry = to_entry(row)
+            gone = await conn.fetchval(
+                "SELECT h.instance_id IS NULL OR NOT EXISTS (SELECT 1 FROM instances i"
+                "  WHERE i.instance_id = h.instance_id"
+                "    AND i.heartbeat_at >= now() - make_interval(secs => $2))"
+                " FROM holds h WHERE h.request_id = $1",
+                entry.request_id,
+                float(self.lease_s),
+            )
+            if not await _settle(conn, entry.request_id, decide(entry, bool(gone)), now):
+                raise ExpiryRefused(f"{entry.request_id} was settled meanwhile")
+            await conn.execute(
+                "INSERT INTO expiries (request_id, actor, expired_at) VALUES ($1, $2, $3)",
+                entry.request_id,
+                actor,
+                now,
+            )
+            return to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, entry.request_id))
+
+        return await self._in_transaction(expire)
+
     async def usage(self, team: str, period: str) -> Usage:
         async with self._connection() as conn:
             return await _usage(conn, team, period)
@@ -395,6 +430,21 @@ class PostgresStore(Store):
             now,
         )
         return status == "INSERT 0 1"
+
+    async def unlogged_expiries(self) -> list[Expiry]:
+        rows = await self._fetch(
+            f"SELECT {ENTRY_COLUMNS}, e.actor FROM ledger JOIN expiries e USING (request_id)"
+            " WHERE e.logged_at IS NULL ORDER BY e.expired_at"
+        )
+        return [Expiry(to_entry(tuple(row)[:-1]), row[-1]) for row in rows]
+
+    async def claim_expiry_log(self, request_id: str, now: float) -> bool:
+        status = await self._execute(
+            "UPDATE expiries SET logged_at = $1 WHERE request_id = $2 AND logged_at IS NULL",
+            now,
+            request_id,
+        )
+        return status == "UPDATE 1"
 
     # -- async tasks -------------------------------------------------------------------------
 

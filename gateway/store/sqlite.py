@@ -39,13 +39,15 @@ from gateway.core.ledger import (
 )
 from gateway.core.limits import Limiter, Scope
 from gateway.core.restore import Position
-from gateway.core.settlement import ResolutionRefused, recovered
+from gateway.core.settlement import ExpiryRefused, ResolutionRefused, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,
     Attempt,
     Decide,
+    DecideExpiry,
     DuplicateTask,
+    Expiry,
     Grouping,
     LedgerQuery,
     ReportRow,
@@ -281,6 +283,27 @@ class SQLiteStore(Store):
 
         return await self._run(resolve, atomic=True)
 
+    async def expire(
+        self, entry_id: str, decide: DecideExpiry, now: float, *, actor: str
+    ) -> LedgerEntry:
+        """One process per file: a hold's gateway is never known to be gone here (a start
+        turns whatever its last run left in flight uncertain by itself)."""
+
+        def expire(conn: sqlite3.Connection) -> LedgerEntry:
+            rows = conn.execute(_ENTRY_BY_ANY_ID, (entry_id,) * 3).fetchall()
+            if not rows:
+                raise UnknownEntry(entry_id)
+            entry = to_entry(rows[0])
+            if not _settle(conn, entry.request_id, decide(entry, False), now):
+                raise ExpiryRefused(f"{entry.request_id} was settled meanwhile")
+            conn.execute(
+                "INSERT INTO expiries (request_id, actor, expired_at) VALUES (?, ?, ?)",
+                (entry.request_id, actor, now),
+            )
+            return to_entry(conn.execute(_ENTRY_BY_REQUEST, (entry.request_id,)).fetchone())
+
+        return await self._run(expire, atomic=True)
+
     async def usage(self, team: str, period: str) -> Usage:
         rows = await self._rows(
             "SELECT spent, reserved, uncertain, overrun FROM usage WHERE team = ? AND period = ?",
@@ -422,6 +445,20 @@ class SQLiteStore(Store):
             "INSERT INTO resolution_log (request_id, logged_at) VALUES (?, ?)"
             " ON CONFLICT DO NOTHING",
             (request_id, now),
+        )
+        return changed == 1
+
+    async def unlogged_expiries(self) -> list[Expiry]:
+        rows = await self._rows(
+            f"SELECT {ENTRY_COLUMNS}, e.actor FROM ledger JOIN expiries e USING (request_id)"
+            " WHERE e.logged_at IS NULL ORDER BY e.expired_at"
+        )
+        return [Expiry(to_entry(row[:-1]), row[-1]) for row in rows]
+
+    async def claim_expiry_log(self, request_id: str, now: float) -> bool:
+        changed = await self._write(
+            "UPDATE expiries SET logged_at = ? WHERE request_id = ? AND logged_at IS NULL",
+            (now, request_id),
         )
         return changed == 1
 

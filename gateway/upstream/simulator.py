@@ -3,7 +3,8 @@
 It validates requests the way ``docs/upstream.md`` documents (and independently of the
 gateway's own normalizer, so the two check each other), answers sync and ``?async=1`` requests,
 keeps tasks, and serves result URLs that answer 302 to a real PNG. Everything it receives is
-recorded in ``received`` so tests can assert exactly what reached it.
+recorded in ``received`` so tests can assert exactly what reached it, and everything it delivered
+(and would bill) in ``served``, which ``GET /__served`` lists for a rehearsed reconciliation.
 
 Prompts containing ``[refuse]`` are refused like a content-policy rejection; ``[fail]`` makes the
 generation fail (a JSON 500, or a ``failed`` task).
@@ -59,6 +60,29 @@ class Received:
     content_type: str
 
 
+@dataclass(frozen=True)
+class Served:
+    """Images delivered, as a provider's usage details would bill them."""
+
+    id: str  # the generation's id, or the task's
+    kind: str  # "generation" (a sync answer) or "task" (once it reported completed)
+    quality: str
+    images: int
+    cost_cny: float
+    served_at: float
+
+    def as_json(self) -> dict[str, Any]:
+        at = datetime.fromtimestamp(self.served_at, UTC).isoformat(timespec="milliseconds")
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "quality": self.quality,
+            "images": self.images,
+            "cost_cny": self.cost_cny,
+            "served_at": at.replace("+00:00", "Z"),
+        }
+
+
 @dataclass
 class SimTask:
     task_id: str
@@ -69,18 +93,26 @@ class SimTask:
 
 
 class Simulator:
-    """``await Simulator(key).start()`` or mount ``.app()`` yourself."""
+    """Mount ``.app()`` on a server. ``api_key`` None accepts any ``sk_`` key (a simulator
+    shared by several gateways); ``record=False`` keeps no copy of what it receives (a long
+    rehearsal, whose bodies carry images)."""
 
     def __init__(
-        self, api_key: str, *, delay_s: float = 0.0, task_delay_s: float | None = None
+        self,
+        api_key: str | None,
+        *,
+        delay_s: float = 0.0,
+        task_delay_s: float | None = None,
+        record: bool = True,
     ) -> None:
         self.api_key = api_key
         self.delay_s = delay_s
         self.task_delay_s = delay_s if task_delay_s is None else task_delay_s
+        self.record = record
         self.received: list[Received] = []
         self.tasks: dict[str, SimTask] = {}
         self.generated = 0
-        self.served: list[tuple[str, int]] = []  # (generation or task id, images) delivered
+        self.served: list[Served] = []
         self._images: dict[str, tuple[int, int, tuple[int, int, int]]] = {}
 
     def app(self, middlewares: Iterable[Any] = ()) -> web.Application:
@@ -91,11 +123,21 @@ class Simulator:
         app.router.add_get("/v1/images/tasks/{task_id}", self._task)
         app.router.add_get("/v1/images/files/gpt-image-2/{day}/{name}", self._file)
         app.router.add_get("/objects/{name}", self._object)
+        app.router.add_get("/__served", self._served)
         return app
 
     def served_images(self) -> int:
         """Images delivered: in sync answers, and in tasks once they reported completed."""
-        return sum(images for _, images in self.served)
+        return sum(served.images for served in self.served)
+
+    def served_json(self) -> dict[str, Any]:
+        """``GET /__served``: what was delivered, oldest first, and the totals."""
+        return {
+            "served": [served.as_json() for served in self.served],
+            "count": len(self.served),
+            "images": self.served_images(),
+            "cost_cny": round(sum(served.cost_cny for served in self.served), 4),
+        }
 
     def generation_requests(self) -> list[Received]:
         return [r for r in self.received if r.method == "POST"]
@@ -146,7 +188,7 @@ class Simulator:
         request_id = str(uuid.uuid4())
         urls = self._make_images(request, request_id, body)
         self.generated += 1
-        self.served.append((request_id, len(urls)))
+        self._serve(request_id, "generation", body, len(urls))
         return web.json_response(
             {"created": int(time.time()), "data": [{"url": url} for url in urls], "id": request_id}
         )
@@ -165,22 +207,23 @@ class Simulator:
             else:
                 task.status = "completed"
                 task.urls = self._make_images(request, task.task_id, task.request)
-                self.served.append((task.task_id, len(task.urls)))
+                self._serve(task.task_id, "task", task.request, len(task.urls))
         answer: dict[str, Any] = {
             "task_id": task.task_id,
             "status": task.status,
             "model": "gpt-image-2",
         }
         if task.status == "completed":
-            answer["cost"] = round(
-                PRICES[task.request.get("quality", "medium")] * task.request.get("n", 1), 4
-            )
+            answer["cost"] = _cost(task.request, task.request.get("n", 1))
             answer["result_url"] = task.urls[0]
             if len(task.urls) > 1:  # one URL per image besides the documented result_url
                 answer["data"] = [{"url": url} for url in task.urls]
         if task.status == "failed":
             answer["error"] = "generation failed"
         return web.json_response(answer)
+
+    async def _served(self, request: web.Request) -> web.Response:
+        return web.json_response(self.served_json())
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         self._record(request, None)
@@ -200,11 +243,26 @@ class Simulator:
     # -- helpers ----------------------------------------------------------------------------
 
     def _check_auth(self, request: web.Request) -> web.Response | None:
-        if request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        presented = request.headers.get("Authorization", "")
+        if self.api_key is None:
+            key = presented.removeprefix("Bearer ")
+            accepted = key.startswith("sk_") and len(key) > 3 and key.isprintable()
+            accepted = accepted and not any(ch.isspace() for ch in key)
+        else:
+            accepted = presented == f"Bearer {self.api_key}"
+        if not accepted:
             return _error(401, "authentication_error", "Invalid API key.")
         return None
 
+    def _serve(self, served_id: str, kind: str, body: dict[str, Any], images: int) -> None:
+        quality = body.get("quality", "medium")
+        self.served.append(
+            Served(served_id, kind, quality, images, _cost(body, images), time.time())
+        )
+
     def _record(self, request: web.Request, body: dict[str, Any] | None) -> None:
+        if not self.record:
+            return
         self.received.append(
             Received(
                 request.method,
@@ -296,6 +354,11 @@ def _check_ref(ref: object) -> str | None:
     if not ref.startswith("https://") or len(ref) <= len("https://"):
         return "reference URLs must be https://"
     return None
+
+
+def _cost(body: dict[str, Any], images: int) -> float:
+    """What the provider bills: the documented price of the quality, per image."""
+    return round(PRICES[body.get("quality", "medium")] * images, 4)
 
 
 def _dimensions(ratio: str) -> tuple[int, int]:
