@@ -139,13 +139,15 @@ async def test_the_simulator_accepts_any_sk_key_and_nothing_else(
         ("igw_a_team_key", 401),
         ("sk_", 401),
         ("sk_with space", 401),
+        ("sk_no_bearer", 401),
     ):
+        scheme = "" if key == "sk_no_bearer" else "Bearer "
         status, _, _ = await call(
-            "POST", url, json=body, headers={"Authorization": f"Bearer {key}"}
+            "POST", url, json=body, headers={"Authorization": f"{scheme}{key}"}
         )
         assert status == expected, key
     status, served, _ = await call("GET", simulator.url + "/__served")
-    assert (served["count"], served["images"], served["cost_cny"]) == (2, 2, 0.4)
+    assert (served["count"], served["images"], served["cost_cny"]) == (2, 2, 0.4)  # 2 accepted
     documented = readme_served_example()  # README "A fleet rehearsal": the same shape
     assert set(served) == set(documented) == {"served", "count", "images", "cost_cny"}
     assert set(served["served"][0]) == set(documented["served"][0])

@@ -245,9 +245,9 @@ class Simulator:
     def _check_auth(self, request: web.Request) -> web.Response | None:
         presented = request.headers.get("Authorization", "")
         if self.api_key is None:
-            key = presented.removeprefix("Bearer ")
-            accepted = key.startswith("sk_") and len(key) > 3 and key.isprintable()
-            accepted = accepted and not any(ch.isspace() for ch in key)
+            scheme, _, key = presented.partition(" ")
+            accepted = scheme == "Bearer" and key.startswith("sk_") and len(key) > 3
+            accepted = accepted and key.isprintable() and not any(ch.isspace() for ch in key)
         else:
             accepted = presented == f"Bearer {self.api_key}"
         if not accepted:
