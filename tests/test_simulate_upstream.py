@@ -183,6 +183,10 @@ async def test_a_rehearsal_of_a_postgres_config_points_at_simulate_upstream(tmp_
     assert err.startswith("image-gateway: --simulate-upstream gives each instance a simulator")
     assert "`image-gateway simulate-upstream --port N`" in err
     assert "s3cret" not in err
+    checked = await image_gateway(
+        "check-config", "--config", str(path), "--simulate-upstream", env={PG_URL_ENV: dsn}
+    )
+    assert checked == (1, "", err)  # check-config says the same, before any connection
 
 
 def test_the_ledger_is_named_by_host_and_database_never_the_password() -> None:

@@ -225,13 +225,7 @@ def _serve(args: argparse.Namespace) -> int:
         return _run_server(run_demo(args.host or DEMO_HOST, port, DEMO_DIR.absolute()))
     if args.simulate_upstream:
         settings = load_config(args.config, require_central_key=False)
-        if settings.storage.backend == "postgres":
-            raise CommandError(
-                "--simulate-upstream gives each instance a simulator of its own, so a fleet on "
-                "PostgreSQL would lose its tasks between instances: run `image-gateway "
-                "simulate-upstream --port N` once and point each instance's [upstream] base_url "
-                "at it (with any sk_ key), then `serve --config` as usual"
-            )
+        refuse_fleet_rehearsal(settings)
         from gateway.cli.rehearsal import rehearse  # noqa: PLC0415 - loads the simulator
 
         return _run_server(rehearse(settings, args.config))
@@ -245,6 +239,17 @@ def _serve(args: argparse.Namespace) -> int:
             accept_restored_ledger=args.accept_restored_ledger,
         )
     )
+
+
+def refuse_fleet_rehearsal(settings: Settings) -> None:
+    """``--simulate-upstream`` is for one process: on PostgreSQL, point at the shared one."""
+    if settings.storage.backend == "postgres":
+        raise CommandError(
+            "--simulate-upstream gives each instance a simulator of its own, so a fleet on "
+            "PostgreSQL would lose its tasks between instances: run `image-gateway "
+            "simulate-upstream --port N` once and point each instance's [upstream] base_url "
+            "at it (with any sk_ key), then `serve --config` as usual"
+        )
 
 
 def _simulate_upstream(args: argparse.Namespace) -> int:
@@ -321,6 +326,8 @@ def _check_config(args: argparse.Namespace) -> int:
         raise CommandError("check-config: give the config file once, as PATH or --config PATH")
     path: Path = args.path or args.config
     settings = load_config(path, require_central_key=not args.simulate_upstream)
+    if args.simulate_upstream:
+        refuse_fleet_rehearsal(settings)
     if settings.storage.backend == "postgres":
         try:
             state = asyncio.run(_probe_postgres(settings))
