@@ -1,4 +1,4 @@
--- 0006: who did it (issue 21). A resolution records its actor by name (an admin key's name, the
+-- 0005: who did it (issue 21). A resolution records its actor by name (an admin key's name, the
 -- CLI's --actor, or 'gateway'), no longer only 'admin' or 'gateway'; a hold expired by an admin
 -- (`ledger expire`) records who did it, and waits there for a gateway to write its access-log
 -- line. Expand-only: the previous release keeps working on this schema.
