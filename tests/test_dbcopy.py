@@ -12,6 +12,8 @@ import aiohttp
 import pytest
 
 from gateway.core.auth import key_digest
+from gateway.core.settlement import admin_expiry
+from gateway.http.keys import DB
 from gateway.store.base import LedgerQuery
 from gateway.store.postgres import PostgresStore
 from gateway.store.sqlite import SQLiteStore
@@ -84,7 +86,9 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         ) as resp:
             assert resp.status == 200  # an overrun
     await post(gateway, suffix="?async=1", quality="low")  # still pending
+    _, stuck = await post(gateway, suffix="?async=1", quality="medium")  # pending, then expired
     await gateway.settled()
+    await expire_by_alice(gateway, stuck["task_id"])
     sqlite_path = tmp_path / "gateway.db"
     before = await gateway.db.entries(LedgerQuery())
     await gateway.server.close()
@@ -109,11 +113,32 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         assert (await target.key_usage("design", fp, period)).spent == 2000
         assert (await target.verify()).mismatches == ()
         assert (await target.task(task["task_id"])).status == "completed"
+        expiries = "SELECT request_id, actor, expired_at, logged_at FROM expiries"
+        assert [tuple(r) for r in await target._fetch(expiries)] == [
+            tuple(r) for r in await source._rows(expiries)
+        ]
+        assert len(await source._rows(expiries)) == 1
     finally:
         await target.close()
         await source.close()
     code, out = await copy(sqlite_path, tmp_path / "pg.toml", postgres_dsn)
     assert code == 1 and "not empty" in out
+
+
+async def expire_by_alice(gateway: Gateway, entry_id: str) -> None:
+    """An admin's expiry of a held entry, as `ledger expire` makes it (past the max age)."""
+    max_age = gateway.settings.tasks.max_pending_age_s
+    entry = await gateway.db.find_entry(entry_id)
+    assert entry is not None
+    now = entry.created_at + max_age + 1
+
+    def decide(found: Any, gone: bool) -> Any:
+        return admin_expiry(
+            found, now=now, max_pending_age_s=max_age, instance_gone=gone, reason="stuck",
+            actor="alice",
+        )  # fmt: skip
+
+    await gateway.app[DB].expire(entry_id, decide, now, actor="alice")
 
 
 async def test_db_copy_refuses_a_database_a_running_gateway_holds(
