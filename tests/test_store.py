@@ -280,7 +280,7 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
     for team, period, spent, reserved, uncertain in before_usage:
         assert await store.usage(team, period) == Usage(spent, reserved, uncertain, 0)
     assert (await store.verify()).mismatches == ()
-    rows = await store._rows("SELECT value FROM meta WHERE key = 'schema_version'")
+    rows = await store._rows("SELECT value FROM meta WHERE key = 'schema_step'")
     assert rows == [(str(migrations.load("sqlite")[-1].version),)]
     await store.close()
     with sqlite3.connect(path) as new:
