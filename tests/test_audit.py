@@ -255,9 +255,11 @@ async def test_a_0_1_database_keeps_its_resolutions_triggers_and_view_when_actor
     store = await SQLiteStore.open(path)  # the gateway's start migrates it
     try:
         with contextlib.closing(sqlite3.connect(path)) as new:  # as it was, after the step
-            assert new.execute("SELECT * FROM ledger ORDER BY request_id").fetchall() == before
+            after = new.execute("SELECT * FROM ledger ORDER BY request_id").fetchall()
+            width = len(before[0])  # later steps may add columns (6: corrections), not change
+            assert [row[:width] for row in after] == before
             trigger_sql = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
-            assert new.execute(trigger_sql).fetchall() == triggers  # those of resolutions too
+            assert set(triggers) <= set(new.execute(trigger_sql).fetchall())  # resolutions' too
             assert new.execute("PRAGMA foreign_key_check").fetchall() == []
             assert new.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
             tables = {row[0] for row in new.execute("SELECT name FROM sqlite_master")}

@@ -192,24 +192,29 @@ async def test_ledger_expire_frees_a_stuck_hold_for_resolution_while_the_gateway
         request_id, "uncertain", 0.0, "bob",
     )  # fmt: skip
 
-    release.set()  # it answers after all: the client has its image, the ledger its uncertainty
+    release.set()  # it answers after all: the outcome resolves the expired hold (issue 19)
     assert (await stuck)[0] == 200
     young_release.set()
     assert (await young)[0] == 200
     await gateway.settled()
-    assert f"{request_id} was answered with 1 image(s) after its hold" in caplog.text
+    assert (
+        f"ledger id {request_id} (team design): its outcome came after its hold went uncertain: "
+        "resolved automatically as captured" in caplog.text
+    )
     code, out, _ = await cli(gateway, tmp_path, "ledger", "list", "--json", "--period", "total",
                              "--id", request_id)  # fmt: skip
     (listed,) = json.loads(out)["entries"]
-    assert (listed["state"], listed["reason"]) == (
-        "uncertain", "expired by bob: the upstream never answered",
+    assert (listed["state"], listed["reason"], listed["resolution"]["actor"]) == (
+        "captured", "expired by bob: the upstream never answered", "gateway",
     )  # fmt: skip
     code, _, err = await cli(gateway, tmp_path, "ledger", "resolve", request_id, "--captured",
                              "--reason", "in the usage details", "--actor", "bob")  # fmt: skip
-    assert (code, err) == (0, "")
-    lines = await settle_lines(gateway, 2)
+    assert code == 1 and "already resolved" in err, err
+    lines = await settle_lines(gateway, 1)  # the resolution is on the request's own line
     assert [(line["ledger_state"], line["cost_cny"], line["actor"]) for line in lines] == [
         ("uncertain", 0.0, "bob"),
-        ("captured", 0.2, "bob"),
     ]
+    (own,) = [x for x in await gateway.log_lines() if x["ledger_id"] == request_id
+              and x["endpoint"] != "settle"]  # fmt: skip
+    assert (own["ledger_state"], own["cost_cny"]) == ("captured", 0.2)
     await books_balance(gateway, upstream)

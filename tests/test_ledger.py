@@ -36,10 +36,11 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ENTRY_FIELDS = {
     "request_id", "team", "period", "created_at", "state", "quality", "n", "held_cny",
     "settled_cny", "images", "upstream_id", "task_id", "reason", "resolution", "overrun_cny",
+    "corrections",
 }  # fmt: skip
 EXPORT_HEADER = (
     "request_id,team,created_at,settled_at,state,quality,n,images,unit_price_cny,amount_cny,"
-    "upstream_id,task_id,reason"
+    "upstream_id,task_id,reason,corrected_cny"
 )
 
 

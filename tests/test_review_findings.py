@@ -56,7 +56,7 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
     import asyncpg
 
     from gateway.core.ledger import Capture, Hold
-    from gateway.core.settlement import automatic_resolution
+    from gateway.core.settlement import late_outcome
     from gateway.store.postgres import PostgresStore
 
     store = await PostgresStore.open(postgres_dsn)
@@ -66,7 +66,6 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
         await store.record_task("task-1", "t", "r1", 0.0, 0.0)
         row = await store.task("task-1")
         assert row is not None
-        answer = {"task_id": "task-1", "status": "completed", "cost": 0.2}
         expiring = await asyncpg.connect(postgres_dsn)  # the settler's _expire, mid-commit
         tx = expiring.transaction()
         await tx.start()
@@ -79,8 +78,8 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
                 row,
                 status="completed",
                 result="{}",
-                settlement=Capture(images=1, amount=2000, upstream_id="task-1"),
-                resolve=lambda entry: automatic_resolution(entry, answer, "{}")[0],
+                settlement=(captured := Capture(images=1, amount=2000, upstream_id="task-1")),
+                late=lambda entry: late_outcome(entry, captured),
                 now=2.0,
             )
         )

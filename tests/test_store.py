@@ -198,26 +198,113 @@ async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(tmp_path: 
 async def test_a_silent_instances_holds_turn_uncertain_after_its_lease_and_not_before(
     postgres_dsn: str,
 ) -> None:
-    alive = await PostgresStore.open(postgres_dsn, lease_s=30)
-    other = await PostgresStore.open(postgres_dsn, lease_s=30)
+    lease = 2.0
+    alive = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    other = await PostgresStore.open(postgres_dsn, lease_s=lease)
     await other.reserve(hold("in-flight-elsewhere", n=2))
     await other.reserve(hold("its-task"))
     await other.record_task("task-1", "t", "its-task", 0.0, 5.0)
     await alive.reserve(hold("mine"))
+    await _watching_for(alive, lease)
     assert await alive.recover_in_flight(10.0) == []  # a start touches nobody's holds
-    assert await alive.reap_silent_instances(10.0, 30) == []  # the other is alive
-    await alive._execute(
-        "UPDATE instances SET heartbeat_at = now() - interval '31 seconds' WHERE instance_id = $1",
-        other.instance_id,
-    )  # ... until it has been silent for its lease
-    reaped = await alive.reap_silent_instances(10.0, 30)
+    await other.heartbeat()
+    assert await alive.reap_silent_instances(10.0, lease) == []  # the other is alive
+    await _silent_for(alive, other, lease)  # ... until it has been silent for its lease
+    reaped = await alive.reap_silent_instances(10.0, lease)
     assert [(e.request_id, e.state) for e in reaped] == [("in-flight-elsewhere", "uncertain")]
     assert (await alive.hold_state("mine"))[0] == "held"
     assert (await alive.hold_state("its-task"))[0] == "held"  # a task is the settler's
-    assert await alive.reap_silent_instances(11.0, 30) == []  # once only
+    assert await alive.reap_silent_instances(11.0, lease) == []  # once only
     assert (await alive.verify()).mismatches == ()
     await other.close()
     await alive.close()
+
+
+async def _watching_for(store: PostgresStore, seconds: float) -> None:
+    """As if ``store`` had reached the database without a break for ``seconds`` (it just
+    started), on a server up that long (the suite's may have just started: waited for, with a
+    deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds + 10
+    while (await store._fetch(
+        "SELECT pg_postmaster_start_time() < now() - make_interval(secs => $1)", seconds
+    ))[0][0] is not True:  # fmt: skip
+        assert loop.time() < deadline
+        await asyncio.sleep(0.1)
+    await store._execute(
+        "UPDATE instances SET heartbeat_at = now(),"
+        " reachable_since = now() - make_interval(secs => $2) WHERE instance_id = $1",
+        store.instance_id,
+        seconds + 1,
+    )
+
+
+async def _silent_for(store: PostgresStore, other: PostgresStore, seconds: float) -> None:
+    await store._execute(
+        "UPDATE instances SET heartbeat_at = now() - make_interval(secs => $2)"
+        " WHERE instance_id = $1",
+        other.instance_id,
+        seconds + 1,
+    )
+
+
+async def test_an_instance_cut_off_from_the_database_reaps_nobody_for_a_lease(
+    postgres_dsn: str,
+) -> None:
+    """A database outage stops every heartbeat: silence counts only from when the reaper
+    itself could reach the database again (issue 19)."""
+    lease = 2.0
+    alive = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    other = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    await other.reserve(hold("in-flight-elsewhere"))
+    await _watching_for(alive, lease)
+    await _silent_for(alive, other, lease)
+    alive._failures += 1  # what a statement failing for want of the database records
+    assert await alive.reap_silent_instances(10.0, lease) == []
+    assert (await alive.hold_state("in-flight-elsewhere"))[0] == "held"
+    # A heartbeat gap of half a lease (paused, or hung on a dead server) counts the same.
+    await _watching_for(alive, lease)
+    await alive._execute(
+        "UPDATE instances SET heartbeat_at = now() - make_interval(secs => $2)"
+        " WHERE instance_id = $1",
+        alive.instance_id,
+        lease,
+    )
+    assert await alive.reap_silent_instances(10.0, lease) == []
+    # Watching for a whole lease again, it reaps.
+    await _watching_for(alive, lease)
+    assert [e.request_id for e in await alive.reap_silent_instances(10.0, lease)] == [
+        "in-flight-elsewhere"
+    ]
+    await other.close()
+    await alive.close()
+
+
+async def test_an_instance_taken_for_dead_registers_again_when_it_reserves(
+    postgres_dsn: str,
+) -> None:
+    """Paused past its lease and reaped, an instance's next reservation registers it again in
+    the same transaction: its new holds are never orphans, and it never reaps itself."""
+    lease = 2.0
+    reaper = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    paused = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    await paused.reserve(hold("before-the-pause"))
+    await _watching_for(reaper, lease)
+    await _silent_for(reaper, paused, lease)
+    assert [e.request_id for e in await reaper.reap_silent_instances(10.0, lease)] == [
+        "before-the-pause"
+    ]
+    await paused.reserve(hold("after-the-pause"))  # before its own heartbeat runs
+    await _watching_for(paused, lease)
+    assert await paused.reap_silent_instances(11.0, lease) == []  # never itself
+    assert await reaper.reap_silent_instances(11.0, lease) == []  # registered: alive
+    assert (await reaper.hold_state("after-the-pause"))[0] == "held"
+    # A stale heartbeat is refreshed by a reservation, so a reaper waiting on it finds it alive.
+    await _silent_for(reaper, paused, lease)
+    await paused.reserve(hold("stale-heartbeat"))
+    assert await reaper.reap_silent_instances(12.0, lease) == []
+    await paused.close()
+    await reaper.close()
 
 
 async def test_verify_finds_a_hand_corrupted_counter(tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
-"""The ledger's vocabulary: a hold reserved before the upstream call, its one settlement, and at
-most one resolution of an uncertain settlement. Plain immutable values; no I/O.
+"""The ledger's vocabulary: a hold reserved before the upstream call, its one settlement, at
+most one resolution of an uncertain settlement, and corrections of a closed entry that turned
+out to have been served. Plain immutable values; no I/O.
 
     hold (held) ──settle──> captured | released | uncertain ──resolve──> captured | released
+    closed (settled, not uncertain; or resolved) ──correct──> + images and amount served late
 
 Amounts are integer units of 1/10,000 CNY (``gateway.core.money``).
 """
@@ -112,10 +114,23 @@ class Resolution:
     reason: str
     actor: str
     overrun: int = 0
+    upstream_id: str | None = None  # learned with the outcome (an uncertain hold had none)
 
     @property
     def charged(self) -> int:
         return self.amount + self.overrun if self.state == "captured" else 0
+
+
+@dataclass(frozen=True, slots=True)
+class Correction:
+    """Images the upstream delivered (and billed) for an entry that was already closed without
+    them: released by a timeout or an admin, or resolved for fewer. Appended, counted in spent,
+    never above what the upstream reported."""
+
+    images: int
+    amount: int
+    reason: str
+    upstream_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,11 +157,19 @@ class ResolutionRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class CorrectionRecord:
+    images: int
+    amount: int
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
 class LedgerEntry:
     """One request as the ledger knows it: its hold, settlement and resolution joined.
 
     ``state`` is where the money is now (a resolved entry shows the resolution's state), and
-    ``charged`` what it counts as spent, overrun included.
+    ``charged`` what it counts as spent, overrun and corrections included.
     """
 
     request_id: str
@@ -170,21 +193,32 @@ class LedgerEntry:
     key_id: str | None = None
     key_fp: str | None = None
     end_user: str | None = None
+    corrections: tuple[CorrectionRecord, ...] = ()
 
     @property
     def state(self) -> HoldState:
         return self.resolution.state if self.resolution is not None else self.settled_state
 
     @property
-    def charged(self) -> int:
+    def closed_charge(self) -> int:
+        """What its settlement or resolution charged, corrections aside."""
         if self.resolution is not None:
             r = self.resolution
             return r.amount + r.overrun if r.state == "captured" else 0
         return self.settled_amount + self.overrun if self.settled_state == "captured" else 0
 
     @property
+    def charged(self) -> int:
+        return self.closed_charge + self.corrected
+
+    @property
     def charged_images(self) -> int:
-        return self.resolution.images if self.resolution is not None else self.images
+        closed = self.resolution.images if self.resolution is not None else self.images
+        return closed + sum(c.images for c in self.corrections)
+
+    @property
+    def corrected(self) -> int:
+        return sum(c.amount for c in self.corrections)
 
     @property
     def overrun_total(self) -> int:

@@ -11,17 +11,25 @@ resolution of anything but an uncertain settlement, a second settlement or resol
     outcome unknown                 uncertain(the whole hold): counted, never silently refunded
     uncertain, truth known later    resolution captured | released (admin, or the gateway)
     held, stuck past the max age    expiry by an admin: uncertain(the whole hold)
+    closed, then found served       correction: what was delivered minus what is charged
+
+An outcome the gateway learns once its entry is no longer held (a reaper or recovery made it
+uncertain, an admin resolved it, a timeout released it) is never dropped: ``late_outcome``
+decides, from the entry as the ledger has it now, between resolving it, correcting it and
+ignoring the news (loudly when it contradicts the charge). The engines only apply the decision.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any
 
 from gateway.core.ledger import (
     GATEWAY_ACTOR,
     Capture,
+    Correction,
     Hold,
     LedgerEntry,
     Release,
@@ -179,22 +187,112 @@ def admin_expiry(
     return Uncertain(amount=entry.held, reason=text[:REASON_LIMIT])
 
 
-def automatic_resolution(
-    entry: LedgerEntry, answer: Mapping[str, Any], result: str
-) -> tuple[Resolution, str | None]:
-    """A task whose hold went uncertain has finished after all: resolve it to what happened."""
-    _check_resolvable(entry)
-    settled, warning = task_settlement(
-        entry.settled_amount, entry.n, entry.task_id or "", answer, result
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """The entry is uncertain and unresolved: the outcome resolves it."""
+
+    resolution: Resolution
+
+
+@dataclass(frozen=True, slots=True)
+class Correct:
+    """The entry was closed without what the upstream delivered: append the difference."""
+
+    correction: Correction
+
+
+@dataclass(frozen=True, slots=True)
+class Ignore:
+    """Nothing to record. ``contradicts``: the outcome says less was delivered than the entry
+    charges (never refunded on that word alone: an admin checks with the provider)."""
+
+    why: str
+    contradicts: bool = False
+
+
+LateDecision = Resolve | Correct | Ignore
+
+
+def late_outcome(entry: LedgerEntry, learned: Settlement) -> LateDecision:
+    """What an outcome learned after the entry stopped being held does to it.
+
+    ``learned`` is the settlement the outcome would have made of a held entry: a capture says
+    what was delivered and billed (amount plus overrun), a release that nothing was, an
+    uncertain settlement that nothing is known.
+
+        entry now                          learned: capture        release         unknown
+        held                               ignore (settled, not late)
+        uncertain, unresolved              resolve captured        resolve released  ignore
+        closed: captured, released,        correct the excess      ignore (and warn  ignore
+          or resolved (+ corrections)        (else ignore)           if charged)
+    """
+    if entry.settled_state == "held":
+        return Ignore(f"{entry.request_id} is still held: it is settled, not corrected")
+    if isinstance(learned, Uncertain):
+        return Ignore(f"the outcome of {entry.request_id} is still unknown")
+    source = _source(entry)
+    if entry.settled_state == "uncertain" and entry.resolution is None:
+        return Resolve(_late_resolution(entry, learned, source))
+    images = learned.images - entry.charged_images
+    amount = learned.charged - entry.charged
+    if images <= 0 and amount <= 0:
+        contradicts = learned.charged < entry.charged
+        return Ignore(
+            f"{source} of {entry.request_id} delivered {learned.images} image(s) "
+            f"({_cny(learned.charged)}); the entry charges {entry.charged_images} "
+            f"({_cny(entry.charged)})" + (": nothing refunded" if contradicts else ""),
+            contradicts=contradicts,
+        )
+    reason = (
+        f"{source} delivered {learned.images} image(s) for {_cny(learned.charged)} after the "
+        f"entry was {_closed_as(entry)}"
     )
-    if isinstance(settled, Release):
-        reason = "resolved automatically: the upstream task failed"
-        return Resolution("released", 0, 0, reason, GATEWAY_ACTOR), warning
-    reason = "resolved automatically: the upstream task completed"
-    resolution = Resolution(
-        "captured", settled.images, settled.amount, reason, GATEWAY_ACTOR, overrun=settled.overrun
+    return Correct(Correction(max(images, 0), max(amount, 0), reason, learned.upstream_id))
+
+
+def late_landed(entry: LedgerEntry, now: float) -> Resolve | Correct | None:
+    """What an earlier try of a late outcome stored at ``now``, if it did: how a retry whose
+    first try lost its acknowledgement still reports the money it moved."""
+    r = entry.resolution
+    if r is not None and r.actor == GATEWAY_ACTOR and r.resolved_at == now:
+        resolution = Resolution(r.state, r.images, r.amount, r.reason, GATEWAY_ACTOR, r.overrun)
+        return Resolve(resolution)
+    for c in entry.corrections:
+        if c.at == now:
+            return Correct(Correction(c.images, c.amount, c.reason))
+    return None
+
+
+def _late_resolution(entry: LedgerEntry, learned: Capture | Release, source: str) -> Resolution:
+    if isinstance(learned, Release):
+        reason = f"resolved automatically: {source} generated nothing ({learned.reason})"
+        return Resolution(
+            "released", 0, 0, reason[:REASON_LIMIT], GATEWAY_ACTOR, upstream_id=learned.upstream_id
+        )
+    billed = learned.charged
+    amount = min(billed, entry.settled_amount)
+    reason = f"resolved automatically: {source} completed after the hold went uncertain"
+    return Resolution(
+        "captured",
+        min(learned.images, entry.n),
+        amount,
+        reason,
+        GATEWAY_ACTOR,
+        overrun=billed - amount,
+        upstream_id=learned.upstream_id,
     )
-    return resolution, warning
+
+
+def _source(entry: LedgerEntry) -> str:
+    return "the upstream task" if entry.task_id is not None else "the upstream request"
+
+
+def _closed_as(entry: LedgerEntry) -> str:
+    if entry.resolution is not None:
+        actor = entry.resolution.actor
+        by = "the gateway" if actor == GATEWAY_ACTOR else actor
+        return f"resolved {entry.resolution.state} by {by}"
+    return entry.settled_state
 
 
 def _check_resolvable(entry: LedgerEntry) -> None:

@@ -50,6 +50,12 @@ class Metrics:
             ["team"],
             registry=r,
         )
+        self.corrections = Counter(
+            "gateway_ledger_corrections",
+            "Corrections: images delivered for an entry already closed without them, counted late",
+            ["team"],
+            registry=r,
+        )
         self.budget = Gauge(
             "gateway_budget_cny", "Budget of the current period", ["team"], registry=r
         )

@@ -1,9 +1,10 @@
 """Where committed money is reported: Prometheus counters and the access log.
 
-Every settlement and resolution that commits becomes one ``MoneyMoved``. If the request it
-belongs to is still open (its access-log line not yet written), that line carries it; otherwise
-it gets a line of its own with ``endpoint: "settle"``. Either way each CNY moved into ``spent``
-appears on exactly one line, so summing ``cost_cny`` per team gives what ``usage`` reports.
+Every settlement, resolution and correction that commits becomes one ``MoneyMoved``. If the
+request it belongs to is still open (its access-log line not yet written), that line carries
+it; otherwise, and always for a correction, it gets a line of its own with ``endpoint:
+"settle"``. Either way each CNY moved into ``spent`` appears on exactly one line, so summing
+``cost_cny`` per team gives what ``usage`` reports.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.core.ledger import Hold, LedgerEntry, Resolution, Settlement
+from gateway.core.ledger import GATEWAY_ACTOR, Correction, Hold, LedgerEntry, Resolution, Settlement
 from gateway.core.money import units_to_cny
 from gateway.ops.accesslog import AccessLog, settle_record, short_id, timestamp
 from gateway.ops.metrics import Metrics
@@ -25,7 +26,7 @@ class MoneyMoved:
     mode: str
     quality: str
     n: int
-    state: str  # captured | released | uncertain
+    state: str  # captured | released | uncertain | corrected
     charged: int  # moved into spent, overrun included
     images: int
     overrun: int
@@ -44,10 +45,11 @@ class MoneyMoved:
 
     @classmethod
     def of_entry(cls, entry: LedgerEntry, resolution: Resolution | None = None) -> MoneyMoved:
-        """What an entry's last step did: its resolution if it has one, else its settlement."""
+        """What an entry's last step did: its resolution if it has one, else its settlement
+        (corrections are reported each on its own, ``corrected``)."""
         actor = None
         if resolution is None and entry.resolution is None:
-            charged, images, overrun = entry.charged, entry.images, entry.overrun
+            charged, images, overrun = entry.closed_charge, entry.images, entry.overrun
         else:
             r = resolution or entry.resolution
             assert r is not None
@@ -65,6 +67,14 @@ class MoneyMoved:
         return cls(
             entry.request_id, entry.team, entry.mode, entry.quality, entry.n, "uncertain", 0, 0,
             0, entry.upstream_id, entry.task_id, entry.key_id, actor,
+        )  # fmt: skip
+
+    @classmethod
+    def corrected(cls, entry: LedgerEntry, correction: Correction) -> MoneyMoved:
+        return cls(
+            entry.request_id, entry.team, entry.mode, entry.quality, entry.n, "corrected",
+            correction.amount, correction.images, 0, entry.upstream_id, entry.task_id,
+            entry.key_id, GATEWAY_ACTOR,
         )  # fmt: skip
 
 
@@ -111,6 +121,9 @@ class Books:
             self._metrics.images.labels(moved.team, moved.quality).inc(moved.images)
         if moved.overrun:
             self._metrics.overrun.labels(moved.team).inc(units_to_cny(moved.overrun))
+        if moved.state == "corrected":
+            self._metrics.corrections.labels(moved.team).inc()
+            slot = None  # a line of its own: the request's line said what it knew then
         if slot is not None and slot.take(moved):
             return
         record = settle_record(moved.ledger_id, self._wall_clock())

@@ -33,13 +33,14 @@ from gateway.core.ledger import BudgetRefused, Hold, Settlement, Usage
 from gateway.core.normalize import ImageRequest
 from gateway.core.periods import Period
 from gateway.core.pricing import budget_refusal, hold_for
-from gateway.core.settlement import capture_reply, interrupted, landed, release, uncertain
+from gateway.core.settlement import capture_reply, interrupted, release, uncertain
 from gateway.core.wire import upstream_body
 from gateway.ops.metrics import Metrics
+from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
 from gateway.services.tasks import TaskTracker
-from gateway.store.base import Attempt, DuplicateTask, Store
+from gateway.store.base import Attempt, Closed, DuplicateTask, Store
 from gateway.upstream.base import Reply, SendState, Upstream, error_label
 
 log = logging.getLogger("gateway.generation")
@@ -239,8 +240,7 @@ class Generations:
             now = self._clock().timestamp()
 
             async def release_unsent() -> None:
-                if await self._settle(hold.request_id, unsent, now):
-                    self._books.moved(MoneyMoved.settled(hold, unsent), job.slot)
+                self._report(hold, unsent, await self._settle(hold.request_id, unsent, now), job)
 
             try:
                 await release_unsent()
@@ -382,30 +382,22 @@ class Generations:
 
     async def _commit(self, job: Job, hold: Hold, settlement: Settlement) -> None:
         now = self._clock().timestamp()
-        moved = await self._durable.write(
+        settled = await self._durable.write(
             f"settlement of {hold.request_id}",
             lambda: self._settle(hold.request_id, settlement, now),
         )
-        if moved:
-            self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
-        elif settlement.images:  # paid-for images went out, and the ledger does not say so
-            log.warning(
-                "%s was answered with %d image(s) after its hold had been settled otherwise (an "
-                "admin's `ledger expire`, or its instance taken for dead): the ledger keeps that "
-                "settlement; if it is uncertain, resolve it with `image-gateway ledger resolve "
-                "%s --captured`",
-                hold.request_id,
-                settlement.images,
-                hold.request_id,
-            )
+        self._report(hold, settlement, settled, job)
 
-    async def _settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
-        """Whether this settlement moved the money, also when an earlier try of the very same
-        write committed but lost its acknowledgement."""
-        if await self._db.settle(request_id, settlement, now):
-            return True
-        entry = await self._db.find_entry(request_id)
-        return entry is not None and landed(entry, settlement, now)
+    async def _settle(self, request_id: str, settlement: Settlement, now: float) -> bool | Closed:
+        """The settlement, or, if the hold was closed meanwhile (its instance taken for dead,
+        a recovery), what its outcome does to the entry now: never dropped."""
+        return await late.settle(self._db, request_id, settlement, now)
+
+    def _report(self, hold: Hold, settlement: Settlement, settled: bool | Closed, job: Job) -> None:
+        if settled is True:
+            self._books.moved(MoneyMoved.settled(hold, settlement), job.slot)
+        elif isinstance(settled, Closed):
+            late.report(self._books, settled, job.slot)
 
 
 def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: Any) -> Outcome:

@@ -23,7 +23,7 @@ from gateway.store.base import LedgerQuery
 STATES = ("held", "captured", "released", "uncertain")
 EXPORT_FIELDS = (
     "request_id", "team", "created_at", "settled_at", "state", "quality", "n", "images",
-    "unit_price_cny", "amount_cny", "upstream_id", "task_id", "reason",
+    "unit_price_cny", "amount_cny", "upstream_id", "task_id", "reason", "corrected_cny",
 )  # fmt: skip
 
 
@@ -57,7 +57,8 @@ def queries(
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
-    """One entry of ``{"entries": [...]}``: the pinned fields, plus ``overrun_cny``."""
+    """One entry of ``{"entries": [...]}``: the pinned fields, plus ``overrun_cny`` and
+    ``corrections``."""
     resolution = None
     if entry.resolution is not None:
         r = entry.resolution
@@ -85,12 +86,21 @@ def entry_json(entry: LedgerEntry) -> dict[str, Any]:
         "reason": entry.reason,
         "resolution": resolution,
         "overrun_cny": units_to_cny(entry.overrun_total),
+        "corrections": [
+            {
+                "images": c.images,
+                "amount_cny": units_to_cny(c.amount),
+                "reason": c.reason,
+                "at": rfc3339(c.at),
+            }
+            for c in entry.corrections
+        ],
     }
 
 
 def counted(entry: LedgerEntry) -> int:
-    """What the entry counts against its budget now, held money aside: spent (overrun
-    included) once captured, the whole hold while uncertain, nothing once released."""
+    """What the entry counts against its budget now, held money aside: spent (overrun and
+    corrections included) once captured or released, the whole hold while uncertain."""
     if entry.state == "uncertain":
         return entry.settled_amount
     return entry.charged
@@ -112,6 +122,7 @@ def export_row(entry: LedgerEntry) -> dict[str, Any]:
         "upstream_id": entry.upstream_id,
         "task_id": entry.task_id,
         "reason": entry.reason,
+        "corrected_cny": units_to_cny(entry.corrected),
     }
 
 
@@ -136,7 +147,9 @@ def table(entries: Iterable[LedgerEntry]) -> str:
                 rfc3339(e.created_at),
                 e.request_id,
                 e.team,
-                e.state + (" (resolved)" if e.resolution else ""),
+                e.state
+                + (" (resolved)" if e.resolution else "")
+                + (" (corrected)" if e.corrections else ""),
                 f"{e.quality} x{e.n}",
                 f"{units_to_cny(e.held):.4f}",
                 f"{units_to_cny(counted(e)):.4f}",

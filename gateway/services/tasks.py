@@ -3,9 +3,11 @@ polled upstream at most once per cache TTL however many clients ask, and settled
 even when nobody polls (the background settler).
 
 A task's money is closed when it ends: its held amount is settled (``task_settlement``), or, if
-it had gone uncertain meanwhile (over ``max_pending_age_s``), resolved automatically to what
-really happened. One bad task (an unreadable answer, a failing write) never stops the settler
-from settling the others.
+its entry was closed meanwhile (uncertain over ``max_pending_age_s``, resolved by an admin),
+its outcome is recorded as ``late_outcome`` decides: an uncertain entry is resolved to what
+really happened, a closed one that was served after all is corrected. A pending task is polled
+until it ends, whatever its money. One bad task (an unreadable answer, a failing write) never
+stops the settler from settling the others.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from cachetools import TTLCache
 
 from gateway.core.config import TasksConfig
 from gateway.core.errors import GatewayError, NotFound, UpstreamRejected
-from gateway.core.ledger import Capture, Hold, LedgerEntry, Resolution
-from gateway.core.settlement import automatic_resolution, expired, landed, task_settlement
+from gateway.core.ledger import Capture, Hold
+from gateway.core.settlement import expired, late_outcome, task_settlement
 from gateway.ops.accesslog import short_id
 from gateway.ops.metrics import Metrics
+from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.store.base import NEVER, DuplicateTask, Store, TaskRow
 from gateway.upstream.base import Upstream
@@ -106,13 +109,14 @@ class TaskTracker:
                 "data": data,
             }
             try:
-                entry = await self._db.record_completed_task(
+                closed = await self._db.record_completed_task(
                     task_id,
                     team,
                     hold.request_id,
                     hold.created_at,
                     result=json.dumps(answer, ensure_ascii=False),
                     settlement=captured,
+                    late=lambda entry: late_outcome(entry, captured),
                     now=now,
                 )
             except DuplicateTask:
@@ -121,10 +125,9 @@ class TaskTracker:
                     log.warning("the upstream reused id %s for a new image", short_id(task_id))
                     continue
                 entry = await self._db.find_entry(hold.request_id)  # an earlier try landed
-                if entry is not None and not landed(entry, captured, now):
-                    entry = None
-            if entry is not None:
-                self._books.moved(MoneyMoved.of_entry(entry), slot)
+                closed = None if entry is None else late.earlier_try(entry, captured, now)
+            if closed is not None:
+                late.report(self._books, closed, slot)
             return present(answer)
         raise AssertionError(f"request id {hold.request_id} is already a task")
 
@@ -203,10 +206,14 @@ class TaskTracker:
             answer = await self._fresh_answer(row, None)
         except UpstreamRejected as exc:
             if exc.upstream_status == 404 and row.settled is not None:
+                open_money = row.settled == "uncertain" and not row.resolved
                 log.warning(
-                    "task %s is unknown upstream and its hold is uncertain: no longer polled; "
-                    "resolve it with `image-gateway ledger resolve`",
+                    "task %s (%s) is unknown upstream: no longer polled%s",
                     short_id(row.task_id),
+                    row.request_id,
+                    "; its hold is uncertain: resolve it with `image-gateway ledger resolve`"
+                    if open_money
+                    else "",
                 )
                 await self._db.reschedule_task(row.task_id, NEVER)
                 return
@@ -294,32 +301,21 @@ class TaskTracker:
     ) -> None:
         result = json.dumps(answer, ensure_ascii=False)
         settlement, warning = task_settlement(row.hold_amount, row.n, row.task_id, answer, result)
-
-        def resolve(entry: LedgerEntry) -> Resolution:
-            return automatic_resolution(entry, answer, result)[0]
-
         closed = await self._db.finish_task(
             row,
             status=status,
             result=result,
             settlement=settlement,
-            resolve=resolve,
+            late=lambda entry: late_outcome(entry, settlement),
             now=self._now(),
         )
         if closed is None:
-            return
+            return  # another poll or instance stored the answer first
         if warning:
             log.warning("task %s (%s): %s", short_id(row.task_id), row.request_id, warning)
-        if closed.how == "settled":
+        if closed.late is None:
             self._metrics.pending_tasks.dec()
-        else:
-            log.warning(
-                "task %s (%s) ended after its hold went uncertain: resolved automatically as %s",
-                short_id(row.task_id),
-                row.request_id,
-                closed.entry.state,
-            )
-        self._books.moved(MoneyMoved.of_entry(closed.entry), slot)
+        late.report(self._books, closed, slot)
 
 
 def present(answer: dict[str, Any]) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from gateway.core.ledger import (
 )
 from gateway.core.limits import Scope
 from gateway.core.restore import Position
+from gateway.core.settlement import LateDecision
 from gateway.store.migrations import SchemaState
 
 NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
@@ -60,9 +61,12 @@ class TaskRow:
 
 
 @dataclass(frozen=True, slots=True)
-class TaskClosed:
-    how: Literal["settled", "resolved"]
+class Closed:
+    """What closing a request's money did: its settlement landed (``late`` None), or the entry
+    was no longer held and ``late`` is what was decided about the outcome (and applied)."""
+
     entry: LedgerEntry
+    late: LateDecision | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,9 @@ class Expiry:
     actor: str
 
 
+DecideLate = Callable[[LedgerEntry], LateDecision]  # gateway.core.settlement.late_outcome
+
+
 class Store(abc.ABC):
     """One engine's ledger, tasks and stored outcomes."""
 
@@ -200,6 +207,12 @@ class Store(abc.ABC):
         """Turn a stuck ``held`` entry uncertain with what ``decide`` makes of it (told whether
         the hold's instance is gone), atomically, recording ``actor`` for a gateway to log; the
         entry after. UnknownEntry; ExpiryRefused (also when it settled meanwhile)."""
+
+    @abc.abstractmethod
+    async def settle_late(self, request_id: str, decide: DecideLate, now: float) -> Closed | None:
+        """For an outcome learned once the entry was no longer held: apply what ``decide``
+        makes of the entry as it is now (resolve, correct or nothing), atomically, and
+        serialized with any other decision on it. None if there is no such entry."""
 
     @abc.abstractmethod
     async def usage(self, team: str, period: str) -> Usage: ...
@@ -282,19 +295,20 @@ class Store(abc.ABC):
         *,
         result: str,
         settlement: Settlement,
+        late: DecideLate,
         now: float,
-    ) -> LedgerEntry | None:
+    ) -> Closed | None:
         """A task that was complete when submitted, and its settlement, in one step (a crash
-        must not leave a held hold with a finished task). The entry if it settled;
-        ``DuplicateTask`` if the id is taken."""
+        must not leave a held hold with a finished task); if the hold was closed meanwhile,
+        ``late`` decides, as in ``settle_late``. ``DuplicateTask`` if the id is taken."""
 
     @abc.abstractmethod
     async def task(self, task_id: str) -> TaskRow | None: ...
 
     @abc.abstractmethod
     async def due_tasks(self, now: float, limit: int) -> list[TaskRow]:
-        """Pending tasks due for a poll whose money is still open (held, or uncertain and
-        unresolved)."""
+        """Pending tasks due for a poll, whatever their money: one an admin resolved may still
+        complete, and what it delivered is then recorded (``late_outcome``)."""
 
     @abc.abstractmethod
     async def next_task_due(self) -> float | None: ...
@@ -313,12 +327,12 @@ class Store(abc.ABC):
         status: str,
         result: str,
         settlement: Settlement,
-        resolve: Decide,
+        late: DecideLate,
         now: float,
-    ) -> TaskClosed | None:
-        """Store a task's terminal answer and close its money in one step: settle a held hold
-        with ``settlement``, or resolve an uncertain one with ``resolve``. None when no money
-        moved (answered before, or already closed; a late answer is still stored)."""
+    ) -> Closed | None:
+        """Store a task's terminal answer and close its money in one step: ``settlement`` if
+        the hold is still held, else what ``late`` decides (as in ``settle_late``). None when
+        another poll stored the answer first."""
 
     @abc.abstractmethod
     async def claim_task_poll(self, task_id: str, now: float, ttl_s: float) -> TaskPoll:
@@ -338,11 +352,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def heartbeat(self) -> None:
-        """Tell the fleet this instance is alive."""
+        """Tell the fleet this instance is alive (registering it again if it was taken for
+        dead)."""
 
     @abc.abstractmethod
     async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
-        """Holds of instances silent for ``lease_s`` become uncertain; the entries turned."""
+        """Holds of other instances silent for ``lease_s`` while this one could reach the
+        database become uncertain; the entries turned. Never this instance's own."""
 
     @abc.abstractmethod
     async def admit(self, request_id: str, scopes: list[Scope], now: float) -> None:

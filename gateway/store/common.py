@@ -1,17 +1,18 @@
 """What both engines share: the ledger view's columns and the rows they become.
 
-Both schemas define the same ``ledger`` view (holds joined with their settlement, resolution
-and task), so the column lists and the row-to-value mapping are written once; each engine's
-module keeps its own statements.
+Both schemas define the same ``ledger`` view (holds joined with their settlement, resolution,
+corrections and task), so the column lists and the row-to-value mapping are written once; each
+engine's module keeps its own statements.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from gateway.core.ledger import Hold, LedgerEntry, Mismatch, ResolutionRecord
+from gateway.core.ledger import CorrectionRecord, Hold, LedgerEntry, Mismatch, ResolutionRecord
 from gateway.core.restore import Position
 from gateway.store.base import NEVER, TaskRow, Verification
 
@@ -19,10 +20,13 @@ ENTRY_COLUMNS = (
     "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
     " settled, images, overrun, upstream_id, task_id, reason, settled_at, resolved_state,"
     " resolved_images, resolved_amount, resolved_overrun, resolved_reason, resolved_by,"
-    " resolved_at, key_id, key_fp, end_user"
+    " resolved_at, key_id, key_fp, end_user, corrections"
 )
 
-IMAGES = "CASE WHEN state = 'captured' THEN COALESCE(resolved_images, images) ELSE 0 END"
+IMAGES = (
+    "CASE WHEN state = 'captured' THEN COALESCE(resolved_images, images) ELSE 0 END"
+    " + corrected_images"
+)
 
 # What the counters of a group of ledger rows must be: spent, reserved, uncertain, overrun.
 SUMS = (
@@ -30,8 +34,6 @@ SUMS = (
     " SUM(CASE WHEN settled_state = 'uncertain' AND resolved_state IS NULL THEN settled"
     " ELSE 0 END), SUM(overrun + COALESCE(resolved_overrun, 0))"
 )
-
-OPEN_MONEY = "(s.request_id IS NULL OR (s.state = 'uncertain' AND r.request_id IS NULL))"
 
 # An unsettled hold (``h`` joined with its task ``t``) that only its request could settle: no
 # task, or one never to be polled again while its hold is open (what a crash could leave between
@@ -122,7 +124,17 @@ def to_entry(row: Any) -> LedgerEntry:
         key_id=row[24],
         key_fp=row[25],
         end_user=row[26],
+        corrections=_corrections(row[27]),
     )
+
+
+def _corrections(listed: str) -> tuple[CorrectionRecord, ...]:
+    """The view's JSON list of an entry's corrections, oldest first."""
+    found = [
+        CorrectionRecord(int(c["images"]), int(c["amount"]), str(c["reason"]), float(c["at"]))
+        for c in json.loads(listed)
+    ]
+    return tuple(sorted(found, key=lambda c: c.at))
 
 
 def to_task_row(row: Any) -> TaskRow:

@@ -26,8 +26,8 @@ from gateway.store.postgres import verify_on
 # In the order that keeps every reference satisfied (settlements of a task's hold may carry an
 # overrun only once the task is there).
 TABLES = (
-    "holds", "tasks", "settlements", "resolutions", "resolution_log", "expiries", "idempotency",
-    "usage", "key_usage",
+    "holds", "tasks", "settlements", "resolutions", "resolution_log", "expiries", "corrections",
+    "idempotency", "usage", "key_usage",
 )  # fmt: skip
 
 

@@ -7,7 +7,11 @@
   a burst over instances can overspend. A capped key's row is checked in the same statement.
 - Instances heartbeat. The holds of one silent for ``instance_lease_s`` become uncertain (by
   whichever instance notices first); a live instance's holds are never touched, so start-up
-  does not recover anything by itself.
+  does not recover anything by itself. Silence is only counted while the instance judging it
+  could reach the database itself (``instance_silent`` in migration 0006): an outage of the
+  database stops every heartbeat, so it says nothing about an instance. A reservation
+  registers its instance again if it was taken for dead (a pause past its lease), in the
+  same transaction as its hold, and an instance never reaps itself.
 - Limits, in-flight Idempotency-Key claims and the task poll cache are rows every instance
   sees; the settler claims due tasks with ``FOR UPDATE SKIP LOCKED``.
 - Migrations run at start under an advisory lock, one transaction each, so several instances
@@ -25,21 +29,31 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
 from gateway.core.errors import StorageUnavailable
-from gateway.core.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
+from gateway.core.ledger import (
+    BudgetRefused,
+    Correction,
+    Hold,
+    LedgerEntry,
+    Resolution,
+    Settlement,
+    Usage,
+)
 from gateway.core.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
 from gateway.core.restore import Position
-from gateway.core.settlement import ExpiryRefused, NotResolvable, ResolutionRefused, recovered
+from gateway.core.settlement import Correct, ExpiryRefused, NotResolvable, Resolve, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,
     Attempt,
+    Closed,
     Decide,
     DecideExpiry,
+    DecideLate,
     DuplicateTask,
     Expiry,
     Grouping,
@@ -47,7 +61,6 @@ from gateway.store.base import (
     ReportRow,
     Store,
     StoredOutcome,
-    TaskClosed,
     TaskPoll,
     TaskRow,
     UnknownEntry,
@@ -57,7 +70,6 @@ from gateway.store.common import (
     ENTRY_COLUMNS,
     IMAGES,
     IN_FLIGHT,
-    OPEN_MONEY,
     POSITION,
     RESTORE_PREFIX,
     SUMS,
@@ -73,6 +85,8 @@ T = TypeVar("T")
 log = logging.getLogger("gateway.store")
 
 MIGRATION_LOCK = 0x1A6E_6A7E  # pg_advisory_lock key: one migrating instance at a time
+ENTRY_LOCK = 0x1A6E  # pg_advisory_xact_lock(ENTRY_LOCK, hashtext(id)): one decision per entry
+LATE_TRIES = 3  # a late decision re-made after another transaction closed the entry first
 CONNECT_TIMEOUT_S = 10.0
 COMMAND_TIMEOUT_S = 30.0
 FETCH_LEASE_S = 30.0  # an instance fetching a task's answer has this long before another may
@@ -109,6 +123,8 @@ class PostgresStore(Store):
         self.instance_id = instance_id
         self.lease_s = lease_s
         self.created = False
+        self._failures = 0  # times the database could not be used, ever
+        self._failures_beaten = 0  # ... as of the last heartbeat that stored its count
 
     @classmethod
     async def open(
@@ -147,12 +163,8 @@ class PostgresStore(Store):
             store = cls(pool, instance_id, lease_s)
             store.created = was == 0 and migrate
             if register:
-                await store._execute(
-                    "INSERT INTO instances (instance_id, host, pid) VALUES ($1, $2, $3)",
-                    instance_id,
-                    socket.gethostname(),
-                    os.getpid(),
-                )
+                async with store._connection() as conn:
+                    await store._beat(conn, 0)
         except BaseException:
             await pool.close()
             raise
@@ -170,9 +182,7 @@ class PostgresStore(Store):
             self._pool.terminate()
 
     async def check_ready(self) -> None:
-        await self._execute(
-            "UPDATE instances SET heartbeat_at = now() WHERE instance_id = $1", self.instance_id
-        )
+        await self.heartbeat()
 
     async def schema_state(self) -> migrations.SchemaState:
         rows = await self._fetch(SCHEMA_META)
@@ -207,17 +217,17 @@ class PostgresStore(Store):
         try:
             conn = await self._pool.acquire(timeout=CONNECT_TIMEOUT_S)
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise _unavailable(exc) from None
+            raise self._unavailable(exc) from None
         try:
             yield conn
         except asyncpg.InternalClientError as exc:
             _discard(conn)  # stuck mid-protocol: the pool's (no-op) reset would not notice
-            raise _unavailable(exc) from None
+            raise self._unavailable(exc) from None
         except UNAVAILABLE as exc:
-            raise _unavailable(exc) from None
+            raise self._unavailable(exc) from None
         except asyncpg.PostgresError as exc:
             if str(getattr(exc, "sqlstate", "") or "")[:2] in UNAVAILABLE_CLASSES:
-                raise _unavailable(exc) from None
+                raise self._unavailable(exc) from None
             raise
         finally:
             # Release waits for a timed-out statement's cancellation to reach the server (so
@@ -225,7 +235,11 @@ class PostgresStore(Store):
             try:
                 await self._pool.release(conn)
             except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-                raise _unavailable(exc) from None
+                raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: BaseException) -> StorageUnavailable:
+        self._failures += 1  # this instance was cut off: its view of the fleet starts again
+        return _unavailable(exc)
 
     async def _execute(self, sql: str, *args: Any) -> str:
         async with self._connection() as conn:
@@ -273,7 +287,8 @@ class PostgresStore(Store):
             row = await conn.fetchrow(_ENTRY_BY_ANY_ID, entry_id)
             if row is None:
                 raise UnknownEntry(entry_id)
-            entry = to_entry(row)
+            await _lock_entry(conn, row["request_id"])
+            entry = to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row["request_id"]))
             await _insert_resolution(conn, entry, decide(entry), now, logged=logged)
             return to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, entry.request_id))
 
@@ -285,8 +300,8 @@ class PostgresStore(Store):
     async def expire(
         self, entry_id: str, decide: DecideExpiry, now: float, *, actor: str
     ) -> LedgerEntry:
-        """A hold's instance is gone when it has no row in ``instances`` that heartbeat within
-        the lease (or the hold has no instance: copied from SQLite)."""
+        """A hold's instance is gone when it has no row in ``instances``, or one silent for the
+        lease as the reaper counts silence (or the hold has no instance: copied from SQLite)."""
 
         async def expire(conn: asyncpg.Connection) -> LedgerEntry:
             row = await conn.fetchrow(_ENTRY_BY_ANY_ID, entry_id)
@@ -296,10 +311,11 @@ class PostgresStore(Store):
             gone = await conn.fetchval(
                 "SELECT h.instance_id IS NULL OR NOT EXISTS (SELECT 1 FROM instances i"
                 "  WHERE i.instance_id = h.instance_id"
-                "    AND i.heartbeat_at >= now() - make_interval(secs => $2))"
+                "    AND NOT instance_silent(i.heartbeat_at, $3, $2))"
                 " FROM holds h WHERE h.request_id = $1",
                 entry.request_id,
                 float(self.lease_s),
+                self.instance_id,
             )
             if not await _settle(conn, entry.request_id, decide(entry, bool(gone)), now):
                 raise ExpiryRefused(f"{entry.request_id} was settled meanwhile")
@@ -312,6 +328,9 @@ class PostgresStore(Store):
             return to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, entry.request_id))
 
         return await self._in_transaction(expire)
+
+    async def settle_late(self, request_id: str, decide: DecideLate, now: float) -> Closed | None:
+        return await self._in_transaction(lambda conn: _late(conn, request_id, decide, now))
 
     async def usage(self, team: str, period: str) -> Usage:
         async with self._connection() as conn:
@@ -401,7 +420,7 @@ class PostgresStore(Store):
         rows = await self._fetch(
             "SELECT l.request_id, l.state, s.result, l.task_id,"
             " EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = h.instance_id"
-            f"   AND i.heartbeat_at >= now() - make_interval(secs => {float(self.lease_s)}))"
+            "   AND NOT instance_silent(i.heartbeat_at, $4, $5))"
             " FROM ledger l JOIN holds h USING (request_id)"
             " LEFT JOIN settlements s USING (request_id)"
             " WHERE h.team = $1 AND h.fingerprint = $2 AND h.created_at >= $3"
@@ -409,6 +428,8 @@ class PostgresStore(Store):
             team,
             fingerprint,
             since,
+            self.instance_id,
+            float(self.lease_s),
         )
         if not rows:
             return None
@@ -463,15 +484,14 @@ class PostgresStore(Store):
         *,
         result: str,
         settlement: Settlement,
+        late: DecideLate,
         now: float,
-    ) -> LedgerEntry | None:
-        async def record(conn: asyncpg.Connection) -> LedgerEntry | None:
+    ) -> Closed | None:
+        async def record(conn: asyncpg.Connection) -> Closed | None:
             await _insert_task(
                 conn, task_id, team, request_id, created_at, "completed", result, NEVER
             )
-            if not await _settle(conn, request_id, settlement, now):
-                return None
-            return to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id))
+            return await _close(conn, request_id, settlement, late, now)
 
         return await self._in_transaction(record)
 
@@ -484,10 +504,8 @@ class PostgresStore(Store):
 
         async def claim(conn: asyncpg.Connection) -> list[TaskRow]:
             ids = await conn.fetch(
-                "SELECT t.task_id FROM tasks t LEFT JOIN settlements s USING (request_id)"
-                " LEFT JOIN resolutions r USING (request_id)"
-                f" WHERE t.status = 'pending' AND {OPEN_MONEY} AND t.next_poll_at <= $1"
-                " ORDER BY t.next_poll_at LIMIT $2 FOR UPDATE OF t SKIP LOCKED",
+                "SELECT task_id FROM tasks WHERE status = 'pending' AND next_poll_at <= $1"
+                " ORDER BY next_poll_at LIMIT $2 FOR UPDATE SKIP LOCKED",
                 now,
                 limit,
             )
@@ -507,11 +525,7 @@ class PostgresStore(Store):
         return await self._in_transaction(claim)
 
     async def next_task_due(self) -> float | None:
-        rows = await self._fetch(
-            "SELECT MIN(t.next_poll_at) FROM tasks t LEFT JOIN settlements s USING (request_id)"
-            " LEFT JOIN resolutions r USING (request_id) WHERE t.status = 'pending'"
-            f" AND {OPEN_MONEY}"
-        )
+        rows = await self._fetch("SELECT MIN(next_poll_at) FROM tasks WHERE status = 'pending'")
         return rows[0][0]
 
     async def unsettled_task_count(self) -> int:
@@ -535,10 +549,10 @@ class PostgresStore(Store):
         status: str,
         result: str,
         settlement: Settlement,
-        resolve: Decide,
+        late: DecideLate,
         now: float,
-    ) -> TaskClosed | None:
-        async def finish(conn: asyncpg.Connection) -> TaskClosed | None:
+    ) -> Closed | None:
+        async def finish(conn: asyncpg.Connection) -> Closed | None:
             done = await conn.execute(
                 "UPDATE tasks SET status = $1, result = $2, polls = polls + 1"
                 " WHERE task_id = $3 AND status = 'pending'",
@@ -548,25 +562,7 @@ class PostgresStore(Store):
             )
             if done != "UPDATE 1":
                 return None  # another poll or instance finished it first
-            entry = to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row.request_id))
-            if entry.settled_state == "held":
-                if await _settle(conn, row.request_id, settlement, now):
-                    return await _closed(conn, "settled", row.request_id)
-                # The settler's expiry committed first (it waited on the same key): the hold
-                # is uncertain now, and this answer resolves it.
-                entry = to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, row.request_id))
-            if entry.settled_state != "uncertain" or entry.resolution is not None:
-                return None
-            try:
-                resolution = resolve(entry)
-            except ResolutionRefused:
-                return None
-            try:
-                async with conn.transaction():  # a savepoint: the task's answer is kept
-                    await _insert_resolution(conn, entry, resolution, now, logged=True)
-            except asyncpg.UniqueViolationError:
-                return None  # an admin or another instance resolved it meanwhile
-            return await _closed(conn, "resolved", row.request_id)
+            return await _close(conn, row.request_id, settlement, late, now)
 
         return await self._in_transaction(finish)
 
@@ -618,28 +614,40 @@ class PostgresStore(Store):
     # -- the fleet ---------------------------------------------------------------------------
 
     async def heartbeat(self) -> None:
-        done = await self._execute(
-            "UPDATE instances SET heartbeat_at = now() WHERE instance_id = $1", self.instance_id
-        )
-        if done == "UPDATE 0":  # the fleet took this instance for dead: its holds are closed
+        failures = self._failures
+        async with self._connection() as conn:
+            again = await self._beat(conn, failures)
+        self._failures_beaten = failures  # committed
+        if again:
             log.error(
-                "this instance (%s) was silent past its lease and its in-flight holds were made "
-                "uncertain by another; registering again",
+                "this instance (%s) was silent past its lease and the fleet took it for dead "
+                "(its in-flight holds were made uncertain); registered again",
                 self.instance_id,
-            )
-            await self._execute(
-                "INSERT INTO instances (instance_id, host, pid) VALUES ($1, $2, $3)"
-                " ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
-                self.instance_id,
-                socket.gethostname(),
-                os.getpid(),
             )
 
+    async def _beat(self, conn: asyncpg.Connection, failures: int) -> bool:
+        """One heartbeat; True if the instance had to be registered again. After a failure to
+        reach the database (``failures`` counts them; the caller records it as told once its
+        transaction commits), it tells the database that this instance's view of the fleet
+        starts again (``reachable_since``)."""
+        again = await conn.fetchval(
+            "SELECT instance_heartbeat($1, $2, $3, $4, $5)",
+            self.instance_id,
+            socket.gethostname(),
+            os.getpid(),
+            float(self.lease_s),
+            failures != self._failures_beaten,
+        )
+        return bool(again)
+
     async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
+        failures = self._failures
+
         async def reap(conn: asyncpg.Connection) -> list[LedgerEntry]:
+            await self._beat(conn, failures)  # its own view first: cut off, it judges nobody
             silent = await conn.fetch(
-                "DELETE FROM instances WHERE heartbeat_at < now() - make_interval(secs => $1)"
-                " AND instance_id <> $2 RETURNING instance_id",
+                "DELETE FROM instances WHERE instance_id <> $2"
+                " AND instance_silent(heartbeat_at, $2, $1) RETURNING instance_id",
                 float(lease_s),
                 self.instance_id,
             )
@@ -648,9 +656,11 @@ class PostgresStore(Store):
                 "SELECT h.request_id, h.amount FROM holds h"
                 " LEFT JOIN settlements s USING (request_id)"
                 " LEFT JOIN tasks t ON t.request_id = h.request_id"
-                f" WHERE s.request_id IS NULL AND {IN_FLIGHT} AND (h.instance_id IS NULL"
+                f" WHERE s.request_id IS NULL AND {IN_FLIGHT}"
+                " AND h.instance_id IS DISTINCT FROM $1 AND (h.instance_id IS NULL"
                 " OR h.instance_id NOT IN (SELECT instance_id FROM instances))"
-                " ORDER BY h.created_at"
+                " ORDER BY h.created_at",
+                self.instance_id,
             )
             if not left and not gone:
                 return []
@@ -671,7 +681,9 @@ class PostgresStore(Store):
                 for request_id, _ in left
             ]
 
-        return await self._in_transaction(reap)
+        reaped = await self._in_transaction(reap)
+        self._failures_beaten = failures  # committed
+        return reaped
 
     async def admit(self, request_id: str, scopes: list[Scope], now: float) -> None:
         """Exact fleet-wide: each scope's check and count happen under its advisory lock."""
@@ -746,12 +758,12 @@ class PostgresStore(Store):
                 row = await conn.fetchrow(
                     "SELECT fingerprint, request_id, status, body, headers,"
                     " EXISTS (SELECT 1 FROM instances i WHERE i.instance_id = d.instance_id"
-                    "   AND i.instance_id <> $3 AND i.heartbeat_at >= now()"
-                    f"   - make_interval(secs => {float(self.lease_s)}))"
+                    "   AND i.instance_id <> $3 AND NOT instance_silent(i.heartbeat_at, $3, $4))"
                     " FROM idempotency d WHERE team = $1 AND key = $2",
                     team,
                     key,
                     self.instance_id,
+                    float(self.lease_s),
                 )
                 if row is not None:
                     return StoredOutcome(
@@ -929,9 +941,9 @@ async def _insert_resolution(
 ) -> None:
     await conn.execute(
         "INSERT INTO resolutions (request_id, state, images, amount, overrun, reason, actor,"
-        " resolved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        " upstream_id, resolved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
         entry.request_id, resolution.state, resolution.images, resolution.amount,
-        resolution.overrun, resolution.reason, resolution.actor, now,
+        resolution.overrun, resolution.reason, resolution.actor, resolution.upstream_id, now,
     )  # fmt: skip
     if logged:
         await conn.execute(
@@ -956,10 +968,55 @@ async def _insert_task(conn: asyncpg.Connection, task_id: str, *values: Any) -> 
         raise
 
 
-async def _closed(
-    conn: asyncpg.Connection, how: Literal["settled", "resolved"], request_id: str
-) -> TaskClosed:
-    return TaskClosed(how, to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)))
+async def _close(
+    conn: asyncpg.Connection, request_id: str, settlement: Settlement, late: DecideLate, now: float
+) -> Closed | None:
+    """Settle the hold, or, if it was closed before (by a statement that may have committed
+    while this one waited on its key), apply the late decision."""
+    if await _settle(conn, request_id, settlement, now):
+        return Closed(to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)))
+    return await _late(conn, request_id, late, now)
+
+
+async def _late(
+    conn: asyncpg.Connection, request_id: str, decide: DecideLate, now: float
+) -> Closed | None:
+    """Apply what ``decide`` makes of the entry as committed now. Under the entry's lock, so an
+    admin's resolution through this code cannot interleave; one written past it (by hand, or
+    an older release) fails the insert, and the decision is made again on what it left."""
+    await _lock_entry(conn, request_id)
+    for _ in range(LATE_TRIES):
+        row = await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)
+        if row is None:
+            return None
+        entry = to_entry(row)
+        decision = decide(entry)
+        try:
+            async with conn.transaction():  # a savepoint: what came before is kept
+                if isinstance(decision, Resolve):
+                    await _insert_resolution(conn, entry, decision.resolution, now, logged=True)
+                elif isinstance(decision, Correct):
+                    await _insert_correction(conn, request_id, decision.correction, now)
+        except asyncpg.UniqueViolationError:
+            continue  # resolved by someone else meanwhile: decide on what it is now
+        return Closed(to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)), decision)
+    raise StorageUnavailable(f"the ledger entry {request_id} kept changing; retried")
+
+
+async def _lock_entry(conn: asyncpg.Connection, request_id: str) -> None:
+    """Serialize every decision about one entry (resolutions, late outcomes) until commit."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", ENTRY_LOCK, request_id)
+
+
+async def _insert_correction(
+    conn: asyncpg.Connection, request_id: str, correction: Correction, now: float
+) -> None:
+    await conn.execute(
+        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
+        request_id, correction.images, correction.amount, correction.reason,
+        correction.upstream_id, now,
+    )  # fmt: skip
 
 
 def _report_row(r: asyncpg.Record) -> ReportRow:

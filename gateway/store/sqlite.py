@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 from zoneinfo import ZoneInfo
 
 import aiosqlite
@@ -31,6 +31,7 @@ import aiosqlite
 from gateway.core.errors import StorageUnavailable
 from gateway.core.ledger import (
     BudgetRefused,
+    Correction,
     Hold,
     LedgerEntry,
     Resolution,
@@ -39,13 +40,15 @@ from gateway.core.ledger import (
 )
 from gateway.core.limits import Limiter, Scope
 from gateway.core.restore import Position
-from gateway.core.settlement import ExpiryRefused, ResolutionRefused, recovered
+from gateway.core.settlement import Correct, ExpiryRefused, Resolve, recovered
 from gateway.store import migrations
 from gateway.store.base import (
     NEVER,
     Attempt,
+    Closed,
     Decide,
     DecideExpiry,
+    DecideLate,
     DuplicateTask,
     Expiry,
     Grouping,
@@ -53,7 +56,6 @@ from gateway.store.base import (
     ReportRow,
     Store,
     StoredOutcome,
-    TaskClosed,
     TaskPoll,
     TaskRow,
     UnknownEntry,
@@ -63,7 +65,6 @@ from gateway.store.common import (
     ENTRY_COLUMNS,
     IMAGES,
     IN_FLIGHT,
-    OPEN_MONEY,
     POSITION,
     RESTORE_PREFIX,
     SUMS,
@@ -304,6 +305,9 @@ class SQLiteStore(Store):
 
         return await self._run(expire, atomic=True)
 
+    async def settle_late(self, request_id: str, decide: DecideLate, now: float) -> Closed | None:
+        return await self._run(lambda conn: _late(conn, request_id, decide, now), atomic=True)
+
     async def usage(self, team: str, period: str) -> Usage:
         rows = await self._rows(
             "SELECT spent, reserved, uncertain, overrun FROM usage WHERE team = ? AND period = ?",
@@ -481,13 +485,12 @@ class SQLiteStore(Store):
         *,
         result: str,
         settlement: Settlement,
+        late: DecideLate,
         now: float,
-    ) -> LedgerEntry | None:
-        def record(conn: sqlite3.Connection) -> LedgerEntry | None:
+    ) -> Closed | None:
+        def record(conn: sqlite3.Connection) -> Closed | None:
             _insert_task(conn, (task_id, team, request_id, created_at, "completed", result, NEVER))
-            if not _settle(conn, request_id, settlement, now):
-                return None
-            return to_entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone())
+            return _close(conn, request_id, settlement, late, now)
 
         return await self._run(record, atomic=True)
 
@@ -497,18 +500,14 @@ class SQLiteStore(Store):
 
     async def due_tasks(self, now: float, limit: int) -> list[TaskRow]:
         rows = await self._rows(
-            TASK_SELECT + f" WHERE t.status = 'pending' AND {OPEN_MONEY}"
+            TASK_SELECT + " WHERE t.status = 'pending'"
             " AND t.next_poll_at <= ? ORDER BY t.next_poll_at LIMIT ?",
             (now, limit),
         )
         return [to_task_row(row) for row in rows]
 
     async def next_task_due(self) -> float | None:
-        rows = await self._rows(
-            "SELECT MIN(t.next_poll_at) FROM tasks t LEFT JOIN settlements s USING (request_id)"
-            " LEFT JOIN resolutions r USING (request_id) WHERE t.status = 'pending'"
-            f" AND {OPEN_MONEY}"
-        )
+        rows = await self._rows("SELECT MIN(next_poll_at) FROM tasks WHERE status = 'pending'")
         return rows[0][0]
 
     async def unsettled_task_count(self) -> int:
@@ -531,28 +530,13 @@ class SQLiteStore(Store):
         status: str,
         result: str,
         settlement: Settlement,
-        resolve: Decide,
+        late: DecideLate,
         now: float,
-    ) -> TaskClosed | None:
-        def finish(conn: sqlite3.Connection) -> TaskClosed | None:
+    ) -> Closed | None:
+        def finish(conn: sqlite3.Connection) -> Closed | None:
             if not _finish_task(conn, row.task_id, status, result):
                 return None  # another poll finished it first
-            entry = to_entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
-            if entry.settled_state == "held":
-                _settle(conn, row.request_id, settlement, now)
-                how: Literal["settled", "resolved"] = "settled"
-            elif entry.settled_state == "uncertain" and entry.resolution is None:
-                try:
-                    resolution = resolve(entry)
-                except ResolutionRefused:
-                    return None
-                _insert_resolution(conn, entry, resolution, now, logged=True)
-                how = "resolved"
-            else:
-                return None
-            return TaskClosed(
-                how, to_entry(conn.execute(_ENTRY_BY_REQUEST, (row.request_id,)).fetchone())
-            )
+            return _close(conn, row.request_id, settlement, late, now)
 
         return await self._run(finish, atomic=True)
 
@@ -809,6 +793,42 @@ def _finish_task(conn: sqlite3.Connection, task_id: str, status: str, result: st
     return changed == 1
 
 
+def _close(
+    conn: sqlite3.Connection, request_id: str, settlement: Settlement, late: DecideLate, now: float
+) -> Closed | None:
+    """Settle the hold, or, if it was closed before, apply the late decision."""
+    if _settle(conn, request_id, settlement, now):
+        return Closed(to_entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone()))
+    return _late(conn, request_id, late, now)
+
+
+def _late(
+    conn: sqlite3.Connection, request_id: str, decide: DecideLate, now: float
+) -> Closed | None:
+    """Apply what ``decide`` makes of the entry as stored (one writer: nothing interleaves)."""
+    row = conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone()
+    if row is None:
+        return None
+    entry = to_entry(row)
+    decision = decide(entry)
+    if isinstance(decision, Resolve):
+        _insert_resolution(conn, entry, decision.resolution, now, logged=True)
+    elif isinstance(decision, Correct):
+        _insert_correction(conn, request_id, decision.correction, now)
+    return Closed(to_entry(conn.execute(_ENTRY_BY_REQUEST, (request_id,)).fetchone()), decision)
+
+
+def _insert_correction(
+    conn: sqlite3.Connection, request_id: str, correction: Correction, now: float
+) -> None:
+    conn.execute(
+        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        (request_id, correction.images, correction.amount, correction.reason,
+         correction.upstream_id, now),
+    )  # fmt: skip
+
+
 def _insert_resolution(
     conn: sqlite3.Connection,
     entry: LedgerEntry,
@@ -819,10 +839,10 @@ def _insert_resolution(
 ) -> None:
     conn.execute(
         "INSERT INTO resolutions (request_id, state, images, amount, overrun, reason, actor,"
-        " resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        " upstream_id, resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             entry.request_id, resolution.state, resolution.images, resolution.amount,
-            resolution.overrun, resolution.reason, resolution.actor, now,
+            resolution.overrun, resolution.reason, resolution.actor, resolution.upstream_id, now,
         ),
     )  # fmt: skip
     if logged:
