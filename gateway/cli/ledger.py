@@ -271,6 +271,11 @@ async def _copy(args: argparse.Namespace, settings: Settings) -> int:
     except CopyRefused as exc:
         return fail(str(exc))
     rows = ", ".join(f"{count} {name}" for name, count in copied.rows.items())
+    if copied.migrated_from is not None:
+        print(
+            f"{args.source} is at schema step {copied.migrated_from}: copied from a "
+            "temporary copy migrated to this release's schema (the file itself is unchanged)"
+        )
     print(f"copied {rows}")
     print(f"consistent ({copied.entries} entries)")
     return 0

@@ -47,9 +47,21 @@ start here:
   image-gateway serve --config gateway.toml
 
 `image-gateway COMMAND --help` shows each command's options and examples."""
+PIPE_CLOSED = 128 + 13  # what a shell reports for a command ended by SIGPIPE (`... | head`)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # here, not at exit: a reader that went away is then still ours to handle
+            sys.stdout.flush()
+    except BrokenPipeError:  # `image-gateway ledger export ... | head`: the reader has enough
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return PIPE_CLOSED
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from gateway.core.ledger import GATEWAY_ACTOR
@@ -570,6 +570,10 @@ def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig
     if value and not value.startswith(("postgresql://", "postgres://")):
         t.errors.append(f"{source}: the PostgreSQL URL must start with postgresql://")
         value = ""
+    problem = _dsn_problem(value) if value else None
+    if problem:
+        t.errors.append(f"{source}: the PostgreSQL URL is malformed: {problem}")
+        value = ""
     return StorageConfig(
         backend="postgres",
         dsn=Secret(value) if value else None,
@@ -577,6 +581,29 @@ def _storage(t: _Table, base_dir: Path, env: Mapping[str, str]) -> StorageConfig
         instance_lease_s=lease,
         watermark=watermark,
     )
+
+
+def _dsn_problem(dsn: str) -> str | None:
+    """What makes a postgresql:// URL unusable, in words that never quote it (it may hold a
+    password): the host and port parts, as asyncpg reads them (hosts may be listed, a,b)."""
+    try:
+        parts = urlsplit(dsn)
+    except ValueError:
+        return "its host part is not valid (an IPv6 address needs both [ and ])"
+    ports = [p for listed in parse_qs(parts.query).get("port", []) for p in listed.split(",")]
+    for spec in parts.netloc.rpartition("@")[2].split(","):
+        if spec.startswith("["):
+            address, bracket, rest = spec[1:].partition("]")
+            if not bracket or not address or (rest and not rest.startswith(":")):
+                return "an IPv6 address must be written [address] or [address]:port"
+            if rest:
+                ports.append(rest[1:])
+        elif ":" in spec:
+            ports.append(spec.rpartition(":")[2])
+    for port in ports:
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return "a port must be a number from 1 to 65535"
+    return None
 
 
 def _backend(value: str) -> str | None:
@@ -762,7 +789,7 @@ def _expiry(entry: _Table) -> datetime | None:
         return datetime(value.year, value.month, value.day, tzinfo=UTC)
     entry.errors.append(
         f"{entry.name('expires')} must be a TOML date or offset date-time (unquoted, such as "
-        "2027-03-31 or 2027-03-31T00:00:00Z), got {type(value).__name__}"
+        f"2027-03-31 or 2027-03-31T00:00:00Z), got {type(value).__name__}"
     )
     return None
 

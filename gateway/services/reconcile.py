@@ -25,6 +25,8 @@ EXPORT_FIELDS = (
     "request_id", "team", "created_at", "settled_at", "state", "quality", "n", "images",
     "unit_price_cny", "amount_cny", "upstream_id", "task_id", "reason", "corrected_cny",
 )  # fmt: skip
+# OWASP's CSV injection rule: a cell starting with one of these is a formula to a spreadsheet.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def queries(
@@ -127,12 +129,23 @@ def export_row(entry: LedgerEntry) -> dict[str, Any]:
 
 
 def export_csv(entries: Iterable[LedgerEntry]) -> str:
+    """The rows as CSV (RFC 4180: CRLF ends a row, so a field holding a CR or LF is quoted);
+    text a spreadsheet would run as a formula (an upstream's error message or id can be
+    anything) is prefixed with a quote, so it is shown, not run."""
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(out, fieldnames=EXPORT_FIELDS, lineterminator="\r\n")
     writer.writeheader()
     for entry in entries:
-        writer.writerow({k: "" if v is None else v for k, v in export_row(entry).items()})
+        writer.writerow({k: _cell(v) for k, v in export_row(entry).items()})
     return out.getvalue()
+
+
+def _cell(value: object) -> object:
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def table(entries: Iterable[LedgerEntry]) -> str:

@@ -5,6 +5,10 @@ their log, expiries, stored Idempotency-Key outcomes, and the counters. The trig
 money are told to stand aside (``image_gateway.copying``) since the counters are copied too; the
 ones that refuse a settlement above its hold still check every row. The copy ends with ``ledger
 verify`` on the target: counters and entries must agree, or the transaction is rolled back.
+
+A source at an older schema (a 0.1 ledger, say: exactly what an admin moving to PostgreSQL
+has) is not refused: a temporary copy of it is migrated, as a gateway would at start, and
+copied; the source itself is left as it was.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import contextlib
 import fcntl
 import os
 import sqlite3
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +27,7 @@ import asyncpg
 
 from gateway.store import migrations
 from gateway.store.postgres import verify_on
+from gateway.store.sqlite import SQLiteStore
 
 # In the order that keeps every reference satisfied (settlements of a task's hold may carry an
 # overrun only once the task is there).
@@ -39,6 +45,7 @@ class CopyRefused(Exception):
 class Copied:
     rows: dict[str, int]
     entries: int
+    migrated_from: int | None = None  # the source's schema step, if a migrated copy was copied
 
 
 BATCH_ROWS = 5_000  # rows in memory at a time, however long the history
@@ -51,14 +58,39 @@ async def copy_sqlite_to_postgres(source: Path, dsn: str) -> Copied:
     lock, so no gateway can be writing to it while it is copied.
     """
     with _shared_lock(source), contextlib.closing(_read_only(source)) as sqlite:
+        current = _schema_state(sqlite, source)
+        steps = migrations.load("sqlite")
+        if not migrations.pending(current, steps, where=str(source)):  # or SchemaTooNew
+            return await _copy_into(sqlite, dsn)
+        with tempfile.TemporaryDirectory(prefix="image-gateway-copy-") as folder:
+            migrated = Path(folder) / "migrated.db"
+            await asyncio.to_thread(_backup, sqlite, migrated)
+            await (await SQLiteStore.open(migrated)).close()  # migrated at open
+            with contextlib.closing(_read_only(migrated)) as copy:
+                copied = await _copy_into(copy, dsn)
+        return Copied(copied.rows, copied.entries, migrated_from=current.step)
+
+
+async def _copy_into(sqlite: sqlite3.Connection, dsn: str) -> Copied:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await _copy(sqlite, conn)
+    finally:
+        await conn.close()
+
+
+def _schema_state(sqlite: sqlite3.Connection, source: Path) -> migrations.SchemaState:
+    try:
         meta = dict(sqlite.execute("SELECT key, value FROM meta").fetchall())
-        current = migrations.state_of(meta)
-        migrations.require_current(current, migrations.load("sqlite"), where=str(source))
-        conn = await asyncpg.connect(dsn)
-        try:
-            return await _copy(sqlite, conn)
-        finally:
-            await conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise CopyRefused(f"{source} is not an image-gateway SQLite database ({exc})") from None
+    return migrations.state_of(meta)
+
+
+def _backup(sqlite: sqlite3.Connection, target: Path) -> None:
+    """A consistent copy of the source (its write-ahead log included) at ``target``."""
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        sqlite.backup(copy)
 
 
 async def _copy(sqlite: sqlite3.Connection, conn: asyncpg.Connection) -> Copied:

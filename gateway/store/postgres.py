@@ -151,6 +151,10 @@ class PostgresStore(Store):
             )
         except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
             raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
+        except (ValueError, OverflowError):  # its text may quote the URL: not repeated
+            raise PostgresOpenError(
+                "the PostgreSQL URL is malformed (asyncpg cannot parse it)"
+            ) from None
         try:
             async with pool.acquire() as conn:
                 try:

@@ -152,12 +152,15 @@ class SQLiteStore(Store):
         path = path.absolute()  # noqa: ASYNC240 - getcwd, no disk I/O worth a thread
         try:
             reader = await aiosqlite.connect(_read_only_uri(path), uri=True)
-            store = cls(path, None, reader)
-            state = await store.schema_state() if await store._has_meta() else _NO_SCHEMA
         except sqlite3.DatabaseError as exc:
             raise StoreOpenError(f"{path}: cannot read the database ({exc})") from None
-        migrations.require_current(state, migrations.load("sqlite"), where=str(path))
-        return store
+        try:  # refused here, the reader's thread must still end, or the process never exits
+            state = await _read_schema_state(reader, path)
+            migrations.require_current(state, migrations.load("sqlite"), where=str(path))
+        except BaseException:
+            await reader.close()
+            raise
+        return cls(path, None, reader)
 
     async def close(self) -> None:
         self.closed = True
@@ -244,12 +247,6 @@ class SQLiteStore(Store):
             f"The gateway's database cannot be written right now ({exc}); nothing was sent or "
             "charged. An administrator must free disk space or restore the database."
         )
-
-    async def _has_meta(self) -> bool:
-        rows = await self._rows(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-        )
-        return bool(rows)
 
     # -- money -------------------------------------------------------------------------------
 
@@ -647,6 +644,20 @@ async def _open_writer(path: Path, *, migrate: bool) -> Writer:
         raise StoreOpenError(f"{path}: cannot use the database ({exc})") from None
     except OSError as exc:
         raise StoreOpenError(f"{path}: cannot open the database ({exc.strerror})") from None
+
+
+async def _read_schema_state(reader: aiosqlite.Connection, path: Path) -> migrations.SchemaState:
+    try:
+        async with reader.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+        ) as cursor:
+            if await cursor.fetchone() is None:
+                return _NO_SCHEMA
+        async with reader.execute(_SCHEMA_META) as cursor:
+            rows = await cursor.fetchall()
+    except sqlite3.DatabaseError as exc:
+        raise StoreOpenError(f"{path}: cannot read the database ({exc})") from None
+    return migrations.state_of({str(k): str(v) for k, v in rows})
 
 
 def _schema_state(conn: sqlite3.Connection, path: Path) -> migrations.SchemaState:
