@@ -305,6 +305,8 @@ class LocalPostgres:
         self.base: Path | None = None
         self.info: PostgresServer | None = None
         self.timings: dict[str, float] = {}
+        self._bin_dir = Path()
+        self._run_as = _RunAs()
 
     def __enter__(self) -> PostgresServer:
         try:
@@ -350,26 +352,10 @@ class LocalPostgres:
         if initdb.returncode != 0:
             raise RuntimeError(f"initdb failed ({initdb.returncode}):\n{initdb.stderr}")
         t1 = time.perf_counter()
+        self._bin_dir, self._run_as = bin_dir, run_as
         for attempt in range(3):
             port = _free_port()
-            args = [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
-            for key, value in {
-                **self.settings,
-                "listen_addresses": "127.0.0.1",
-                "unix_socket_directories": str(base),
-            }.items():
-                args += ["-c", f"{key}={value}"]
-            with log.open("ab") as log_fd:
-                self.process = subprocess.Popen(
-                    args,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # a ^C in the terminal reaches pytest only
-                    preexec_fn=_die_with_parent(),  # noqa: PLW1509
-                    **run_as.kwargs(),
-                )
-            if self._wait_ready(data / "postmaster.pid"):
+            if self._launch(port):
                 break
             text = log.read_text(errors="replace")
             if "could not bind" not in text or attempt == 2:
@@ -384,6 +370,41 @@ class LocalPostgres:
             log_file=log,
         )
         return self.info
+
+    def halt(self) -> None:
+        """Stop the server as an outage would (a fast shutdown: sessions are cut), keeping its
+        data; ``resume`` starts it again."""
+        self._signal_and_wait()
+
+    def resume(self) -> None:
+        """Start a halted server again, on the same port and data."""
+        assert self.info is not None and self.info.port is not None
+        if not self._launch(self.info.port):
+            text = self.info.log_file.read_text(errors="replace") if self.info.log_file else ""
+            raise RuntimeError(f"postgres did not start again; its log:\n{text}")
+
+    def _launch(self, port: int) -> bool:
+        """Run the server on ``port``; whether it became ready."""
+        assert self.base is not None
+        base, data, log = self.base, self.base / "data", self.base / "postgres.log"
+        args = [str(self._bin_dir / "postgres"), "-D", str(data), "-p", str(port)]
+        for key, value in {
+            **self.settings,
+            "listen_addresses": "127.0.0.1",
+            "unix_socket_directories": str(base),
+        }.items():
+            args += ["-c", f"{key}={value}"]
+        with log.open("ab") as log_fd:
+            self.process = subprocess.Popen(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a ^C in the terminal reaches pytest only
+                preexec_fn=_die_with_parent(),  # noqa: PLW1509
+                **self._run_as.kwargs(),
+            )
+        return self._wait_ready(data / "postmaster.pid")
 
     def _wait_ready(self, pid_file: Path) -> bool:
         """Until postmaster.pid says ``ready`` (True) or the server exits (False)."""
