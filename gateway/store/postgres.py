@@ -44,6 +44,7 @@ from gateway.core.ledger import (
     Usage,
 )
 from gateway.core.limits import WINDOW_S, Scope, concurrency_refusal, rate_refusal
+from gateway.core.money import format_cny
 from gateway.core.restore import Position
 from gateway.core.settlement import Correct, ExpiryRefused, NotResolvable, Resolve, recovered
 from gateway.store import migrations
@@ -668,22 +669,25 @@ class PostgresStore(Store):
             )
             if not left and not gone:
                 return []
+            turned = []  # a hold its own instance settled meanwhile is not reported again
             for request_id, amount in left:
-                await _settle(conn, request_id, recovered(amount), now)
+                if await _settle(conn, request_id, recovered(amount), now):
+                    turned.append(to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id)))
             await conn.execute(
                 "DELETE FROM admissions"
                 " WHERE instance_id NOT IN (SELECT instance_id FROM instances)"
             )
             log.warning(
-                "instance(s) %s silent for over %ss: %d in-flight hold(s) made uncertain",
+                "instance(s) %s silent for over %ss: %d in-flight hold(s) made uncertain%s",
                 ", ".join(gone) or "(already gone)",
                 lease_s,
-                len(left),
+                len(turned),
+                "".join(
+                    f"{', ' if i else ': '}{e.request_id} ({e.team}, {format_cny(e.held)})"
+                    for i, e in enumerate(turned)
+                ),
             )
-            return [
-                to_entry(await conn.fetchrow(_ENTRY_BY_REQUEST, request_id))
-                for request_id, _ in left
-            ]
+            return turned
 
         reaped = await self._in_transaction(reap)
         self._failures_beaten = failures  # committed
