@@ -24,6 +24,7 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_EXAMPLE = ROOT / "deploy" / "nginx" / "image-gateway.conf"
+FAIL_TIMEOUT_S = 10  # the example's fail_timeout
 ALERTMANAGER = ROOT / "deploy" / "alertmanager" / "alertmanager.yml"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
@@ -235,12 +236,18 @@ async def test_nginx_skips_a_dying_instance_after_one_failure_and_never_resends_
     async with live_instance() as (live, served):
         with dying_instance() as (dying, accepted):
             async with nginx_in_front(tmp_path, dying, live) as url:
+                loop = asyncio.get_running_loop()
+                started = loop.time()
                 statuses = [await send(url, "POST") for _ in range(12)]
-    # One POST reached the dying instance: it may have been bought, so it is not sent again
-    # (502 to that client); from then on the instance is out and every request goes to the
-    # live one, instead of every other one failing as least_conn would send them.
-    assert (statuses.count(502), statuses.count(200)) == (1, 11), statuses
-    assert (len(accepted), served) == (1, ["POST"] * 11)
+                windows = 1 + int((loop.time() - started) // FAIL_TIMEOUT_S)
+    # A POST that reached the dying instance may have been bought, so it is not sent again
+    # (502 to that client); from then on the instance is out for fail_timeout and every request
+    # goes to the live one, instead of every other one failing as least_conn would send them.
+    # (On a machine so loaded that the twelve take longer than fail_timeout, nginx probes the
+    # dying instance once per window: still never twice in a row, never a resent POST.)
+    assert statuses.count(502) == len(accepted) >= 1, statuses
+    assert len(accepted) <= windows, (statuses, windows)
+    assert served == ["POST"] * statuses.count(200) and len(statuses) == 12
 
 
 async def test_nginx_sends_a_post_to_the_next_instance_when_it_never_reached_one(
