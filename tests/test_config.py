@@ -35,8 +35,10 @@ MINIMAL = {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 300.0}}}
 
 def test_minimal_config_and_defaults() -> None:
     settings = parse(MINIMAL)
-    assert settings.upstream.base_url == "https://jp.icodeeasy.cc"
-    assert settings.upstream.api_key.reveal() == "sk_live_abc"
+    (upstream,) = settings.upstreams
+    assert (upstream.name, upstream.base_url) == ("default", "https://jp.icodeeasy.cc")
+    assert upstream.api_key.reveal() == "sk_live_abc"
+    assert upstream.prices == settings.prices
     assert settings.prices == {"low": 1000, "medium": 2000, "high": 4000, "auto": 2000}
     assert settings.teams["design"].budget == 3_000_000
     assert settings.teams["design"].period == "monthly"
@@ -109,9 +111,57 @@ def test_central_key_from_a_credential_file(tmp_path: Path) -> None:
     settings = parse_settings(
         data, base_dir=Path("/"), env={"CREDENTIALS_DIRECTORY": str(tmp_path)}
     )
-    assert settings.upstream.api_key.reveal() == "sk_from_file"
+    assert settings.upstreams[0].api_key.reveal() == "sk_from_file"
     both = {**MINIMAL, "upstream": {"api_key_file": "k", "api_key_env": "X"}}
     assert any("set only one" in p for p in problems(both))
+
+
+TWO_UPSTREAMS = {
+    **MINIMAL,
+    "prices": {"high": "0.50"},
+    "upstreams": {
+        "primary": {"base_url": "https://jp.icodeeasy.cc", "api_key_env": "KEY_A", "weight": 3,
+                    "prices": {"high": "0.40"}},
+        "backup": {"base_url": "https://other.example", "api_key_env": "KEY_B", "priority": 2,
+                   "cooldown_s": 5, "quota_retry_s": 60, "max_fails": 1},
+    },
+}  # fmt: skip
+
+
+def test_several_upstreams_each_with_its_key_prices_and_health_settings() -> None:
+    settings = parse(TWO_UPSTREAMS, env={"KEY_A": "sk_a", "KEY_B": "sk_b"})
+    primary, backup = settings.upstreams
+    assert (primary.name, primary.priority, primary.weight) == ("primary", 1, 3)
+    assert (backup.name, backup.priority, backup.weight) == ("backup", 2, 1)
+    assert (primary.api_key.reveal(), backup.api_key.reveal()) == ("sk_a", "sk_b")
+    assert primary.prices == {"low": 1000, "medium": 2000, "high": 4000, "auto": 2000}
+    assert backup.prices == {**primary.prices, "high": 5000}  # [prices] where it names none
+    assert (primary.cooldown_s, primary.quota_retry_s, primary.max_fails) == (30, 3600, 3)
+    assert (backup.cooldown_s, backup.quota_retry_s, backup.max_fails) == (5, 60, 1)
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        ({**TWO_UPSTREAMS, "upstream": {"base_url": "https://x.example"}},
+         "upstream and upstreams: use [upstreams.NAME] tables"),
+        ({**MINIMAL, "upstreams": {}}, "upstreams must name at least one upstream"),
+        ({**MINIMAL, "upstreams": {"b": {"base_url": "https://x.example"}}},
+         "upstreams.b: set api_key_env or api_key_file"),
+        ({**MINIMAL, "upstreams": {"a b": {"api_key_env": "KEY_A"}}}, "upstreams.a b: upstream names"),
+        ({**MINIMAL, "upstreams": {"a": {"api_key_env": "KEY_A", "weight": 0}}},
+         "upstreams.a.weight must be at least 1"),
+        ({**MINIMAL, "upstreams": {"a": {"api_key_env": "KEY_A", "prices": {"ultra": 1}}}},
+         "upstreams.a.prices.ultra is not a known setting"),
+        ({**MINIMAL, "upstreams": {"a": {"api_key_env": "KEY_A", "cooldown": 1}}},
+         "upstreams.a.cooldown is not a known setting; did you mean cooldown_s?"),
+        ({**MINIMAL, "upstreams": {"a": {"api_key_env": "KEY_NONE"}}},
+         "upstreams.a.api_key_env (environment variable KEY_NONE): the central key is missing"),
+    ],
+)  # fmt: skip
+def test_upstream_problems_name_the_key(data: dict, named: str) -> None:
+    found = problems(data, env={"KEY_A": "sk_a", "KEY_B": "sk_b", **ENV})
+    assert any(named in problem for problem in found), found
 
 
 def test_all_problems_are_reported_together() -> None:

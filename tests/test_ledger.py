@@ -36,11 +36,11 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 ENTRY_FIELDS = {
     "request_id", "team", "period", "created_at", "state", "quality", "n", "held_cny",
     "settled_cny", "images", "upstream_id", "task_id", "reason", "resolution", "overrun_cny",
-    "corrections",
+    "corrections", "upstream",
 }  # fmt: skip
 EXPORT_HEADER = (
     "request_id,team,created_at,settled_at,state,quality,n,images,unit_price_cny,amount_cny,"
-    "upstream_id,task_id,reason,corrected_cny"
+    "upstream_id,task_id,reason,corrected_cny,upstream"
 )
 
 
@@ -409,7 +409,7 @@ async def test_ledger_commands_list_export_verify_and_refuse(
     assert code == 0
     header, *rows = out.splitlines()
     assert header.split() == ["created_at", "request_id", "team", "state", "quality", "held",
-                              "counted", "images", "upstream_id", "by", "reason"]  # fmt: skip
+                              "counted", "images", "upstream", "upstream_id", "by", "reason"]  # fmt: skip
     assert [row.split()[3] for row in rows] == ["uncertain", "captured"]  # newest first
 
     code, out, _ = await cli("ledger", "export", "--config", config, "--period", "2026-12")

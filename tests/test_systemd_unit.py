@@ -280,7 +280,7 @@ def test_readme_config_is_valid_and_matches_the_unit(tmp_path: Path) -> None:
     settings = parse_settings(
         data, base_dir=config_path.parent, env={"CREDENTIALS_DIRECTORY": str(creds)}
     )
-    assert settings.upstream.api_key.reveal() == UPSTREAM_KEY
+    assert settings.upstreams[0].api_key.reveal() == UPSTREAM_KEY
     assert Path(source).parent == config_path.parent
     assert settings.database.parent == Path("/var/lib") / values("StateDirectory")[0]
     assert Path(settings.log.access).parent == Path("/var/log") / values("LogsDirectory")[0]

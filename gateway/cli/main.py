@@ -1,5 +1,5 @@
-"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger. The only reader of
-argv. Every failure a user can cause ends in one line on stderr and exit status 1."""
+"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger, upstreams. The only
+reader of argv. Every failure a user can cause ends in one line on stderr and exit status 1."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.cli import ledger as cli_ledger
+from gateway.cli import upstreams as cli_upstreams
 from gateway.cli.support import (
     CONFIG_HELP,
     STORE_ERRORS,
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--simulate-upstream",
         action="store_true",
-        help="with --config: a rehearsal, the embedded simulator in place of [upstream]",
+        help="with --config: a rehearsal, an embedded simulator in place of each upstream",
     )
     serve.add_argument(
         "--accept-restored-ledger",
@@ -209,6 +210,7 @@ def _parser() -> argparse.ArgumentParser:
 
     cli_ledger.add_commands(commands)
     cli_ledger.add_db_commands(commands)
+    cli_upstreams.add_command(commands)
     return parser
 
 

@@ -48,6 +48,8 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 FILE_HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}")  # fits a header and a log line
 MIB = 1024 * 1024
+UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+DEFAULT_UPSTREAM = "default"  # the name of the one upstream of an [upstream] table
 
 
 class ConfigError(ValueError):
@@ -102,6 +104,8 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class UpstreamConfig:
+    """One upstream account: ``[upstreams.NAME]``, or ``[upstream]`` (named ``default``)."""
+
     base_url: str
     api_key: Secret
     timeout_s: float = 300.0
@@ -112,6 +116,13 @@ class UpstreamConfig:
     download_max_bytes: int = 50 * MIB
     download_timeout_s: float = 60.0
     proxy_results: bool = False
+    name: str = DEFAULT_UPSTREAM
+    priority: int = 1  # lower is tried first
+    weight: int = 1  # share among the upstreams of the same priority
+    prices: Mapping[str, int] = field(default_factory=dict)  # per quality; [prices] filled in
+    cooldown_s: float = 30.0  # first cooldown after max_fails consecutive failures
+    max_fails: int = 3
+    quota_retry_s: float = 3600.0  # how long a 402 disables it (or until a reload)
 
     @property
     def host(self) -> str:
@@ -229,7 +240,7 @@ class StorageConfig:
 @dataclass(frozen=True)
 class Settings:
     server: ServerConfig
-    upstream: UpstreamConfig
+    upstreams: tuple[UpstreamConfig, ...]  # in the config's order; at least one
     database: Path  # the SQLite file (backend sqlite)
     log: LogConfig
     prices: Mapping[str, int]
@@ -259,7 +270,6 @@ class Settings:
             name
             for name, old_value, new_value in (
                 ("server", self.server, new.server),
-                ("upstream", self.upstream, new.upstream),
                 ("storage.database", self.database, new.database),
                 ("storage", self.storage, new.storage),
                 ("log.access", self.log.access, new.log.access),
@@ -272,7 +282,6 @@ class Settings:
         merged = replace(
             new,
             server=self.server,
-            upstream=self.upstream,
             database=self.database,
             storage=self.storage,
             log=replace(new.log, access=self.log.access),
@@ -316,7 +325,8 @@ def parse_settings(
 ) -> Settings:
     root = _Table(data, "", [])
     server = _server(root.table("server"))
-    upstream = _upstream(root.table("upstream"), base_dir, env, require_central_key)
+    prices = _prices(root.table("prices"))
+    upstreams = _upstreams(root, prices, base_dir, env, require_central_key)
     storage = root.table("storage")
     database = _resolve(storage.get("database", str, "gateway.db", _non_empty), base_dir)
     storage_config = _storage(storage, base_dir, env)
@@ -330,7 +340,6 @@ def parse_settings(
         access=access if access == "-" else str(_resolve(access, base_dir)),
         prompts=log_table.get("prompts", bool, False),
     )
-    prices = _prices(root.table("prices"))
     teams = _teams(root.table("teams"))
     admin = root.table("admin")
     admin_keys = _key_hashes(admin, "keys_sha256", required=False)
@@ -339,7 +348,7 @@ def parse_settings(
     aliases = _aliases(models)
     settings = Settings(
         server=server,
-        upstream=upstream,
+        upstreams=upstreams,
         database=database,
         log=log,
         prices=prices,
@@ -501,8 +510,49 @@ def postgres_name(dsn: str) -> str:
     return f"PostgreSQL database {database} on {host}{f':{port}' if port else ''}"
 
 
+def _upstreams(
+    root: _Table,
+    prices: Mapping[str, int],
+    base_dir: Path,
+    env: Mapping[str, str],
+    require_key: bool,
+) -> tuple[UpstreamConfig, ...]:
+    """``[upstreams.NAME]`` tables, or the one ``[upstream]`` (named ``default``), never both."""
+    if "upstream" in root.data and "upstreams" in root.data:
+        root.errors.append(
+            "upstream and upstreams: use [upstreams.NAME] tables for several upstreams, or one "
+            "[upstream] table, not both"
+        )
+    if "upstreams" not in root.data:
+        return (_upstream(root.table("upstream"), prices, base_dir, env, require_key),)
+    root.seen.add("upstream")
+    tables = root.table("upstreams")
+    if not tables.data:
+        tables.errors.append(f"{tables.path} must name at least one upstream")
+    found = []
+    for name in tables.data:
+        table = tables.table(name)
+        if not UPSTREAM_NAME.fullmatch(name):
+            tables.errors.append(
+                f"{table.path}: upstream names are 1-63 letters, digits, _ . - (starting with "
+                "a letter or digit)"
+            )
+        if "api_key_env" not in table.data and "api_key_file" not in table.data:
+            tables.errors.append(
+                f"{table.path}: set api_key_env or api_key_file (each upstream has its own key)"
+            )
+        found.append(_upstream(table, prices, base_dir, env, require_key, name=name))
+    return tuple(found)
+
+
 def _upstream(
-    t: _Table, base_dir: Path, env: Mapping[str, str], require_key: bool
+    t: _Table,
+    prices: Mapping[str, int],
+    base_dir: Path,
+    env: Mapping[str, str],
+    require_key: bool,
+    *,
+    name: str = DEFAULT_UPSTREAM,
 ) -> UpstreamConfig:
     def url(value: str) -> str | None:
         parts = urlsplit(value)
@@ -532,6 +582,13 @@ def _upstream(
         download_max_bytes=int(t.get("download_max_mb", float, 50.0, _positive) * MIB),
         download_timeout_s=t.get("download_timeout_s", float, 60.0, _positive),
         proxy_results=t.get("proxy_results", bool, False),
+        name=name,
+        priority=t.get("priority", int, 1, _at_least_one),
+        weight=t.get("weight", int, 1, _at_least_one),
+        prices={**prices, **_prices(t.table("prices"), only_given=True)},
+        cooldown_s=t.get("cooldown_s", float, 30.0, _positive),
+        max_fails=t.get("max_fails", int, 3, _at_least_one),
+        quota_retry_s=t.get("quota_retry_s", float, 3600.0, _positive),
     )
     t.finish()
     return config
@@ -679,9 +736,13 @@ def _expand_env(value: str, env: Mapping[str, str]) -> str:
     return ENV_REFERENCE.sub(lambda m: env[m[1] or m[2]], value)
 
 
-def _prices(t: _Table) -> dict[str, int]:
+def _prices(t: _Table, *, only_given: bool = False) -> dict[str, int]:
+    """``[prices]``, or with ``only_given`` (an upstream's own table) the qualities it names."""
     prices = {}
     for quality in QUALITIES:
+        if only_given and quality not in t.data:
+            t.seen.add(quality)
+            continue
         value = t.get(quality, (float, str), DEFAULT_PRICES_CNY[quality])
         prices[quality] = _units(t, quality, value)
     t.finish()

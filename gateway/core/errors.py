@@ -16,6 +16,7 @@
     ├── RateLimited                    429    rate_limit_error
     ├── UpstreamRejected               (the upstream's status and type)
     ├── UpstreamFailure                502/504 upstream_error
+    ├── UpstreamUnavailable            503    upstream_error (every upstream cooling or disabled)
     ├── StorageUnavailable             503    server_error (the ledger cannot be written)
     └── InternalError                  500    server_error
 
@@ -25,6 +26,7 @@ retry cannot help or could buy the same image twice.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 
@@ -164,6 +166,7 @@ class UpstreamRejected(GatewayError):
     attempts = 1
     upstream_status: int | None = None
     upstream_ms: float | None = None
+    retry_after: float | None = None  # the upstream's Retry-After, in seconds
 
     def __init__(
         self,
@@ -197,6 +200,18 @@ class UpstreamFailure(GatewayError):
         self.status = status
         self.uncertain = uncertain
         self.should_retry = False if uncertain else None
+
+
+class UpstreamUnavailable(GatewayError):
+    """Every upstream is cooling down or disabled: nothing was sent, nothing reserved. A retry
+    after ``Retry-After`` is safe."""
+
+    status = 503
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
 
 
 class StorageUnavailable(GatewayError):

@@ -64,6 +64,8 @@ class Capture:
     upstream_id: str | None = None
     reason: str | None = None
     result: str | None = None
+    upstream: str | None = None  # the name of the upstream that served it
+    unit_price: int | None = None  # that upstream's price per image (at most the hold's)
     state: ClassVar[SettleState] = "captured"
 
     @property
@@ -78,6 +80,8 @@ class Release:
     reason: str
     upstream_id: str | None = None
     result: str | None = None
+    upstream: str | None = None  # the last upstream that refused it, if any was asked
+    unit_price: ClassVar[int | None] = None
     state: ClassVar[SettleState] = "released"
     images: ClassVar[int] = 0
     amount: ClassVar[int] = 0
@@ -93,6 +97,8 @@ class Uncertain:
     reason: str
     upstream_id: str | None = None
     result: str | None = None
+    upstream: str | None = None  # where it was sent, when known
+    unit_price: int | None = None  # that upstream's price per image, for its resolution
     state: ClassVar[SettleState] = "uncertain"
     images: ClassVar[int] = 0
     overrun: ClassVar[int] = 0
@@ -194,6 +200,13 @@ class LedgerEntry:
     key_fp: str | None = None
     end_user: str | None = None
     corrections: tuple[CorrectionRecord, ...] = ()
+    upstream: str | None = None  # the upstream that served (or was last asked), when known
+    upstream_unit_price: int | None = None  # its price per image
+
+    @property
+    def price(self) -> int:
+        """The price per image this entry is charged at: its upstream's, else the hold's."""
+        return self.upstream_unit_price if self.upstream_unit_price is not None else self.unit_price
 
     @property
     def state(self) -> HoldState:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from gateway.core.config import KeyConfig, TeamConfig
@@ -17,19 +17,25 @@ def unit_price(prices: Mapping[str, int], quality: str) -> int:
     return prices[quality]
 
 
+def hold_price(tables: Iterable[Mapping[str, int]], quality: str) -> int:
+    """What an image is held at: the highest price among the upstreams a request may reach,
+    so that whichever serves it (after any failover) costs no more than its hold."""
+    return max(unit_price(prices, quality) for prices in tables)
+
+
 def hold_for(
     *,
     request_id: str,
     team: TeamConfig,
     request: ImageRequest,
-    prices: Mapping[str, int],
+    price: int,
     period: Period,
     now: datetime,
     mode: str,
     fingerprint: str,
     key: KeyConfig | None = None,
 ) -> Hold:
-    """The exact amount to reserve: ``n`` images at the request's quality tier, against the
+    """The exact amount to reserve: ``n`` images at ``price`` (see ``hold_price``), against the
     team's budget and, for a capped key, the key's own."""
     return Hold(
         request_id=request_id,
@@ -40,7 +46,7 @@ def hold_for(
         mode="async" if mode == "async" else "sync",
         quality=request.quality,
         n=request.n,
-        unit_price=unit_price(prices, request.quality),
+        unit_price=price,
         budget=team.budget,
         fingerprint=fingerprint,
         key_id=key.identity if key is not None else None,

@@ -5,7 +5,7 @@ settler, start-up recovery and admins all settle through these functions, and th
 what they would never produce (a settlement above its hold other than an explicit overrun, a
 resolution of anything but an uncertain settlement, a second settlement or resolution).
 
-    upstream reply with images      capture(images x unit price, at most the hold)
+    upstream reply with images      capture(images x the serving upstream's price, at most the hold)
     task completed                  capture(the cost it reports; above the hold = overrun)
     upstream said no / never sent   release
     outcome unknown                 uncertain(the whole hold): counted, never silently refunded
@@ -58,32 +58,68 @@ class ExpiryRefused(ValueError):
     """This held entry cannot be expired (not held, or still young); the message says why."""
 
 
-def capture_reply(hold: Hold, images: int, upstream_id: str | None, result: str) -> Capture:
-    """A sync answer: charge the images returned, never more than were held."""
+def capture_reply(
+    hold: Hold,
+    images: int,
+    upstream_id: str | None,
+    result: str,
+    *,
+    upstream: str | None = None,
+    price: int | None = None,
+) -> Capture:
+    """A sync answer: the images returned at the price of the upstream that served them
+    (``price``; the hold's if not given), never more images or a higher price than were held."""
     served = max(0, min(images, hold.n))
+    unit = hold.unit_price if price is None else min(price, hold.unit_price)
     return Capture(
         images=served,
-        amount=served * hold.unit_price,
+        amount=served * unit,
         upstream_id=upstream_id,
         reason=None if served == hold.n else f"{served} of {hold.n} images returned",
         result=result,
+        upstream=upstream,
+        unit_price=unit,
     )
 
 
-def release(reason: str, *, upstream_id: str | None = None, result: str | None = None) -> Release:
-    return Release(reason=reason[:REASON_LIMIT], upstream_id=upstream_id, result=result)
+def release(
+    reason: str,
+    *,
+    upstream_id: str | None = None,
+    result: str | None = None,
+    upstream: str | None = None,
+) -> Release:
+    return Release(
+        reason=reason[:REASON_LIMIT], upstream_id=upstream_id, result=result, upstream=upstream
+    )
 
 
-def uncertain(hold: Hold, reason: str, *, upstream_id: str | None = None) -> Uncertain:
-    return Uncertain(amount=hold.amount, reason=reason[:REASON_LIMIT], upstream_id=upstream_id)
+def uncertain(
+    hold: Hold,
+    reason: str,
+    *,
+    upstream_id: str | None = None,
+    upstream: str | None = None,
+    price: int | None = None,
+) -> Uncertain:
+    """The whole hold stays counted; ``upstream`` and its ``price`` are kept for the resolution."""
+    return Uncertain(
+        amount=hold.amount,
+        reason=reason[:REASON_LIMIT],
+        upstream_id=upstream_id,
+        upstream=upstream,
+        unit_price=None if price is None else min(price, hold.unit_price),
+    )
 
 
-def interrupted(hold: Hold, *, sent: bool) -> Release | Uncertain:
+def interrupted(
+    hold: Hold, *, sent: bool, upstream: str | None = None, price: int | None = None
+) -> Release | Uncertain:
     """Cancelled (a drain past its time) or broken by a bug: only a request that provably never
     reached the upstream is released."""
     if not sent:
-        return release("cancelled before the request was sent")
-    return uncertain(hold, "interrupted after the request was sent")
+        return release("cancelled before the request was sent", upstream=upstream)
+    return uncertain(hold, "interrupted after the request was sent", upstream=upstream, price=price)
 
 
 def recovered(hold_amount: int) -> Uncertain:
@@ -98,19 +134,31 @@ def expired(hold_amount: int) -> Uncertain:
 
 
 def task_settlement(
-    hold_amount: int, n: int, task_id: str, answer: Mapping[str, Any], result: str
+    hold_amount: int,
+    n: int,
+    task_id: str,
+    answer: Mapping[str, Any],
+    result: str,
+    *,
+    upstream: str | None = None,
+    price: int | None = None,
 ) -> tuple[Capture | Release, str | None]:
     """A task's terminal answer as a settlement, and a warning to log (or None).
 
     The ledger must equal what the upstream billed, so a reported cost above the hold is kept
     as an explicit overrun. An unreadable cost (missing, negative, not finite, absurd) is
-    charged at the price table instead, loudly.
+    charged at the price table instead, loudly: ``n`` x ``price`` (the task's upstream's), or
+    the hold when that price is not known.
     """
     if answer.get("status") != "completed":
-        return release("upstream task failed", upstream_id=task_id, result=result), None
+        failed = release(
+            "upstream task failed", upstream_id=task_id, result=result, upstream=upstream
+        )
+        return failed, None
     listed = [v for v in (answer.get("data"), answer.get("result_urls")) if isinstance(v, list)]
     images = min(len(listed[0]), n) if listed else n  # the schema holds images <= n
-    cost, warning = _reported_cost(answer.get("cost"), hold_amount)
+    table = hold_amount if price is None else min(n * price, hold_amount)
+    cost, warning = _reported_cost(answer.get("cost"), table)
     amount, overrun = min(cost, hold_amount), max(0, cost - hold_amount)
     if overrun:
         warning = (
@@ -118,8 +166,9 @@ def task_settlement(
             f"overrun of {_cny(overrun)} recorded (is the price table out of date?)"
         )
     capture = Capture(
-        images=images, amount=amount, overrun=overrun, upstream_id=task_id, result=result
-    )
+        images=images, amount=amount, overrun=overrun, upstream_id=task_id, result=result,
+        upstream=upstream, unit_price=price,
+    )  # fmt: skip
     return capture, warning
 
 
@@ -150,7 +199,7 @@ def admin_resolution(
     count = entry.n if images is None else images
     if not 0 <= count <= entry.n:
         raise ResolutionRefused(f"{count} images is more than the {entry.n} held")
-    amount = count * entry.unit_price
+    amount = count * entry.price
     if amount > entry.settled_amount:
         raise ResolutionRefused("that is more than the uncertain amount")
     return Resolution("captured", count, amount, reason.strip()[:REASON_LIMIT], actor)
@@ -322,12 +371,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _reported_cost(value: object, hold_amount: int) -> tuple[int, str | None]:
+def _reported_cost(value: object, table: int) -> tuple[int, str | None]:
     units = _units(value)
     if units is None:
-        return hold_amount, (
+        return table, (
             f"the upstream reported an unreadable task cost ({_describe(value)}); "
-            f"charged the price table ({_cny(hold_amount)})"
+            f"charged the price table ({_cny(table)})"
         )
     return units, None
 

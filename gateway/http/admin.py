@@ -1,4 +1,5 @@
-"""Admin routes over the ledger: list entries, resolve an uncertain one. Admin key required."""
+"""Admin routes over the ledger (list entries, resolve an uncertain one) and the upstreams'
+health. Admin key required."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ from gateway.core.errors import Conflict, InvalidRequest, NotFound
 from gateway.core.live import Snapshot
 from gateway.core.settlement import REASON_TEXT, NotResolvable, ResolutionRefused
 from gateway.http.handlers import path_id
-from gateway.http.keys import BOOKS, CLOCK, CONFIG, DB, RECORD
+from gateway.http.keys import BOOKS, CLOCK, CONFIG, DB, RECORD, ROUTING
 from gateway.http.responses import json_response
-from gateway.services.reconcile import entry_json, queries
+from gateway.services.reconcile import entry_json, queries, rfc3339
 from gateway.services.resolutions import resolve
+from gateway.services.routing import UpstreamStatus
 from gateway.services.usage import check_report_args, usage_report
 from gateway.store.base import UnknownEntry
 
@@ -130,6 +132,27 @@ async def admin_usage(request: web.Request) -> web.Response:
         by=by,  # type: ignore[arg-type]
     )
     return json_response(report)
+
+
+async def list_upstreams(request: web.Request) -> web.Response:
+    """GET /admin/upstreams: each configured upstream's health, as this instance sees it."""
+    request[RECORD]["endpoint"] = "admin"
+    require_admin(request, request.app[CONFIG].current)
+    return json_response({"upstreams": upstreams_json(request.app[ROUTING].status())})
+
+
+def upstreams_json(found: list[UpstreamStatus]) -> list[dict[str, Any]]:
+    return [
+        {
+            "name": u.name,
+            "state": u.state,
+            "until": rfc3339(u.until) if u.until is not None else None,
+            "last_error": u.last_error,
+            "priority": u.priority,
+            "weight": u.weight,
+        }
+        for u in found
+    ]
 
 
 def require_admin(request: web.Request, snapshot: Snapshot) -> AdminKey:

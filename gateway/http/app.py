@@ -38,9 +38,9 @@ from gateway.http.keys import (
     IDEMPOTENCY,
     INSTANCE,
     METRICS,
+    ROUTING,
     SIMULATED,
     TASKS,
-    UPSTREAM,
     WATCH,
 )
 from gateway.http.middleware import gateway_middleware
@@ -54,13 +54,14 @@ from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
 from gateway.services.resolutions import log_outside
 from gateway.services.restores import KEEP_EVERY_S, RestoredLedger, WatermarkKeeper, check_restored
+from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
 from gateway.store import migrations
 from gateway.store.base import Store
 from gateway.store.factory import open_store
 from gateway.upstream.client import HttpUpstream
-from gateway.upstream.downloader import Downloader
+from gateway.upstream.pool import UpstreamPool
 
 log = logging.getLogger("gateway")
 
@@ -82,7 +83,7 @@ def create_app(
     accept_restored_ledger: bool = False,
     instance: str | None = None,
 ) -> web.Application:
-    """``simulated``: ``settings.upstream`` is the embedded simulator (``/readyz`` says so).
+    """``simulated``: ``settings.upstreams`` are embedded simulators (``/readyz`` says so).
     ``accept_restored_ledger``: start on a ledger behind the watermark, recording that.
     ``instance``: this instance's name (default: ``instance_name(settings)``)."""
     app = web.Application(
@@ -114,6 +115,7 @@ def create_metrics_app(main: web.Application) -> web.Application:
     metrics_app[METRICS], metrics_app[ACCESS_LOG] = main[METRICS], main[ACCESS_LOG]
     metrics_app[BOOKS], metrics_app[DB] = main[BOOKS], main[DB]
     metrics_app[WATCH] = main[WATCH]
+    metrics_app[ROUTING] = main[ROUTING]
     add_metrics_routes(metrics_app)
     return metrics_app
 
@@ -233,10 +235,16 @@ def _schema_step(settings: Settings) -> int:
 
 
 async def _upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG].current.settings.upstream
-    session = HttpUpstream.new_session(config)
-    app[UPSTREAM] = HttpUpstream(config, session)
-    app[DOWNLOADER] = Downloader(config, session)
+    session = HttpUpstream.new_session()
+    pool = UpstreamPool(session)
+    live = app[CONFIG]
+    app[ROUTING] = Routing(
+        pool=pool,
+        settings=lambda: live.current.settings,  # a reload makes new ones
+        metrics=app[METRICS],
+        clock=app[CLOCK],
+    )
+    app[DOWNLOADER] = pool.downloader
     yield
     await session.close()
 
@@ -247,16 +255,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     durable = Durable(metrics)
     tasks = TaskTracker(
         db=db,
-        upstream=app[UPSTREAM],
+        routing=app[ROUTING],
         metrics=metrics,
         books=books,
         clock=clock,
         config=settings.tasks,
-        follow_timeout_s=settings.upstream.timeout_s,
     )
     generations = Generations(
         db=db,
-        upstream=app[UPSTREAM],
+        routing=app[ROUTING],
         tasks=tasks,
         metrics=metrics,
         books=books,

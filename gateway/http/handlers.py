@@ -52,12 +52,13 @@ from gateway.http.keys import (
     LEDGER_ID,
     METRICS,
     RECORD,
+    ROUTING,
     SETTLING,
     SLOT,
     TASKS,
 )
 from gateway.http.responses import error_response, json_response
-from gateway.http.results import as_b64_json, is_result_path, through_gateway
+from gateway.http.results import as_b64_json, file_query, is_result_path, through_gateway
 from gateway.ops.accesslog import FILES_PATH, result_id, short_id
 from gateway.services.generation import Job, Outcome
 from gateway.services.idempotency import HEADER as IDEMPOTENCY_HEADER
@@ -123,7 +124,6 @@ async def create_image(request: web.Request) -> web.Response:
             fingerprint=fingerprint(
                 image_request, async_mode=mode == "async", key_fp=key.fingerprint
             ),
-            prices=settings.prices,
             period=period,
             now=now,
             slot=request[SLOT],
@@ -146,9 +146,9 @@ async def get_task(request: web.Request) -> web.Response:
     record["task_id"] = record["upstream_id"] = short_id(task_id)
     answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
     record["result_ids"] = _result_ids(answer)
-    upstream = request.app[CONFIG].current.settings.upstream
-    if upstream.proxy_results:
-        answer = through_gateway(answer, _origin(request), upstream)
+    configs = list(request.app[ROUTING].known_configs())
+    if any(c.proxy_results for c in configs):
+        answer = through_gateway(answer, _origin(request), configs)
     return json_response(answer)
 
 
@@ -160,13 +160,15 @@ async def result_file(request: web.Request) -> web.StreamResponse:
     """
     record = request[RECORD]
     record.update(endpoint="files", path=FILES_PATH + "…")
-    upstream = request.app[CONFIG].current.settings.upstream
-    if not upstream.proxy_results:
+    query = file_query(request.query)
+    upstream = request.app[ROUTING].config(query[0] if query else None)
+    if upstream is None or not upstream.proxy_results:
         raise NotFound("Result proxying is off; use the result URL as given.")
-    if not is_result_path(request.raw_path.partition("?")[0], request.query_string):
+    path = request.raw_path.partition("?")[0]
+    if query is None or not is_result_path(path, query[1]):
         raise NotFound("Not a result image path.")
-    url = upstream.files_origin + request.raw_path
-    record["result_ids"] = [result_id(url)]
+    url = upstream.files_origin + path + (f"?{query[1]}" if query[1] else "")
+    record.update(result_ids=[result_id(url)], upstream=upstream.name)
     try:
         async with request.app[DOWNLOADER].open_image(url) as image:
             response = web.StreamResponse(
@@ -348,6 +350,8 @@ async def _respond(
         task_id=short_id(outcome.task_id),
         attempts=outcome.attempts or None,
         dedupe_of=outcome.dedupe_of,
+        upstream=outcome.upstream,
+        failovers=list(outcome.failovers) if outcome.upstream is not None else None,
     )
     headers = dict(outcome.extra)
     if req.ignored:
@@ -364,8 +368,9 @@ async def _respond(
         keep_url = req.response_format == "both"
         payload, warning = await as_b64_json(payload, request.app[DOWNLOADER], keep_url=keep_url)
         headers.update(warning)
-    if settings.upstream.proxy_results:
-        payload = through_gateway(payload, _origin(request), settings.upstream)
+    configs = list(request.app[ROUTING].known_configs())
+    if any(c.proxy_results for c in configs):
+        payload = through_gateway(payload, _origin(request), configs)
     elif outcome.raw is not None and req.response_format == "url":
         # the upstream's own bytes: no need to serialize them again
         return web.Response(

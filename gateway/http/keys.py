@@ -17,10 +17,10 @@ from gateway.services.books import Books, LogSlot
 from gateway.services.durable import Durable
 from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
+from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
 from gateway.store.base import Store
-from gateway.upstream.base import Upstream
 from gateway.upstream.downloader import Downloader
 
 CONFIG = web.AppKey("config", LiveConfig)
@@ -29,7 +29,7 @@ METRICS = web.AppKey("metrics", Metrics)
 ACCESS_LOG = web.AppKey("access_log", AccessLog)
 BOOKS = web.AppKey("books", Books)
 DB = web.AppKey("db", Store)
-UPSTREAM = web.AppKey[Upstream]("upstream")
+ROUTING = web.AppKey("routing", Routing)  # every upstream: routing, failover, health
 DOWNLOADER = web.AppKey("downloader", Downloader)
 TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from gateway.core.errors import NotFound
 from gateway.http.admin import require_admin
-from gateway.http.keys import CONFIG, DB, METRICS, RECORD, SIMULATED, WATCH
+from gateway.http.keys import CONFIG, DB, METRICS, RECORD, ROUTING, SIMULATED, WATCH
 from gateway.http.responses import json_response
 from gateway.ops.metrics import CONTENT_TYPE
 
@@ -39,7 +39,8 @@ async def readyz(request: web.Request) -> web.Response:
     except Exception as exc:
         log.warning("readiness: the database is not usable: %s", exc)
         checks["database"] = f"error: {type(exc).__name__}"
-    checks["central_key"] = "ok" if settings.upstream.api_key.reveal() else "missing"
+    keys = all(upstream.api_key.reveal() for upstream in settings.upstreams)
+    checks["central_key"] = "ok" if keys else "missing"
     if watch.upgrade_required is not None:
         checks["release"] = f"upgrade_required: the database serves {watch.upgrade_required}+"
     ready = all(value == "ok" for value in checks.values())
@@ -61,4 +62,13 @@ async def metrics_handler(request: web.Request) -> web.Response:
     if snapshot.settings.metrics.require_admin:
         require_admin(request, snapshot)
     await request.app[WATCH].fresh(SCRAPE_WAIT_S)
+    _refresh_upstreams(request.app)
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _refresh_upstreams(app: web.Application) -> None:
+    """``gateway_upstream_up`` per configured upstream, as this instance sees it now."""
+    gauge = app[METRICS].upstream_up
+    gauge.clear()  # an upstream removed by a reload is no longer reported
+    for upstream in app[ROUTING].status():
+        gauge.labels(upstream.name).set(1 if upstream.state == "healthy" else 0)

@@ -12,10 +12,13 @@ import asyncio
 import base64
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.core.config import UpstreamConfig
+from multidict import MultiMapping
+
+from gateway.core.config import DEFAULT_UPSTREAM, UpstreamConfig
 from gateway.upstream.base import DownloadError
 from gateway.upstream.downloader import Downloader, is_result_origin
 
@@ -47,21 +50,25 @@ async def as_b64_json(
     return {**payload, "data": data}, {}
 
 
-def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig) -> dict[str, Any]:
-    """``payload`` with each upstream result URL (``data[].url``, ``result_url``,
-    ``result_urls[]``) pointing at the gateway's own ``/v1/images/files/...``, which streams it
-    from the upstream."""
+def through_gateway(
+    payload: dict[str, Any], origin: str, configs: Iterable[UpstreamConfig]
+) -> dict[str, Any]:
+    """``payload`` with each result URL (``data[].url``, ``result_url``, ``result_urls[]``) of an
+    upstream with ``proxy_results`` pointing at the gateway's own ``/v1/images/files/...``,
+    which streams it from that upstream (named in the query, but for the one ``default``
+    upstream)."""
+    known = list(configs)
     shown = dict(payload)
     if isinstance(shown.get("result_url"), str):
-        shown["result_url"] = _proxied(shown["result_url"], origin, config)
+        shown["result_url"] = _proxied(shown["result_url"], origin, known)
     if isinstance(shown.get("result_urls"), list):
         shown["result_urls"] = [
-            _proxied(url, origin, config) if isinstance(url, str) else url
+            _proxied(url, origin, known) if isinstance(url, str) else url
             for url in shown["result_urls"]
         ]
     if isinstance(shown.get("data"), list):
         shown["data"] = [
-            {**item, "url": _proxied(item["url"], origin, config)}
+            {**item, "url": _proxied(item["url"], origin, known)}
             if isinstance(item, dict) and isinstance(item.get("url"), str)
             else item
             for item in shown["data"]
@@ -69,11 +76,24 @@ def through_gateway(payload: dict[str, Any], origin: str, config: UpstreamConfig
     return shown
 
 
-def _proxied(url: str, origin: str, config: UpstreamConfig) -> str:
+def _proxied(url: str, origin: str, configs: list[UpstreamConfig]) -> str:
     parts = urlsplit(url)
-    if not is_result_origin(url, config) or not is_result_path(parts.path, parts.query):
+    config = next((c for c in configs if is_result_origin(url, c)), None)
+    if config is None or not config.proxy_results or not is_result_path(parts.path, parts.query):
         return url
-    return origin + parts.path + (f"?{parts.query}" if parts.query else "")
+    named = "" if config.name == DEFAULT_UPSTREAM else f"upstream={config.name}"
+    query = "&".join(q for q in (named, parts.query) if q)
+    return origin + parts.path + (f"?{query}" if query else "")
+
+
+def file_query(query: MultiMapping[str]) -> tuple[str | None, str] | None:
+    """A result file's query through the gateway: (the upstream named, the query to pass on:
+    ``""`` or ``download=1``), or None for anything else."""
+    if set(query) - {"upstream", "download"} or any(len(query.getall(k)) > 1 for k in query):
+        return None
+    if query.get("download", "1") != "1":
+        return None
+    return query.get("upstream"), "download=1" if "download" in query else ""
 
 
 def is_result_path(raw_path: str, query: str) -> bool:

@@ -22,6 +22,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
     app.router.add_get("/admin/usage", admin.admin_usage)
     app.router.add_get("/admin/ledger", admin.list_ledger)
     app.router.add_post("/admin/ledger/{request_id}/resolve", admin.resolve_entry)
+    app.router.add_get("/admin/upstreams", admin.list_upstreams)
     if settings.metrics.enabled and settings.metrics.port == 0:
         add_metrics_routes(app)
 

@@ -34,7 +34,7 @@ UNLIMITED_FILES = 1 << 20
 PRIVILEGED_PORTS = 1024
 
 Simulate = Callable[[Settings], Settings]
-"""Puts the embedded simulator in place of [upstream] (see gateway.cli.rehearsal)."""
+"""Puts an embedded simulator in place of each upstream (see gateway.cli.rehearsal)."""
 
 
 async def serve(
@@ -122,9 +122,9 @@ def _log_listening(url: str, instance: str, settings: Settings, *, simulated: bo
     if simulated:
         log.warning(
             "SIMULATED UPSTREAM, NOT PRODUCTION: requests are answered by the embedded simulator "
-            "at %s (placeholder images; nothing leaves this machine), not by [upstream]; budgets "
-            "are charged to the ledger %s as usual",
-            settings.upstream.base_url,
+            "at %s (placeholder images; nothing leaves this machine), not by the configured "
+            "upstreams; budgets are charged to the ledger %s as usual",
+            ", ".join(f"{u.base_url} ({u.name})" for u in settings.upstreams),
             settings.ledger_name(),
         )
     log.info("listening on %s as instance %s (%d teams)", url, instance, len(settings.teams))

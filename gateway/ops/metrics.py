@@ -94,6 +94,26 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.upstream_up = Gauge(
+            "gateway_upstream_up",
+            "1 while an upstream is healthy, 0 while it cools down or is disabled (this "
+            "instance's view)",
+            ["upstream"],
+            registry=r,
+        )
+        self.upstream_requests = Counter(
+            "gateway_upstream_requests",
+            "Generations sent to each upstream, by outcome: ok, rejected (the request's fault), "
+            "unavailable (it did not start: failed over), uncertain",
+            ["upstream", "outcome"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "gateway_failovers",
+            "Generations sent to another upstream because one did not start them",
+            ["from", "to", "reason"],
+            registry=r,
+        )
         self.reserve_seconds = Histogram(
             "gateway_reserve_seconds",
             "Time to reserve a budget hold (durable write)",

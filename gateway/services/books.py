@@ -34,13 +34,14 @@ class MoneyMoved:
     task_id: str | None
     key: str | None = None
     actor: str | None = None  # who moved it, when a person did (a resolution, an expiry)
+    upstream: str | None = None  # the upstream's name (where it was served, sent or polled)
 
     @classmethod
     def settled(cls, hold: Hold, settlement: Settlement, task_id: str | None = None) -> MoneyMoved:
         return cls(
             hold.request_id, hold.team, hold.mode, hold.quality, hold.n, settlement.state,
             settlement.charged, settlement.images, settlement.overrun, settlement.upstream_id,
-            task_id, hold.key_id,
+            task_id, key=hold.key_id, upstream=settlement.upstream,
         )  # fmt: skip
 
     @classmethod
@@ -58,6 +59,7 @@ class MoneyMoved:
         return cls(
             entry.request_id, entry.team, entry.mode, entry.quality, entry.n, entry.state,
             charged, images, overrun, entry.upstream_id, entry.task_id, entry.key_id, actor,
+            entry.upstream,
         )  # fmt: skip
 
     @classmethod
@@ -66,7 +68,7 @@ class MoneyMoved:
         became since)."""
         return cls(
             entry.request_id, entry.team, entry.mode, entry.quality, entry.n, "uncertain", 0, 0,
-            0, entry.upstream_id, entry.task_id, entry.key_id, actor,
+            0, entry.upstream_id, entry.task_id, entry.key_id, actor, entry.upstream,
         )  # fmt: skip
 
     @classmethod
@@ -101,6 +103,7 @@ class LogSlot:
         record["ledger_id"] = record["ledger_id"] or moved.ledger_id
         record["task_id"] = record["task_id"] or short_id(moved.task_id)
         record["upstream_id"] = record["upstream_id"] or short_id(moved.upstream_id)
+        record["upstream"] = record["upstream"] or moved.upstream
         return True
 
 
@@ -139,6 +142,7 @@ class Books:
             upstream_id=short_id(moved.upstream_id),
             task_id=short_id(moved.task_id),
             actor=moved.actor,
+            upstream=moved.upstream,
         )
         self._access_log.write(record)
 

@@ -28,6 +28,7 @@ from gateway.core.errors import (
     StorageUnavailable,
     UpstreamFailure,
     UpstreamRejected,
+    UpstreamUnavailable,
 )
 from gateway.core.ledger import BudgetRefused, Hold, Settlement, Usage
 from gateway.core.normalize import ImageRequest
@@ -39,9 +40,10 @@ from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
+from gateway.services.routing import Plan, Routed, Routing
 from gateway.services.tasks import TaskTracker
 from gateway.store.base import Attempt, Closed, DuplicateTask, Store
-from gateway.upstream.base import Reply, SendState, Upstream, error_label
+from gateway.upstream.base import Reply, SendState
 
 log = logging.getLogger("gateway.generation")
 
@@ -59,7 +61,6 @@ class Job:
     query: Mapping[str, str]
     mode: Mode
     fingerprint: str
-    prices: Mapping[str, int]
     period: Period
     now: datetime
     slot: LogSlot | None = None  # the request's access-log line, while money can join it
@@ -86,6 +87,8 @@ class Outcome:
     dedupe_of: str | None = None
     usage: Usage | None = None  # the team's usage once this request's hold was placed
     extra: Mapping[str, str] = field(default_factory=dict)
+    upstream: str | None = None  # the upstream that answered (or was last tried)
+    failovers: tuple[str, ...] = ()  # the upstreams tried before it
 
 
 @dataclass(slots=True)
@@ -102,7 +105,7 @@ class Generations:
         self,
         *,
         db: Store,
-        upstream: Upstream,
+        routing: Routing,
         tasks: TaskTracker,
         metrics: Metrics,
         books: Books,
@@ -111,7 +114,7 @@ class Generations:
         attach_timeout_s: float = 300.0,
     ) -> None:
         self._db = db
-        self._upstream = upstream
+        self._routing = routing
         self._tasks = tasks
         self._metrics = metrics
         self._books = books
@@ -212,11 +215,16 @@ class Generations:
                 running.ready.set_exception(failure)
 
     async def _generate(self, job: Job, ready: asyncio.Future[Outcome]) -> None:
+        try:
+            plan = self._routing.plan(job.request.quality)
+        except UpstreamUnavailable as exc:  # nothing is reserved
+            ready.set_result(Outcome(exc.status, job.request_id, error=exc))
+            return
         hold = hold_for(
             request_id=job.request_id,
             team=job.team,
             request=job.request,
-            prices=job.prices,
+            price=plan.price,
             period=job.period,
             now=job.now,
             mode=job.mode,
@@ -251,10 +259,13 @@ class Generations:
         self._metrics.reserve_seconds.observe(time.perf_counter() - started)
         state = SendState()
         try:
-            outcome, settlement = await self._forward(job, hold, usage, state)
+            outcome, settlement = await self._forward(job, hold, usage, plan, state)
         except BaseException:
             # Cancelled (shutdown past the drain time) or a bug: the upstream may have worked.
-            await asyncio.shield(self._commit(job, hold, interrupted(hold, sent=state.sent)))
+            config = self._routing.config(state.upstream) if state.upstream else None
+            price = config.prices[hold.quality] if config is not None else None
+            cut = interrupted(hold, sent=state.sent, upstream=state.upstream, price=price)
+            await asyncio.shield(self._commit(job, hold, cut))
             raise
         ready.set_result(outcome)
         if settlement is not None:
@@ -274,41 +285,46 @@ class Generations:
             raise
 
     async def _forward(
-        self, job: Job, hold: Hold, usage: Usage, state: SendState
+        self, job: Job, hold: Hold, usage: Usage, plan: Plan, state: SendState
     ) -> tuple[Outcome, Settlement | None]:
         """Send the request: its outcome, and the settlement it calls for (None: a task, which
         the tracker settles when it ends)."""
+        body = upstream_body(job.request)
+        routed = await self._routing.submit(plan, job.path, body, dict(job.query), state)
         base: dict[str, Any] = {"request_id": job.request_id, "reserved": hold.amount}
-        base["usage"] = usage
-        try:
-            reply = await self._upstream.submit(
-                job.path, upstream_body(job.request), dict(job.query), state
-            )
-        except UpstreamRejected as exc:  # the upstream said no: nothing was generated
-            self._metrics.upstream_errors.labels(error_label(exc)).inc()
-            final = exc.status < 500 and exc.status != 429 and exc.code != "upstream_auth_failed"
-            outcome = _failed(exc, final=final, **base)
-            return outcome, release(exc.message, upstream_id=None)
-        except UpstreamFailure as exc:  # never sent (released) or the answer was lost (uncertain)
-            self._metrics.upstream_errors.labels(error_label(exc)).inc()
-            if exc.uncertain:  # the id an admin needs to resolve it
-                exc.message = f"{exc.message} (ledger id {job.request_id})"
-            outcome = _failed(exc, final=exc.uncertain, **base)
-            if exc.uncertain:
-                return outcome, uncertain(hold, exc.code or "upstream_error")
-            return outcome, release(exc.code or "upstream_error")
+        base.update(usage=usage, upstream=routed.upstream, failovers=routed.failovers)
+        result, upstream = routed.result, routed.upstream
+        if isinstance(result, UpstreamUnavailable):  # every upstream went away meanwhile
+            outcome = Outcome(result.status, error=result, **base)
+            return outcome, release("not sent: no upstream could take it")
+        if isinstance(result, UpstreamRejected):  # the upstream said no: nothing was generated
+            final = (
+                result.status < 500 and result.status != 429
+                and result.code != "upstream_auth_failed"
+            )  # fmt: skip
+            outcome = _failed(result, routed, final=final, **base)
+            return outcome, release(result.message, upstream=upstream)
+        if isinstance(result, UpstreamFailure):  # never sent (released) or the answer was lost
+            if result.uncertain:  # the id an admin needs to resolve it
+                result.message = f"{result.message} (ledger id {job.request_id})"
+            outcome = _failed(result, routed, final=result.uncertain, **base)
+            reason = result.code or "upstream_error"
+            if result.uncertain:
+                return outcome, uncertain(hold, reason, upstream=upstream, price=routed.price)
+            return outcome, release(reason, upstream=upstream)
+        reply = result
         self._metrics.upstream_seconds.labels(job.request.endpoint, job.mode).observe(
             reply.upstream_ms / 1000
         )
         base.update(
             upstream_status=reply.status,
             upstream_ms=reply.upstream_ms,
-            attempts=reply.attempts,
+            attempts=routed.attempts,
             final=True,
         )
         if reply.status == 202:
             try:
-                return await self._task_reply(job, hold, reply, base), None
+                return await self._task_reply(job, hold, reply, routed, base), None
             except DuplicateTask:
                 error = UpstreamFailure(
                     "The upstream answered with the id of an earlier task; the image may have "
@@ -319,13 +335,16 @@ class Generations:
                 )
                 log.error("the upstream reused a task id for %s", job.request_id)
                 outcome = Outcome(error.status, error=error, **base)
-                return outcome, uncertain(hold, "the upstream reused a task id")
+                reason = "the upstream reused a task id"
+                return outcome, uncertain(hold, reason, upstream=upstream, price=routed.price)
         upstream_id = reply.payload.get("id")
         captured = capture_reply(
             hold,
             len(reply.payload["data"]),
             upstream_id if isinstance(upstream_id, str) else None,
             reply.raw.decode("utf-8", "replace"),
+            upstream=upstream,
+            price=routed.price,
         )
         if job.mode == "async":  # it answered at once: a task that is already complete
             now = self._clock().timestamp()
@@ -344,17 +363,26 @@ class Generations:
         )
 
     async def _task_reply(
-        self, job: Job, hold: Hold, reply: Reply, base: dict[str, Any]
+        self, job: Job, hold: Hold, reply: Reply, routed: Routed, base: dict[str, Any]
     ) -> Outcome:
         """A 202: recorded before anyone hears of it; a sync caller waits for it to end."""
         task_id = str(reply.payload["task_id"])
         await self._durable.write(
             f"task record of {job.request_id}",
-            lambda: self._tasks.submitted(task_id, job.team.name, job.request_id, hold.created_at),
+            lambda: self._tasks.submitted(
+                task_id,
+                job.team.name,
+                job.request_id,
+                hold.created_at,
+                upstream=routed.upstream,
+                price=routed.price,
+            ),
         )
         if job.mode == "async":
             return Outcome(202, payload=reply.payload, raw=reply.raw, task_id=task_id, **base)
-        answer = await self._tasks.follow(task_id, job.team.name, job.slot)
+        config = self._routing.config(routed.upstream)
+        assert config is not None  # the upstream that just answered
+        answer = await self._tasks.follow(task_id, job.team.name, job.slot, config.timeout_s)
         if answer is None:
             error: GatewayError = UpstreamFailure(
                 f"The upstream turned this request into task {task_id}, which is still "
@@ -400,13 +428,15 @@ class Generations:
             late.report(self._books, settled, job.slot)
 
 
-def _failed(error: UpstreamFailure | UpstreamRejected, *, final: bool, **base: Any) -> Outcome:
+def _failed(
+    error: UpstreamFailure | UpstreamRejected, routed: Routed, *, final: bool, **base: Any
+) -> Outcome:
     return Outcome(
         error.status,
         error=error,
         upstream_status=error.upstream_status,
         upstream_ms=error.upstream_ms,
-        attempts=error.attempts,
+        attempts=routed.attempts,
         final=final,
         **base,
     )
@@ -452,4 +482,6 @@ def _as_dedupe(outcome: Outcome) -> Outcome:
         attempts=0,
         usage=None,
         dedupe_of=outcome.request_id,
+        upstream=None,
+        failovers=(),
     )

@@ -24,6 +24,7 @@ STATES = ("held", "captured", "released", "uncertain")
 EXPORT_FIELDS = (
     "request_id", "team", "created_at", "settled_at", "state", "quality", "n", "images",
     "unit_price_cny", "amount_cny", "upstream_id", "task_id", "reason", "corrected_cny",
+    "upstream",
 )  # fmt: skip
 # OWASP's CSV injection rule: a cell starting with one of these is a formula to a spreadsheet.
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -97,6 +98,7 @@ def entry_json(entry: LedgerEntry) -> dict[str, Any]:
             }
             for c in entry.corrections
         ],
+        "upstream": entry.upstream,
     }
 
 
@@ -119,12 +121,13 @@ def export_row(entry: LedgerEntry) -> dict[str, Any]:
         "quality": entry.quality,
         "n": entry.n,
         "images": entry.charged_images,
-        "unit_price_cny": units_to_cny(entry.unit_price),
+        "unit_price_cny": units_to_cny(entry.price),
         "amount_cny": units_to_cny(counted(entry)),
         "upstream_id": entry.upstream_id,
         "task_id": entry.task_id,
         "reason": entry.reason,
         "corrected_cny": units_to_cny(entry.corrected),
+        "upstream": entry.upstream,
     }
 
 
@@ -151,7 +154,7 @@ def _cell(value: object) -> object:
 def table(entries: Iterable[LedgerEntry]) -> str:
     """One line per entry, as given (newest first), aligned for a terminal."""
     header = ("created_at", "request_id", "team", "state", "quality", "held", "counted", "images",
-              "upstream_id", "by", "reason")  # fmt: skip
+              "upstream", "upstream_id", "by", "reason")  # fmt: skip
     rows = [header]
     for e in entries:
         reason = e.resolution.reason if e.resolution else (e.reason or "")
@@ -167,6 +170,7 @@ def table(entries: Iterable[LedgerEntry]) -> str:
                 f"{units_to_cny(e.held):.4f}",
                 f"{units_to_cny(counted(e)):.4f}",
                 str(e.charged_images),
+                e.upstream or "-",
                 e.upstream_id or e.task_id or "-",
                 e.resolution.actor if e.resolution else "-",
                 reason[:60].replace("\n", " "),

@@ -30,8 +30,8 @@ from gateway.ops.accesslog import short_id
 from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
+from gateway.services.routing import Routing
 from gateway.store.base import NEVER, DuplicateTask, Store, TaskRow
-from gateway.upstream.base import Upstream
 
 log = logging.getLogger("gateway.tasks")
 
@@ -47,20 +47,18 @@ class TaskTracker:
         self,
         *,
         db: Store,
-        upstream: Upstream,
+        routing: Routing,
         metrics: Metrics,
         books: Books,
         clock: Callable[[], datetime],
         config: TasksConfig,
-        follow_timeout_s: float,
     ) -> None:
         self._db = db
-        self._upstream = upstream
+        self._routing = routing
         self._metrics = metrics
         self._books = books
         self._clock = clock
         self._config = config
-        self._follow_timeout_s = follow_timeout_s
         self._pending: TTLCache[str, dict[str, Any]] = TTLCache(
             CACHE_SIZE, config.poll_cache_ttl_s, timer=self._now
         )
@@ -71,13 +69,26 @@ class TaskTracker:
     def _now(self) -> float:
         return self._clock().timestamp()
 
-    async def submitted(self, task_id: str, team: str, request_id: str, created_at: float) -> None:
-        """Record a new task before anyone hears of it. Safe to retry: a row this request
-        already wrote (a commit whose acknowledgement was lost) counts as recorded; one of
-        another request is DuplicateTask (the upstream reused an id)."""
+    async def submitted(
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        created_at: float,
+        *,
+        upstream: str | None,
+        price: int | None,
+    ) -> None:
+        """Record a new task (created at ``upstream``, whose price per image is ``price``)
+        before anyone hears of it. Safe to retry: a row this request already wrote (a commit
+        whose acknowledgement was lost) counts as recorded; one of another request is
+        DuplicateTask (the upstream reused an id)."""
         first_poll = created_at + self._config.settle_interval_s
         try:
-            await self._db.record_task(task_id, team, request_id, created_at, first_poll)
+            await self._db.record_task(
+                task_id, team, request_id, created_at, first_poll, upstream=upstream,
+                unit_price=price,
+            )  # fmt: skip
         except DuplicateTask:
             row = await self._db.task(task_id)
             if row is None or row.request_id != request_id:
@@ -138,13 +149,17 @@ class TaskTracker:
             raise NotFound(f"No task with id {task_id!r} was found.", param="task_id")
         if row.status in TERMINAL and row.result is not None:
             return present(json.loads(row.result))
+        if slot is not None:  # asked of its upstream (or of the fleet's fresh copy of its answer)
+            slot.record["upstream"] = self._routing.owner(row.upstream)
         return present(await self._fresh_answer(row, slot))
 
-    async def follow(self, task_id: str, team: str, slot: LogSlot | None) -> dict[str, Any] | None:
+    async def follow(
+        self, task_id: str, team: str, slot: LogSlot | None, timeout_s: float
+    ) -> dict[str, Any] | None:
         """For a sync request the upstream turned into a task: its terminal answer once it has
-        one, or None after the upstream timeout (the settler goes on with it)."""
+        one, or None after ``timeout_s`` (its upstream's; the settler goes on with it)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._follow_timeout_s
+        deadline = loop.time() + timeout_s
         while True:
             try:
                 answer = await self.poll(team, task_id, slot)
@@ -202,6 +217,23 @@ class TaskTracker:
     async def _settle_one(self, row: TaskRow, now: float) -> None:
         if row.settled is None and now - row.created_at > self._config.max_pending_age_s:
             await self._expire(row, now)
+        owner = self._routing.owner(row.upstream)
+        if not self._routing.known(row.upstream):
+            log.warning(
+                "task %s (%s) belongs to upstream %s, which is not configured: it cannot be "
+                "polled until that upstream is back in the config (with its key)",
+                short_id(row.task_id),
+                row.request_id,
+                owner,
+            )
+        elif self._routing.retired(row.upstream):
+            log.info(
+                "task %s (%s): polled at upstream %s, removed from the config and kept for "
+                "polling only",
+                short_id(row.task_id),
+                row.request_id,
+                owner,
+            )
         try:
             answer = await self._fresh_answer(row, None)
         except UpstreamRejected as exc:
@@ -270,7 +302,7 @@ class TaskTracker:
                 if answer.get("status") not in TERMINAL:
                     self._pending[row.task_id] = answer
                 return answer
-        answer = (await self._upstream.get_task(row.task_id)).payload
+        answer = (await self._routing.get_task(row.upstream, row.task_id)).payload
         status = answer.get("status")
         if status in TERMINAL:
             await self._finish(row, str(status), answer, slot)
@@ -300,7 +332,10 @@ class TaskTracker:
         self, row: TaskRow, status: str, answer: dict[str, Any], slot: LogSlot | None
     ) -> None:
         result = json.dumps(answer, ensure_ascii=False)
-        settlement, warning = task_settlement(row.hold_amount, row.n, row.task_id, answer, result)
+        settlement, warning = task_settlement(
+            row.hold_amount, row.n, row.task_id, answer, result, upstream=row.upstream,
+            price=row.upstream_unit_price,
+        )  # fmt: skip
         closed = await self._db.finish_task(
             row,
             status=status,

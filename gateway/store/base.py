@@ -58,6 +58,8 @@ class TaskRow:
     n: int
     settled: str | None  # the settlement's state, None while held
     resolved: bool
+    upstream: str | None = None  # where it was created, and is polled (None: before 0007)
+    upstream_unit_price: int | None = None  # that upstream's price per image
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +113,7 @@ class LedgerQuery:
     limit: int | None = None
 
 
-Grouping = Literal["key", "end_user", "day", "quality"]
+Grouping = Literal["key", "end_user", "day", "quality", "upstream"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,9 +283,18 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def record_task(
-        self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        now: float,
+        first_poll_at: float,
+        *,
+        upstream: str | None = None,
+        unit_price: int | None = None,
     ) -> None:
-        """A pending task of a held request; ``DuplicateTask`` if the id is taken."""
+        """A pending task of a held request, created at ``upstream`` (whose price per image is
+        ``unit_price``); ``DuplicateTask`` if the id is taken."""
 
     @abc.abstractmethod
     async def record_completed_task(
@@ -299,8 +310,9 @@ class Store(abc.ABC):
         now: float,
     ) -> Closed | None:
         """A task that was complete when submitted, and its settlement, in one step (a crash
-        must not leave a held hold with a finished task); if the hold was closed meanwhile,
-        ``late`` decides, as in ``settle_late``. ``DuplicateTask`` if the id is taken."""
+        must not leave a held hold with a finished task; the task's upstream and price are the
+        settlement's); if the hold was closed meanwhile, ``late`` decides, as in
+        ``settle_late``. ``DuplicateTask`` if the id is taken."""
 
     @abc.abstractmethod
     async def task(self, task_id: str) -> TaskRow | None: ...

@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from gateway.core.ledger import CorrectionRecord, Hold, LedgerEntry, Mismatch, ResolutionRecord
+from gateway.core.ledger import (
+    CorrectionRecord,
+    Hold,
+    LedgerEntry,
+    Mismatch,
+    ResolutionRecord,
+    Settlement,
+)
 from gateway.core.restore import Position
 from gateway.store.base import NEVER, TaskRow, Verification
 
@@ -20,7 +27,7 @@ ENTRY_COLUMNS = (
     "request_id, team, period, created_at, mode, quality, n, unit_price, held, settled_state,"
     " settled, images, overrun, upstream_id, task_id, reason, settled_at, resolved_state,"
     " resolved_images, resolved_amount, resolved_overrun, resolved_reason, resolved_by,"
-    " resolved_at, key_id, key_fp, end_user, corrections"
+    " resolved_at, key_id, key_fp, end_user, corrections, upstream, upstream_unit_price"
 )
 
 IMAGES = (
@@ -43,10 +50,18 @@ IN_FLIGHT = f"(t.task_id IS NULL OR (t.status = 'pending' AND t.next_poll_at >= 
 TASK_SELECT = (
     "SELECT t.task_id, t.team, t.request_id, t.created_at, t.status, t.result, t.polls,"
     " t.next_poll_at, h.amount, h.unit_price, h.quality, h.n, s.state,"
-    " r.request_id IS NOT NULL FROM tasks t"
+    " r.request_id IS NOT NULL, t.upstream, t.unit_price FROM tasks t"
     " JOIN holds h USING (request_id) LEFT JOIN settlements s USING (request_id)"
     " LEFT JOIN resolutions r USING (request_id)"
 )
+
+
+def settlement_params(request_id: str, s: Settlement, now: float) -> tuple[Any, ...]:
+    """The values of ``INSERT INTO settlements`` (both engines list the columns alike)."""
+    return (
+        request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result,
+        now, s.upstream, s.unit_price,
+    )  # fmt: skip
 
 
 def hold_params(hold: Hold) -> tuple[Any, ...]:
@@ -125,6 +140,8 @@ def to_entry(row: Any) -> LedgerEntry:
         key_fp=row[25],
         end_user=row[26],
         corrections=_corrections(row[27]),
+        upstream=row[28],
+        upstream_unit_price=row[29],
     )
 
 
@@ -153,6 +170,8 @@ def to_task_row(row: Any) -> TaskRow:
         n=row[11],
         settled=row[12],
         resolved=bool(row[13]),
+        upstream=row[14],
+        upstream_unit_price=row[15],
     )
 
 

@@ -76,6 +76,7 @@ from gateway.store.common import (
     SUMS,
     TASK_SELECT,
     hold_params,
+    settlement_params,
     to_entry,
     to_position,
     to_task_row,
@@ -475,10 +476,21 @@ class PostgresStore(Store):
     # -- async tasks -------------------------------------------------------------------------
 
     async def record_task(
-        self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        now: float,
+        first_poll_at: float,
+        *,
+        upstream: str | None = None,
+        unit_price: int | None = None,
     ) -> None:
         async with self._connection() as conn:
-            await _insert_task(conn, task_id, team, request_id, now, "pending", None, first_poll_at)
+            await _insert_task(
+                conn, task_id, team, request_id, now, "pending", None, first_poll_at, upstream,
+                unit_price,
+            )  # fmt: skip
 
     async def record_completed_task(
         self,
@@ -494,8 +506,9 @@ class PostgresStore(Store):
     ) -> Closed | None:
         async def record(conn: asyncpg.Connection) -> Closed | None:
             await _insert_task(
-                conn, task_id, team, request_id, created_at, "completed", result, NEVER
-            )
+                conn, task_id, team, request_id, created_at, "completed", result, NEVER,
+                settlement.upstream, settlement.unit_price,
+            )  # fmt: skip
             return await _close(conn, request_id, settlement, late, now)
 
         return await self._in_transaction(record)
@@ -894,8 +907,9 @@ _RESERVE_SQL = (
 )
 _SETTLE_SQL = (
     "INSERT INTO settlements (request_id, state, amount, overrun, images, upstream_id, reason,"
-    " result, settled_at) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE EXISTS"
-    " (SELECT 1 FROM holds WHERE request_id = $1) ON CONFLICT (request_id) DO NOTHING"
+    " result, settled_at, upstream, unit_price) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+    " $11 WHERE EXISTS (SELECT 1 FROM holds WHERE request_id = $1)"
+    " ON CONFLICT (request_id) DO NOTHING"
 )
 _ENTRY_BY_REQUEST = f"SELECT {ENTRY_COLUMNS} FROM ledger WHERE request_id = $1"
 _ENTRY_BY_ANY_ID = (
@@ -907,6 +921,7 @@ _GROUPS = {
     "end_user": "end_user",
     "quality": "quality",
     "day": "to_char(to_timestamp(created_at) AT TIME ZONE $4, 'YYYY-MM-DD')",
+    "upstream": "upstream",
 }
 
 
@@ -931,11 +946,7 @@ async def _key_usage(conn: asyncpg.Connection, team: str, key_fp: str, period: s
 
 
 async def _settle(conn: asyncpg.Connection, request_id: str, s: Settlement, now: float) -> bool:
-    done = await conn.execute(
-        _SETTLE_SQL,
-        request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result,
-        now,
-    )  # fmt: skip
+    done = await conn.execute(_SETTLE_SQL, *settlement_params(request_id, s, now))
     return bool(done == "INSERT 0 1")
 
 
@@ -962,11 +973,12 @@ async def _insert_resolution(
 
 
 async def _insert_task(conn: asyncpg.Connection, task_id: str, *values: Any) -> None:
-    """``values``: team, request_id, created_at, status, result, next_poll_at."""
+    """``values``: team, request_id, created_at, status, result, next_poll_at, upstream,
+    unit_price."""
     try:
         await conn.execute(
             "INSERT INTO tasks (task_id, team, request_id, created_at, status, result,"
-            " next_poll_at) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            " next_poll_at, upstream, unit_price) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             task_id,
             *values,
         )

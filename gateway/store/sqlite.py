@@ -70,6 +70,7 @@ from gateway.store.common import (
     SUMS,
     TASK_SELECT,
     hold_params,
+    settlement_params,
     to_entry,
     to_position,
     to_task_row,
@@ -466,12 +467,19 @@ class SQLiteStore(Store):
     # -- async tasks -------------------------------------------------------------------------
 
     async def record_task(
-        self, task_id: str, team: str, request_id: str, now: float, first_poll_at: float
+        self,
+        task_id: str,
+        team: str,
+        request_id: str,
+        now: float,
+        first_poll_at: float,
+        *,
+        upstream: str | None = None,
+        unit_price: int | None = None,
     ) -> None:
-        def record(conn: sqlite3.Connection) -> None:
-            _insert_task(conn, (task_id, team, request_id, now, "pending", None, first_poll_at))
-
-        await self._run(record)
+        values = (task_id, team, request_id, now, "pending", None, first_poll_at, upstream,
+                  unit_price)  # fmt: skip
+        await self._run(lambda conn: _insert_task(conn, values))
 
     async def record_completed_task(
         self,
@@ -486,7 +494,11 @@ class SQLiteStore(Store):
         now: float,
     ) -> Closed | None:
         def record(conn: sqlite3.Connection) -> Closed | None:
-            _insert_task(conn, (task_id, team, request_id, created_at, "completed", result, NEVER))
+            _insert_task(
+                conn,
+                (task_id, team, request_id, created_at, "completed", result, NEVER,
+                 settlement.upstream, settlement.unit_price),
+            )  # fmt: skip
             return _close(conn, request_id, settlement, late, now)
 
         return await self._run(record, atomic=True)
@@ -738,8 +750,9 @@ _RESERVE_SQL = (
 
 _SETTLE_SQL = (
     "INSERT INTO settlements (request_id, state, amount, overrun, images, upstream_id, reason,"
-    " result, settled_at) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 WHERE EXISTS"
-    " (SELECT 1 FROM holds WHERE request_id = ?1) ON CONFLICT (request_id) DO NOTHING"
+    " result, settled_at, upstream, unit_price) SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10,"
+    " ?11 WHERE EXISTS (SELECT 1 FROM holds WHERE request_id = ?1)"
+    " ON CONFLICT (request_id) DO NOTHING"
 )
 
 _ENTRY_BY_REQUEST = f"SELECT {ENTRY_COLUMNS} FROM ledger WHERE request_id = ?"
@@ -753,6 +766,7 @@ _GROUPS = {
     "end_user": "end_user",
     "quality": "quality",
     "day": "local_day(created_at, ?)",
+    "upstream": "upstream",
 }
 
 
@@ -774,17 +788,14 @@ def _usage(conn: sqlite3.Connection, team: str, period: str) -> Usage:
 
 
 def _settle(conn: sqlite3.Connection, request_id: str, s: Settlement, now: float) -> bool:
-    params = (
-        request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result, now,
-    )  # fmt: skip
-    return conn.execute(_SETTLE_SQL, params).rowcount == 1
+    return conn.execute(_SETTLE_SQL, settlement_params(request_id, s, now)).rowcount == 1
 
 
 def _insert_task(conn: sqlite3.Connection, values: tuple[Any, ...]) -> None:
     try:
         conn.execute(
             "INSERT INTO tasks (task_id, team, request_id, created_at, status, result,"
-            " next_poll_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " next_poll_at, upstream, unit_price) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
     except sqlite3.IntegrityError:

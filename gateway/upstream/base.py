@@ -39,6 +39,7 @@ class SendState:
     sent: bool = False
     attempts: int = 0
     started: float = field(default_factory=time.perf_counter)
+    upstream: str | None = None  # the name of the upstream it is being sent to
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
@@ -48,10 +49,17 @@ class Upstream(Protocol):
     """An upstream the gateway can send paid requests to."""
 
     async def submit(
-        self, path: str, body: UpstreamBody, query: dict[str, str], state: SendState | None = None
+        self,
+        path: str,
+        body: UpstreamBody,
+        query: dict[str, str],
+        state: SendState | None = None,
+        *,
+        retry: bool = True,
     ) -> Reply:
         """POST a generation (``path`` as the client called it); retry only what provably never
-        started. Raises UpstreamRejected (it said no) or UpstreamFailure."""
+        started, and only with ``retry``. Raises UpstreamRejected (it said no) or
+        UpstreamFailure."""
         ...
 
     async def get_task(self, task_id: str) -> Reply:

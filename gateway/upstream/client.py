@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import random
 from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
@@ -25,15 +24,14 @@ from gateway.core.wire import UpstreamBody
 from gateway.upstream.base import Reply, SendState
 from gateway.upstream.streams import TooLarge, read_capped
 
-log = logging.getLogger("gateway.upstream")
-
 SMALL_BODY = 256 * 1024
 MAX_ANSWER_BYTES = 4 * 1024 * 1024  # JSON with a few URLs; anything near this is not an answer
 RETRYABLE_REFUSALS = (429, 503)
 
 
 class HttpUpstream:
-    """``base.Upstream`` over HTTP, with the central key."""
+    """``base.Upstream`` over HTTP, with one upstream's key and timeouts. Every upstream's
+    ``HttpUpstream`` shares the app's one session (``new_session``)."""
 
     def __init__(
         self,
@@ -49,15 +47,21 @@ class HttpUpstream:
         self._sleep = sleep
         self._secret = config.api_key.reveal()
         self._auth = {"Authorization": f"Bearer {self._secret}"}
+        self._timeout = aiohttp.ClientTimeout(
+            total=config.timeout_s, connect=config.connect_timeout_s
+        )
+
+    @property
+    def config(self) -> UpstreamConfig:
+        return self._config
 
     @staticmethod
-    def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
+    def new_session() -> aiohttp.ClientSession:
+        """The session every upstream is called through (each request sets its timeouts)."""
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_mark_sent)
-        timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
         connector = _FreshUnlessIdempotent(limit=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
-            timeout=timeout,
             connector=connector,
             trace_configs=[trace],
             auto_decompress=True,
@@ -70,15 +74,18 @@ class HttpUpstream:
         body: UpstreamBody,
         query: dict[str, str],
         state: SendState | None = None,
+        *,
+        retry: bool = True,
     ) -> Reply:
-        """POST a generation; retry only what provably never started.
+        """POST a generation; retry only what provably never started (``retry=False``: never,
+        the caller tries another upstream instead).
 
         Every error raised carries ``upstream_ms`` (time since the first send, when anything was
         sent) and ``upstream_status`` (when the upstream answered).
         """
         url = self._config.base_url + path
         state = state or SendState()
-        attempts = self._config.max_attempts
+        attempts = self._config.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
             state.attempts, state.sent = attempt, False
             try:
@@ -98,6 +105,7 @@ class HttpUpstream:
                 wait = exc.retry_after
                 if attempt == attempts or wait is None or wait > self._config.retry_after_cap_s:
                     exc.error.attempts = attempt
+                    exc.error.retry_after = wait
                     raise exc.error from None
                 await self._sleep(wait + random.uniform(0, 0.1))
                 state.sent = False  # it refused to start: that send generated nothing
@@ -114,7 +122,11 @@ class HttpUpstream:
         state = SendState()
         try:
             async with self._session.get(
-                url, headers=self._auth, trace_request_ctx=state, allow_redirects=False
+                url,
+                headers=self._auth,
+                trace_request_ctx=state,
+                allow_redirects=False,
+                timeout=self._timeout,
             ) as resp:
                 raw = await self._read_answer(resp, uncertain=False)
                 return _classify(
@@ -147,6 +159,7 @@ class HttpUpstream:
                 headers=headers,
                 trace_request_ctx=state,
                 allow_redirects=False,  # never re-send a paid request to another origin
+                timeout=self._timeout,
             ) as resp:
                 raw = await self._read_answer(resp, uncertain=True)
                 return _classify(
@@ -311,10 +324,8 @@ def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
     param = error.get("param")
     if status == 402:
         # The provider's balance or quota is used up: the gateway's account, not the team's
-        # budget, and nothing a retry fixes until an administrator tops it up.
-        log.error(
-            "the upstream refused for lack of balance or quota (HTTP 402); nothing was charged"
-        )
+        # budget, and nothing a retry fixes until an administrator tops it up. (The upstream's
+        # health logs it once, as it disables the upstream.)
         rejected = UpstreamRejected(
             502,
             "upstream_error",
@@ -326,7 +337,6 @@ def _rejected(status: int, error: dict[str, Any]) -> UpstreamRejected:
         return rejected
     if status == 401:
         # The upstream refused the gateway's own key; "your key is wrong" would mislead the team.
-        log.error("the upstream refused the central key (HTTP 401); nothing was charged")
         return UpstreamRejected(
             502,
             "upstream_error",

@@ -1,13 +1,13 @@
 """Result images, fetched from the upstream's own hosts only.
 
 A result URL is a credential of its own: no key is sent with it, redirects are followed only to
-the upstream's origins (``base_url`` and ``file_hosts``), and a whole download is capped at
-``download_max_mb``.
+the upstreams' origins (each one's ``base_url`` and ``file_hosts``), and a whole download is
+capped at the ``download_max_mb`` of the upstream whose origin the URL is on.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from urllib.parse import urljoin, urlsplit
 
@@ -22,14 +22,20 @@ REDIRECTS = (301, 302, 303, 307, 308)
 
 
 class Downloader:
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession) -> None:
-        self._config = config
+    """``configs`` gives every upstream whose results may be fetched (a removed upstream's too,
+    while its tasks are kept)."""
+
+    def __init__(
+        self, configs: Callable[[], Iterable[UpstreamConfig]], session: aiohttp.ClientSession
+    ) -> None:
+        self._configs = configs
         self._session = session
 
     @asynccontextmanager
     async def open_image(self, url: str) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A result image's response, following redirects only to the upstream's own hosts."""
-        timeout = aiohttp.ClientTimeout(total=self._config.download_timeout_s)
+        """A result image's response, following redirects only to the upstreams' own hosts."""
+        config = self._check(url)
+        timeout = aiohttp.ClientTimeout(total=config.download_timeout_s)
         for _ in range(MAX_REDIRECTS + 1):
             self._check(url)
             try:
@@ -50,7 +56,7 @@ class Downloader:
 
     async def fetch_image(self, url: str) -> bytes:
         """Download a result image whole (for b64_json), up to ``download_max_mb``."""
-        max_bytes = self._config.download_max_bytes
+        max_bytes = self._check(url).download_max_bytes
         try:
             async with self.open_image(url) as response:
                 if (response.content_length or 0) > max_bytes:
@@ -61,12 +67,15 @@ class Downloader:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise DownloadError(f"the image download failed ({_describe(exc)})") from None
 
-    def _check(self, url: str) -> None:
-        if not is_result_origin(url, self._config):
-            parts = urlsplit(url)
-            raise DownloadError(
-                f"refusing to download from {parts.scheme}://{parts.hostname}: not an upstream host"
-            )
+    def _check(self, url: str) -> UpstreamConfig:
+        """The upstream ``url`` is a result of, or DownloadError."""
+        for config in self._configs():
+            if is_result_origin(url, config):
+                return config
+        parts = urlsplit(url)
+        raise DownloadError(
+            f"refusing to download from {parts.scheme}://{parts.hostname}: not an upstream host"
+        )
 
 
 def is_result_origin(url: str, config: UpstreamConfig) -> bool:

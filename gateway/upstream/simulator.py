@@ -104,8 +104,10 @@ class Simulator:
         delay_s: float = 0.0,
         task_delay_s: float | None = None,
         record: bool = True,
+        prices: dict[str, float] | None = None,
     ) -> None:
         self.api_key = api_key
+        self.prices = {**PRICES, **(prices or {})}  # what a task reports as its cost, per image
         self.delay_s = delay_s
         self.task_delay_s = delay_s if task_delay_s is None else task_delay_s
         self.record = record
@@ -214,7 +216,7 @@ class Simulator:
             "model": "gpt-image-2",
         }
         if task.status == "completed":
-            answer["cost"] = _cost(task.request, task.request.get("n", 1))
+            answer["cost"] = self._cost(task.request, task.request.get("n", 1))
             answer["result_url"] = task.urls[0]
             if len(task.urls) > 1:  # one URL per image besides the documented result_url
                 answer["data"] = [{"url": url} for url in task.urls]
@@ -242,6 +244,10 @@ class Simulator:
 
     # -- helpers ----------------------------------------------------------------------------
 
+    def _cost(self, body: dict[str, Any], images: int) -> float:
+        """What the provider bills: this simulator's price of the quality, per image."""
+        return round(self.prices[body.get("quality", "medium")] * images, 4)
+
     def _check_auth(self, request: web.Request) -> web.Response | None:
         presented = request.headers.get("Authorization", "")
         if self.api_key is None:
@@ -257,7 +263,7 @@ class Simulator:
     def _serve(self, served_id: str, kind: str, body: dict[str, Any], images: int) -> None:
         quality = body.get("quality", "medium")
         self.served.append(
-            Served(served_id, kind, quality, images, _cost(body, images), time.time())
+            Served(served_id, kind, quality, images, self._cost(body, images), time.time())
         )
 
     def _record(self, request: web.Request, body: dict[str, Any] | None) -> None:
@@ -354,11 +360,6 @@ def _check_ref(ref: object) -> str | None:
     if not ref.startswith("https://") or len(ref) <= len("https://"):
         return "reference URLs must be https://"
     return None
-
-
-def _cost(body: dict[str, Any], images: int) -> float:
-    """What the provider bills: the documented price of the quality, per image."""
-    return round(PRICES[body.get("quality", "medium")] * images, 4)
 
 
 def _dimensions(ratio: str) -> tuple[int, int]:
