@@ -182,6 +182,8 @@ def build_settings(
     data = merge(base_config(tmp_path, upstream_url), overrides)
     if data["storage"].get("backend") == "postgres":
         data["storage"].pop("database", None)  # the SQLite default of base_config
+    if "upstreams" in overrides:
+        data.pop("upstream")  # [upstreams.NAME] tables replace base_config's [upstream]
     return parse_settings(
         data, base_dir=tmp_path, env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}
     )
@@ -227,9 +229,14 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+UPSTREAM_KEYS = {  # the fake upstream processes' own central keys (tests/test_upstreams.py)
+    "primary": "sk_test_primary_upstream_key_0123456",
+    "backup": "sk_test_backup_upstream_key_6543210",
+    "third": "sk_test_third_upstream_key_9876543210",
+}
 SECRETS = (
     UPSTREAM_KEY, *TEAM_KEYS.values(), *NAMED_KEYS.values(), ADMIN_KEY,
-    *NAMED_ADMIN_KEYS.values(),
+    *NAMED_ADMIN_KEYS.values(), *UPSTREAM_KEYS.values(),
 )  # fmt: skip
 CLIENT_LOGGERS = ("httpx", "httpcore", "openai")
 
@@ -281,6 +288,8 @@ async def start_gateway(
         config = merge(base_config(tmp_path, upstream.url), overrides)
         if backend == "postgres":
             config["storage"].pop("database", None)
+        if "upstreams" in overrides:
+            config.pop("upstream")
         app = create_app(settings, clock=with_clock or clock)
         app.middlewares.insert(0, secret_guard(leaks))
         server = await aiohttp_server(app)
