@@ -190,7 +190,8 @@ def test_example_config_is_valid_once_its_placeholder_is_replaced_and_documents_
                 "settle_interval_s", "settle_max_interval_s", "max_pending_age_s", "keep_hours",
                 "retry_dedupe_minutes", "enabled", "require_admin", "aliases", "name", "sha256",
                 "expires", "header_timeout_s", "keepalive_timeout_s", "backend", "dsn_env",
-                "dsn_file", "instance_lease_s"):  # fmt: skip
+                "dsn_file", "instance_lease_s", "priority", "weight", "cooldown_s", "max_fails",
+                "quota_retry_s"):  # fmt: skip
         assert f"{key} =" in text or f"# {key} =" in text, key
 
 
