@@ -132,6 +132,18 @@ def reset_after_read() -> Fault:
     return fault
 
 
+def reset_mid_body(after: int = 64 * 1024) -> Fault:
+    """Read the first ``after`` bytes of the body, then drop the connection with a TCP reset:
+    the request never arrived whole, so nothing can have been started."""
+
+    async def fault(request: web.Request, handler: Any) -> web.StreamResponse:
+        await request.content.readexactly(after)
+        _reset(request)
+        raise asyncio.CancelledError
+
+    return fault
+
+
 def truncated_body() -> Fault:
     """Promise a long JSON body, send half of it, then close."""
 

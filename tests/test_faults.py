@@ -7,6 +7,7 @@ Each case checks the upstream call count, the status and ``x-should-retry``, and
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,6 +28,7 @@ from tests.fakes import (
     json_error,
     malformed_json,
     reset_after_read,
+    reset_mid_body,
     truncated_body,
 )
 
@@ -107,6 +109,24 @@ async def test_unknown_outcome_is_never_retried_and_stays_uncertain(
     assert upstream.faults.seen == 1  # never sent twice
     assert await ledger(gateway) == [("uncertain", 4000)]
     assert await committed(gateway) == (0, 0, 4000)
+
+
+BIG_REFERENCE = (
+    "data:image/png;base64,"
+    + base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(12 * 1024 * 1024)).decode()
+)  # more than loopback's socket buffers hold: the upload blocks until it is read
+
+
+async def test_a_reset_before_the_body_was_all_written_never_started_and_is_retried(
+    gateway: Gateway, upstream: Upstream
+) -> None:
+    upstream.faults.add(reset_mid_body())
+    status, body, _ = await post(gateway, "sync", image_urls=[BIG_REFERENCE])
+    assert status == 200, body
+    assert upstream.faults.seen == 2  # the first never arrived whole; the second did
+    assert len(upstream.sim.generation_requests()) == 1
+    assert (await last_log(gateway))["attempts"] == 2
+    assert await ledger(gateway) == [("captured", 2000)]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,6 +9,7 @@ requests alternating between them: each instance learns its upstreams' health on
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import re
@@ -280,6 +281,30 @@ async def test_an_upstream_that_hangs_leaves_the_outcome_uncertain_and_never_fai
     assert {(line["upstream"], tuple(line["failovers"])) for line in await lines(gateways)} == {
         ("primary", ())
     }
+    await balanced(gateways, up)
+
+
+async def test_a_reset_before_the_body_was_all_written_fails_over(
+    start_gateway: Start, fakes: Fakes, backend: str
+) -> None:
+    up = await fakes("primary", "backup")
+    gateways = await instances(start_gateway, backend, **upstreams(up, backup={"priority": 2}))
+    png = b"\x89PNG\r\n\x1a\n" + bytes(12 << 20)
+    big = "data:image/png;base64," + base64.b64encode(png).decode()
+    for gateway in gateways:
+        await up["primary"].fault("reset_mid_body")  # reads 64 KiB of 16 MiB, then resets
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{gateway.url}/v1/images/generations",
+                headers=gateway.headers(),
+                json={"prompt": "a heavy kite", "image_urls": [big]},
+            ) as resp:
+                assert resp.status == 200, await resp.text()
+    assert {(line["upstream"], tuple(line["failovers"])) for line in await lines(gateways)} == {
+        ("backup", ("primary",))
+    }
+    n = len(gateways)
+    assert [(await f.state())["generations"] for f in up.values()] == [n, n]
     await balanced(gateways, up)
 
 

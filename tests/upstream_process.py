@@ -35,6 +35,7 @@ FAULTS = {
     "html_error": fakes.html_error,
     "hang": fakes.hang,
     "reset_after_read": fakes.reset_after_read,
+    "reset_mid_body": fakes.reset_mid_body,
     "truncated_body": fakes.truncated_body,
 }
 READY = "listening on "

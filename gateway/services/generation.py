@@ -264,7 +264,7 @@ class Generations:
             # Cancelled (shutdown past the drain time) or a bug: the upstream may have worked.
             config = self._routing.config(state.upstream) if state.upstream else None
             price = config.prices[hold.quality] if config is not None else None
-            cut = interrupted(hold, sent=state.sent, upstream=state.upstream, price=price)
+            cut = interrupted(hold, sent=state.whole, upstream=state.upstream, price=price)
             await asyncio.shield(self._commit(job, hold, cut))
             raise
         ready.set_result(outcome)

@@ -33,13 +33,21 @@ class SendState:
     """Filled in while sending: did any byte of this request leave the gateway, and when?
 
     The caller keeps it, so that a cancelled generation can tell a request that provably never
-    reached the upstream (released) from one that may have (uncertain).
+    reached the upstream whole (released) from one that may have (uncertain).
     """
 
     sent: bool = False
+    written: int = 0  # body bytes handed to the connection (counted before each write)
+    length: int = 0  # the body's length
     attempts: int = 0
     started: float = field(default_factory=time.perf_counter)
     upstream: str | None = None  # the name of the upstream it is being sent to
+
+    @property
+    def whole(self) -> bool:
+        """Whether all of the request was handed over: only then may the upstream have read it,
+        and so started it."""
+        return self.sent and self.written >= self.length
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000

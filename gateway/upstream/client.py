@@ -60,6 +60,7 @@ class HttpUpstream:
         """The session every upstream is called through (each request sets its timeouts)."""
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_mark_sent)
+        trace.on_request_chunk_sent.append(_count_written)
         connector = _FreshUnlessIdempotent(limit=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
             connector=connector,
@@ -85,9 +86,10 @@ class HttpUpstream:
         """
         url = self._config.base_url + path
         state = state or SendState()
+        state.length = body.length
         attempts = self._config.max_attempts if retry else 1
         for attempt in range(1, attempts + 1):
-            state.attempts, state.sent = attempt, False
+            state.attempts, state.sent, state.written = attempt, False, 0
             try:
                 return await self._post_once(url, body, query, state)
             except _NotSent as exc:
@@ -168,7 +170,7 @@ class HttpUpstream:
         except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as exc:
             raise _NotSent(_describe(exc)) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
-            if not state.sent:
+            if not state.whole:  # never read whole by the upstream: it started nothing
                 raise _NotSent(_describe(exc)) from None
             timed_out = isinstance(exc, TimeoutError)
             raise UpstreamFailure(
@@ -259,6 +261,16 @@ async def _mark_sent(
     state = context.trace_request_ctx
     if isinstance(state, SendState):
         state.sent = True
+
+
+async def _count_written(
+    _session: aiohttp.ClientSession, context: SimpleNamespace, params: Any
+) -> None:
+    """Called before each body chunk is written: the count may run ahead of the socket, never
+    behind it, so a count short of the body proves the upstream never had all of it."""
+    state = context.trace_request_ctx
+    if isinstance(state, SendState):
+        state.written += len(params.chunk)
 
 
 async def _stream(body: UpstreamBody) -> AsyncIterator[bytes | memoryview]:
