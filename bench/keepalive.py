@@ -179,6 +179,7 @@ def _session(
     """What ``HttpUpstream.new_session`` built before the fix, or with force_close."""
     trace = aiohttp.TraceConfig()
     trace.on_request_headers_sent.append(upstream_module._mark_sent)
+    trace.on_request_chunk_sent.append(upstream_module._count_written)
     if on_reuse:
         trace.on_connection_reuseconn.append(_on_reuse)
     timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
@@ -215,7 +216,7 @@ async def make_client(variant: str, config: UpstreamConfig) -> tuple[HttpUpstrea
         return HttpUpstream(config, pooled, backoff_s=0), sessions
     if variant == "shipped":  # the fix as it is in gateway/upstream.py
         await pooled.close()
-        shipped = HttpUpstream.new_session(config)
+        shipped = HttpUpstream.new_session()
         return HttpUpstream(config, shipped, backoff_s=0), [shipped]
     if variant == "connection-close":
 
