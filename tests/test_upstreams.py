@@ -41,7 +41,7 @@ from tests.conftest import (
     gateway_log_text,
     merge,
 )
-from tests.fakes import json_error
+from tests.fakes import gate, json_error
 from tests.process import GatewayProcess, to_toml
 from tests.upstream_process import UpstreamProcess
 
@@ -638,3 +638,49 @@ async def test_result_files_through_the_gateway_come_from_the_upstream_that_made
     lines_ = [line for line in await gateway.log_lines() if line["endpoint"] == "files"]
     assert [line["upstream"] for line in lines_] == ["backup", "primary", None]
     await balanced([gateway], up)
+
+
+async def test_once_its_time_is_up_one_request_probes_it_while_the_others_go_on_elsewhere(
+    start_gateway: Start, fakes: Fakes, upstream: Upstream
+) -> None:
+    up = await fakes("backup")
+    tables = upstreams(up, backup={"priority": 2})
+    tables["upstreams"]["primary"] = {"base_url": upstream.url, "api_key_env": "TEST_UPSTREAM_KEY"}
+    gateway = await start_gateway(**tables)
+    upstream.faults.add(json_error(429, "rate_limit_error", "slow down", retry_after="20"))
+    assert (await generate(gateway))[0] == 200  # served by backup; primary cools for 20 s
+    gateway.clock.advance(seconds=20)
+    release, arrived = asyncio.Event(), asyncio.Event()
+    upstream.faults.add(gate(release, arrived))
+    probe = asyncio.create_task(generate(gateway, prompt="the probe"))
+    await arrived.wait()  # the probe is at primary, not answered yet
+    assert (await health(gateway))["primary"]["state"] == "cooling"
+    others = await spread([gateway], 3, prompt="meanwhile")
+    assert [status for status, _, _ in others] == [200] * 3
+    assert upstream.faults.seen == 2  # the refusal and the probe: nothing else reached primary
+    release.set()
+    assert (await probe)[0] == 200
+    assert (await health(gateway))["primary"]["state"] == "healthy"
+    found = await lines([gateway])
+    assert [line["upstream"] for line in found] == [
+        "backup",
+        "backup",
+        "backup",
+        "backup",
+        "primary",
+    ]
+    await spread([gateway], 2)
+    assert upstream.faults.seen == 4  # back in rotation
+    await gateway.settled()
+    captured = Counter[str]()
+    for entry in await gateway.app[DB].entries(LedgerQuery()):
+        captured[entry.upstream or "?"] += entry.charged_images
+    served = (await up["backup"].state())["served_images"]
+    assert (
+        captured
+        == {"backup": served, "primary": upstream.sim.served_images()}
+        == {
+            "backup": 4,
+            "primary": 3,
+        }
+    )
