@@ -1,6 +1,6 @@
 """What the gateway needs from an upstream, whatever speaks to it: send a generation, ask about
-a task. The HTTP implementation is ``client.HttpUpstream``; result images are fetched by
-``downloader.Downloader``; tests may put an in-process implementation in its place.
+a task. The HTTP implementation is ``client.HttpUpstream``, one per configured upstream
+(``pool.UpstreamPool``); result images are fetched by ``downloader.Downloader``.
 
 Every implementation sorts its failures by one question: could the upstream have generated (and
 charged for) the image? ``UpstreamFailure(uncertain=False)`` and ``UpstreamRejected`` promise
