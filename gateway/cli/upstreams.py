@@ -19,7 +19,7 @@ from typing import Any
 
 import aiohttp
 
-from gateway.cli.support import CommandError, load_config
+from gateway.cli.support import CONFIG_HELP, CommandError, examples, load_config
 from gateway.core.config import ServerConfig, Settings
 from gateway.core.tables import aligned
 
@@ -31,9 +31,17 @@ ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S1
 
 def add_command(commands: argparse._SubParsersAction) -> None:
     upstreams = commands.add_parser(
-        "upstreams", help="each upstream's health, from the running gateway (or the config)"
+        "upstreams",
+        help="each upstream's health, from the running gateway (or the config)",
+        description="Each upstream's state (healthy, cooling, disabled), until when, its last "
+        f"error, priority and weight, as the gateway at the config's [server] address sees it "
+        f"(an admin key in {ADMIN_KEY_ENV}); the configured upstreams when none answers.",
+        **examples(
+            f"{ADMIN_KEY_ENV}=igw_... image-gateway upstreams --config gateway.toml",
+            "image-gateway upstreams --config gateway.toml --json",
+        ),
     )
-    upstreams.add_argument("--config", type=Path, required=True)
+    upstreams.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
     upstreams.add_argument("--json", action="store_true", help="print JSON")
     upstreams.set_defaults(run=_upstreams)
 
