@@ -661,14 +661,8 @@ async def test_once_its_time_is_up_one_request_probes_it_while_the_others_go_on_
     release.set()
     assert (await probe)[0] == 200
     assert (await health(gateway))["primary"]["state"] == "healthy"
-    found = await lines([gateway])
-    assert [line["upstream"] for line in found] == [
-        "backup",
-        "backup",
-        "backup",
-        "backup",
-        "primary",
-    ]
+    found = await lines([gateway])  # in the order their money settled
+    assert Counter(line["upstream"] for line in found) == {"backup": 4, "primary": 1}
     await spread([gateway], 2)
     assert upstream.faults.seen == 4  # back in rotation
     await gateway.settled()
