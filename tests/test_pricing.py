@@ -65,7 +65,7 @@ def test_an_uncertain_hold_stays_whole_and_remembers_its_upstreams_price() -> No
 def test_an_admin_capture_is_at_the_upstreams_price(
     upstream_price: int | None, amount: int
 ) -> None:
-    resolution = admin_resolution(entry(upstream_price), "captured", 1, "billed")
+    resolution = admin_resolution(entry(upstream_price), "captured", 1, "billed", actor="ops")
     assert (resolution.images, resolution.amount) == (1, amount)
 
 

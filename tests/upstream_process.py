@@ -62,7 +62,7 @@ def control_routes(
             {
                 "generations": posts[0],  # every POST that arrived, faults included
                 "task_polls": polls,
-                "served": sim.served,
+                "served": [[served.id, served.images] for served in sim.served],
                 "served_images": sim.served_images(),
                 "tasks": sorted(sim.tasks),
                 "faults_left": len(plan.queue),
