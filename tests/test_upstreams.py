@@ -143,6 +143,14 @@ async def lines(gateways: list[Gateway]) -> list[dict[str, Any]]:
     ]
 
 
+async def ledger(gateways: list[Gateway]) -> list[Any]:
+    """The shared ledger's entries, once every instance's settlements are committed (a sync
+    answer leaves before its settlement)."""
+    for gateway in gateways:
+        await gateway.settled()
+    return await gateways[0].app[DB].entries(LedgerQuery())
+
+
 def sample(gateway: Gateway, name: str, **labels: str) -> float:
     return gateway.app[METRICS].registry.get_sample_value(name, labels) or 0.0
 
@@ -213,7 +221,7 @@ async def test_a_stopped_upstream_fails_over_charges_once_and_is_probed_back(
     assert [line["upstream"] for line in (await lines(gateways))[-n:]] == ["primary"] * n
     for gateway in gateways:
         assert (await health(gateway))["primary"]["state"] == "healthy"
-    entries = await gateways[0].app[DB].entries(LedgerQuery())
+    entries = await ledger(gateways)
     assert len(entries) == 5 * n and {e.state for e in entries} == {"captured"}
     await balanced(gateways, up)
 
@@ -274,7 +282,7 @@ async def test_an_upstream_that_hangs_leaves_the_outcome_uncertain_and_never_fai
         assert headers["x-should-retry"] == "false"
     assert (await up["backup"].state())["generations"] == 0  # never sent anywhere else
     assert (await up["primary"].state())["generations"] == n
-    entries = await gateways[0].app[DB].entries(LedgerQuery())
+    entries = await ledger(gateways)
     assert [(e.state, e.upstream, e.settled_amount) for e in entries] == [
         ("uncertain", "primary", 4000)
     ] * n
@@ -344,7 +352,7 @@ async def test_every_upstream_out_is_503_with_retry_after_and_reserves_nothing(
         assert int(headers["Retry-After"]) >= 1
         assert "x-should-retry" not in headers  # nothing was sent: a retry is safe
     assert upstream.faults.seen == n  # the 503s sent nothing
-    entries = await gateways[0].app[DB].entries(LedgerQuery())
+    entries = await ledger(gateways)
     assert [e.state for e in entries] == ["released"] * n  # the 503s reserved nothing
     for gateway in gateways:  # a reload (the key fixed) tries it again
         gateway.app[CONFIG].reload(gateway.settings)
