@@ -3,14 +3,19 @@ dearest upstream a request may reach, every settlement at the price of the one t
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from gateway.core.ledger import Capture, Hold, LedgerEntry
 from gateway.core.pricing import hold_price
 from gateway.core.settlement import (
+    Correct,
+    Resolve,
     admin_resolution,
     capture_reply,
     interrupted,
+    late_outcome,
     task_settlement,
     uncertain,
 )
@@ -80,3 +85,14 @@ def test_an_unreadable_task_cost_is_charged_at_its_upstreams_price_table() -> No
     assert (settled.amount, settled.overrun, warning) == (6000, 0, None)
     failed, _ = task_settlement(8000, 2, "t1", {"status": "failed"}, "{}", upstream="b", price=1)
     assert (failed.state, failed.upstream) == ("released", "b")
+
+
+def test_an_outcome_learned_late_keeps_its_upstream_and_price() -> None:
+    served = capture_reply(hold(), 2, "g1", "{}", upstream="backup", price=3000)
+    resolved = late_outcome(entry(None), served)  # uncertain, unresolved: resolved to it
+    assert isinstance(resolved, Resolve)
+    assert (resolved.resolution.amount, resolved.resolution.upstream) == (6000, "backup")
+    released = replace(entry(None), settled_state="released", settled_amount=0)
+    corrected = late_outcome(released, served)  # closed without it: the difference appended
+    assert isinstance(corrected, Correct)
+    assert (corrected.correction.amount, corrected.correction.upstream) == (6000, "backup")

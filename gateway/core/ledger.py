@@ -121,6 +121,7 @@ class Resolution:
     actor: str
     overrun: int = 0
     upstream_id: str | None = None  # learned with the outcome (an uncertain hold had none)
+    upstream: str | None = None  # the upstream's name, likewise
 
     @property
     def charged(self) -> int:
@@ -137,6 +138,7 @@ class Correction:
     amount: int
     reason: str
     upstream_id: str | None = None
+    upstream: str | None = None  # the name of the upstream that delivered them
 
 
 @dataclass(frozen=True, slots=True)

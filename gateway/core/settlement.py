@@ -296,7 +296,11 @@ def late_outcome(entry: LedgerEntry, learned: Settlement) -> LateDecision:
         f"{source} delivered {learned.images} image(s) for {_cny(learned.charged)} after the "
         f"entry was {_closed_as(entry)}"
     )
-    return Correct(Correction(max(images, 0), max(amount, 0), reason, learned.upstream_id))
+    return Correct(
+        Correction(
+            max(images, 0), max(amount, 0), reason, learned.upstream_id, upstream=learned.upstream
+        )
+    )
 
 
 def late_landed(entry: LedgerEntry, now: float) -> Resolve | Correct | None:
@@ -316,8 +320,9 @@ def _late_resolution(entry: LedgerEntry, learned: Capture | Release, source: str
     if isinstance(learned, Release):
         reason = f"resolved automatically: {source} generated nothing ({learned.reason})"
         return Resolution(
-            "released", 0, 0, reason[:REASON_LIMIT], GATEWAY_ACTOR, upstream_id=learned.upstream_id
-        )
+            "released", 0, 0, reason[:REASON_LIMIT], GATEWAY_ACTOR,
+            upstream_id=learned.upstream_id, upstream=learned.upstream,
+        )  # fmt: skip
     billed = learned.charged
     amount = min(billed, entry.settled_amount)
     reason = f"resolved automatically: {source} completed after the hold went uncertain"
@@ -329,6 +334,7 @@ def _late_resolution(entry: LedgerEntry, learned: Capture | Release, source: str
         GATEWAY_ACTOR,
         overrun=billed - amount,
         upstream_id=learned.upstream_id,
+        upstream=learned.upstream,
     )
 
 

@@ -960,9 +960,10 @@ async def _insert_resolution(
 ) -> None:
     await conn.execute(
         "INSERT INTO resolutions (request_id, state, images, amount, overrun, reason, actor,"
-        " upstream_id, resolved_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        " upstream_id, resolved_at, upstream) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
         entry.request_id, resolution.state, resolution.images, resolution.amount,
         resolution.overrun, resolution.reason, resolution.actor, resolution.upstream_id, now,
+        resolution.upstream,
     )  # fmt: skip
     if logged:
         await conn.execute(
@@ -1032,10 +1033,10 @@ async def _insert_correction(
     conn: asyncpg.Connection, request_id: str, correction: Correction, now: float
 ) -> None:
     await conn.execute(
-        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at,"
+        " upstream) VALUES ($1, $2, $3, $4, $5, $6, $7)",
         request_id, correction.images, correction.amount, correction.reason,
-        correction.upstream_id, now,
+        correction.upstream_id, now, correction.upstream,
     )  # fmt: skip
 
 

@@ -844,10 +844,10 @@ def _insert_correction(
     conn: sqlite3.Connection, request_id: str, correction: Correction, now: float
 ) -> None:
     conn.execute(
-        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at)"
-        " VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO corrections (request_id, images, amount, reason, upstream_id, corrected_at,"
+        " upstream) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (request_id, correction.images, correction.amount, correction.reason,
-         correction.upstream_id, now),
+         correction.upstream_id, now, correction.upstream),
     )  # fmt: skip
 
 
@@ -861,10 +861,11 @@ def _insert_resolution(
 ) -> None:
     conn.execute(
         "INSERT INTO resolutions (request_id, state, images, amount, overrun, reason, actor,"
-        " upstream_id, resolved_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " upstream_id, resolved_at, upstream) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (
             entry.request_id, resolution.state, resolution.images, resolution.amount,
             resolution.overrun, resolution.reason, resolution.actor, resolution.upstream_id, now,
+            resolution.upstream,
         ),
     )  # fmt: skip
     if logged:

@@ -8,6 +8,9 @@
 ALTER TABLE settlements ADD COLUMN upstream TEXT;
 ALTER TABLE settlements ADD COLUMN unit_price BIGINT CHECK (unit_price IS NULL OR unit_price >= 0);
 ALTER TABLE tasks ADD COLUMN upstream TEXT;
+-- An outcome learned late (a resolution by the gateway, a correction) names its upstream too.
+ALTER TABLE resolutions ADD COLUMN upstream TEXT;
+ALTER TABLE corrections ADD COLUMN upstream TEXT;
 ALTER TABLE tasks ADD COLUMN unit_price BIGINT CHECK (unit_price IS NULL OR unit_price >= 0);
 
 DROP VIEW ledger;
@@ -31,14 +34,14 @@ SELECT h.request_id, h.team, h.period, h.created_at, h.endpoint, h.mode, h.quali
        h.key_id, h.key_fp, h.end_user,
        COALESCE(c.images, 0) AS corrected_images,
        COALESCE(c.list, '[]') AS corrections,
-       COALESCE(s.upstream, t.upstream) AS upstream,
+       COALESCE(s.upstream, r.upstream, c.upstream, t.upstream) AS upstream,
        COALESCE(s.unit_price, t.unit_price) AS upstream_unit_price
   FROM holds h
   LEFT JOIN settlements s USING (request_id)
   LEFT JOIN resolutions r USING (request_id)
   LEFT JOIN tasks t ON t.request_id = h.request_id
   LEFT JOIN (SELECT request_id, SUM(images)::integer AS images, SUM(amount)::bigint AS amount,
-                    MAX(upstream_id) AS upstream_id,
+                    MAX(upstream_id) AS upstream_id, MAX(upstream) AS upstream,
                     json_agg(json_build_object('images', images, 'amount', amount,
                                                'reason', reason, 'at', corrected_at)
                              ORDER BY corrected_at)::text AS list
