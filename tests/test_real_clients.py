@@ -151,7 +151,11 @@ async def test_openai_python_sdk_and_curl_against_a_gateway_process(
         assert [set(item) for item in answer["data"]] == [{"url"}]
     expected = 2 if curl is not None else 1
     assert upstream.sim.served_images() == expected
-    assert ledger(tmp_path / "gateway.db") == [("captured", 2000, 2000)] * expected
+    # A sync answer leaves before its settlement commits: wait for the ledger, not for time.
+    deadline = asyncio.get_running_loop().time() + 10
+    while ledger(tmp_path / "gateway.db") != [("captured", 2000, 2000)] * expected:
+        assert asyncio.get_running_loop().time() < deadline, ledger(tmp_path / "gateway.db")
+        await asyncio.sleep(0.05)
 
 
 async def test_the_demo_works_with_the_vercel_ai_sdk_as_it_starts(
@@ -163,11 +167,16 @@ async def test_the_demo_works_with_the_vercel_ai_sdk_as_it_starts(
         keys = json.loads((tmp_path / ".image-gateway-demo" / "keys.json").read_text())
         (result,) = await generate_image(url, keys["team"], "gpt-image-1")
         assert [image["mediaType"] for image in result["images"]] == ["image/png"]
+        deadline = asyncio.get_running_loop().time() + 10
         async with aiohttp.ClientSession() as http:
-            async with http.get(
-                url + "/v1/gateway/usage", headers={"Authorization": f"Bearer {keys['team']}"}
-            ) as resp:
-                usage = await resp.json()
+            while True:  # the answer leaves before its settlement commits
+                async with http.get(
+                    url + "/v1/gateway/usage", headers={"Authorization": f"Bearer {keys['team']}"}
+                ) as resp:
+                    usage = await resp.json()
+                if usage["spent_cny"] or asyncio.get_running_loop().time() > deadline:
+                    break
+                await asyncio.sleep(0.05)
         assert (usage["team"], usage["spent_cny"]) == ("demo", 0.2)
     finally:
         await demo.close()
