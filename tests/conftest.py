@@ -151,7 +151,14 @@ class SettledReads:
 def base_config(tmp_path: Path, upstream_url: str) -> dict[str, Any]:
     return {
         "server": {"host": "127.0.0.1", "port": 0, "drain_s": 5},
-        "upstream": {"base_url": upstream_url, "api_key_env": "TEST_UPSTREAM_KEY", "timeout_s": 10},
+        "upstream": {
+            "base_url": upstream_url,
+            "api_key_env": "TEST_UPSTREAM_KEY",
+            "timeout_s": 10,
+            # The tests' short-idle upstreams close after 1 s (production's after 60 s or more):
+            # the reuse window scaled with them, well under it as the 2 s default is under 60 s.
+            "reuse_idle_s": 0.5,
+        },
         "storage": {"database": "gateway.db"},
         "log": {"access": "access.log"},
         "teams": {

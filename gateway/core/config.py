@@ -112,6 +112,9 @@ class UpstreamConfig:
     download_max_bytes: int = 50 * MIB
     download_timeout_s: float = 60.0
     proxy_results: bool = False
+    # A POST reuses a pooled connection only while it has been idle for less than this (0 = a
+    # new connection for every POST); see gateway/upstream/connector.py.
+    reuse_idle_s: float = 2.0
 
     @property
     def host(self) -> str:
@@ -532,6 +535,9 @@ def _upstream(
         download_max_bytes=int(t.get("download_max_mb", float, 50.0, _positive) * MIB),
         download_timeout_s=t.get("download_timeout_s", float, 60.0, _positive),
         proxy_results=t.get("proxy_results", bool, False),
+        reuse_idle_s=t.get(
+            "reuse_idle_s", float, 2.0, lambda v: None if v >= 0 else "must not be negative"
+        ),
     )
     t.finish()
     return config

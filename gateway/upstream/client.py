@@ -23,6 +23,7 @@ from gateway.core.config import UpstreamConfig
 from gateway.core.errors import UpstreamFailure, UpstreamRejected
 from gateway.core.wire import UpstreamBody
 from gateway.upstream.base import Reply, SendState
+from gateway.upstream.connector import UpstreamConnector, fresh_only
 from gateway.upstream.streams import TooLarge, read_capped
 
 log = logging.getLogger("gateway.upstream")
@@ -49,13 +50,15 @@ class HttpUpstream:
         self._sleep = sleep
         self._secret = config.api_key.reveal()
         self._auth = {"Authorization": f"Bearer {self._secret}"}
+        connector = getattr(session, "connector", None)
+        self._connector = connector if isinstance(connector, UpstreamConnector) else None
 
     @staticmethod
     def new_session(config: UpstreamConfig) -> aiohttp.ClientSession:
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_mark_sent)
         timeout = aiohttp.ClientTimeout(total=config.timeout_s, connect=config.connect_timeout_s)
-        connector = _FreshUnlessIdempotent(limit=0, ttl_dns_cache=300)
+        connector = UpstreamConnector(reuse_idle_s=config.reuse_idle_s, limit=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
             timeout=timeout,
             connector=connector,
@@ -82,7 +85,8 @@ class HttpUpstream:
         for attempt in range(1, attempts + 1):
             state.attempts, state.sent = attempt, False
             try:
-                return await self._post_once(url, body, query, state)
+                with fresh_only(attempt > 1):  # a retry never rides a pooled connection
+                    return await self._post_once(url, body, query, state)
             except _NotSent as exc:
                 if attempt == attempts:
                     failure = UpstreamFailure(
@@ -178,6 +182,8 @@ class HttpUpstream:
         The upstream's strings go on to teams, logs and the database; should it ever echo the
         key (in a message, a type, a code, a task field), it stops here.
         """
+        if self._connector is not None:
+            self._connector.learn(resp.headers)
         try:
             raw = bytes(await read_capped(resp.content, MAX_ANSWER_BYTES))
         except TooLarge:
@@ -197,36 +203,6 @@ class HttpUpstream:
 
     def _jitter(self, attempt: int) -> float:
         return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-
-class _FreshUnlessIdempotent(aiohttp.TCPConnector):
-    """Reuses pooled connections for GETs only; a POST always gets a new connection of its own.
-
-    An idle pooled connection may already have been closed by an upstream or balancer with a
-    shorter idle timeout. A POST sent on it breaks after its bytes left, so its hold turns
-    uncertain although nothing arrived, and the client cannot prove that nothing did. A new
-    connection costs one TCP (and TLS) handshake per generation, against 30 s or more of
-    generating. GETs are harmless to repeat, and aiohttp resends one that broke on a reused
-    connection.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._fresh = aiohttp.TCPConnector(force_close=True, **kwargs)
-
-    async def connect(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[aiohttp.tracing.Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
-    ) -> aiohttp.connector.Connection:
-        if req.method in ("GET", "HEAD"):
-            return await super().connect(req, traces, timeout)
-        return await self._fresh.connect(req, traces, timeout)
-
-    async def close(self, *, abort_ssl: bool = False) -> None:
-        await self._fresh.close(abort_ssl=abort_ssl)
-        await super().close(abort_ssl=abort_ssl)
 
 
 class _NotSent(Exception):

@@ -1,0 +1,136 @@
+"""Which connection a request to the upstream rides: pooled for GETs, pooled for a POST only
+while the connection is recently used, else a new one.
+
+A POST sent on a pooled connection that the upstream (or a balancer in front of it) has just
+closed breaks after its bytes left: its hold turns uncertain although nothing arrived, and
+nobody can prove that nothing did. Every idle-close happens after some idle time, so a POST
+takes a pooled connection only while it has been idle for less than ``[upstream]
+reuse_idle_s`` (well under common idle timeouts: nginx 60-75 s, cloud balancers 60-350 s),
+and less than half of the ``Keep-Alive: timeout=N`` the upstream announces, if it announces one
+(the smaller wins, for good). The newest idle connection is taken, and only if the kernel has
+nothing pending on it (a FIN or reset that arrived but was not yet read means it is closed).
+Otherwise a POST gets a new connection of its own; ``reuse_idle_s = 0`` means always. A retry of
+a POST that provably never started is always sent on a new connection (``fresh_only``).
+
+GETs are harmless to repeat; they take any pooled connection, and aiohttp resends one that
+broke on a reused connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import select
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.connector import Connection
+
+IDEMPOTENT = frozenset({"GET", "HEAD"})
+_KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.I)
+# True while this task opens a new connection for a POST (aiohttp's ``connect`` looks at the
+# pool first; the POST's own look, ``_take_recent``, has been done).
+_skip_pool: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_pool", default=False)
+_fresh: contextvars.ContextVar[bool] = contextvars.ContextVar("fresh_only", default=False)
+
+
+@contextlib.contextmanager
+def fresh_only(fresh: bool = True) -> Iterator[None]:
+    """Within the block, a POST of this task gets a new connection whatever the pool holds."""
+    token = _fresh.set(fresh)
+    try:
+        yield
+    finally:
+        _fresh.reset(token)
+
+
+class UpstreamConnector(aiohttp.TCPConnector):
+    """``TCPConnector`` whose POSTs reuse only connections idle under the reuse window."""
+
+    def __init__(self, *, reuse_idle_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._fresh_connector = aiohttp.TCPConnector(force_close=True, **kwargs)
+        self.window_s = reuse_idle_s
+        self.reused = 0  # POSTs sent on a pooled connection
+        self.fresh = 0  # POSTs sent on a new one
+
+    def learn(self, headers: Mapping[str, str]) -> None:
+        """Narrow the window to half of the upstream's announced idle timeout, if any."""
+        value = headers.get("Keep-Alive")
+        found = _KEEP_ALIVE_TIMEOUT.search(value) if value else None
+        if found is not None:
+            self.window_s = min(self.window_s, float(found[1]) / 2)
+
+    async def connect(
+        self,
+        req: aiohttp.ClientRequest,
+        traces: list[aiohttp.tracing.Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
+    ) -> Connection:
+        if req.method in IDEMPOTENT:
+            return await super().connect(req, traces, timeout)
+        if self.window_s > 0 and not _fresh.get():
+            conn = self._take_recent(req.connection_key, self.window_s)
+            if conn is not None:
+                self.reused += 1
+                return conn
+        self.fresh += 1
+        # A new connection of the pooled kind, kept for the next request when it is soon enough;
+        # with reuse off, one closed after its answer, as before the window existed.
+        chosen = self if self.window_s > 0 else self._fresh_connector
+        token = _skip_pool.set(True)
+        try:
+            return await aiohttp.TCPConnector.connect(chosen, req, traces, timeout)
+        finally:
+            _skip_pool.reset(token)
+
+    async def _get(
+        self, key: aiohttp.connector.ConnectionKey, traces: list[aiohttp.tracing.Trace]
+    ) -> Connection | None:
+        if _skip_pool.get():
+            return None
+        return await super()._get(key, traces)
+
+    def _take_recent(
+        self, key: aiohttp.connector.ConnectionKey, window: float
+    ) -> Connection | None:
+        """The newest pooled connection, if it was idle under ``window`` and is still open;
+        closed ones met on the way are dropped, older idle ones are left for GETs."""
+        conns = self._conns.get(key)
+        now = time.monotonic()
+        while conns:
+            proto, released = conns[-1]
+            if now - released >= window:
+                return None  # the newest is too old, so is every other
+            conns.pop()
+            if proto.is_connected() and _nothing_pending(proto):
+                if not conns:
+                    del self._conns[key]
+                self._acquired.add(proto)
+                if self._limit_per_host:
+                    self._acquired_per_host[key].add(proto)
+                return Connection(self, key, proto, self._loop)
+            proto.close()
+        if conns is not None and not conns:
+            del self._conns[key]
+        return None
+
+    async def close(self, *, abort_ssl: bool = False) -> None:
+        await self._fresh_connector.close(abort_ssl=abort_ssl)
+        await super().close(abort_ssl=abort_ssl)
+
+
+def _nothing_pending(proto: ResponseHandler) -> bool:
+    """True if the kernel holds nothing to read on the connection: an idle HTTP/1.1 connection
+    with bytes, a FIN or a reset waiting has been closed (or spoken on) by the other side."""
+    transport = proto.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
+    return not poller.poll(0)
