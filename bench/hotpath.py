@@ -163,7 +163,7 @@ def med(runs: list[dict[str, Any]], *keys: str) -> float:
 
 def report(targets: list[Target], machine: dict[str, Any]) -> str:
     by = {t.name: t for t in targets}
-    passthrough = med(by["passthrough"].c32, "rps")
+    passthrough = med(by["passthrough"].c32, "rps") if "passthrough" in by else float("nan")
     direct_p50 = med(by["direct"].c1, "latency_ms", "p50")
     lines = [
         f"{'target':14} {'c=32 req/s':>10} {'x passthr':>9} {'CPU ms/req':>10} "
@@ -178,6 +178,16 @@ def report(targets: list[Target], machine: dict[str, Any]) -> str:
             f"{t.name:14} {rps:10,.0f} {rps / passthrough:9.2f} {cpu:10.3f} "
             f"{p50:10.2f} {p50 - direct_p50:9.2f} {errors:6d}"
         )
+    a, b = (t for t in targets if t.name.startswith("gateway"))
+    pairs = [
+        rb["cpu_ms_per_request"] / ra["cpu_ms_per_request"]
+        for ra, rb in zip(a.c32, b.c32, strict=True)
+    ]
+    lines.append(
+        f"CPU per request, {b.name} / {a.name}, per round (run back to back): "
+        + ", ".join(f"{p:.2f}" for p in pairs)
+        + f"; median {statistics.median(pairs):.2f}"
+    )
     wall = max(1e-9, machine["wall_s"] * (os.cpu_count() or 1))
     other = 100 * max(0.0, machine["busy_s"] - machine["measured_s"]) / wall
     load1, load5, _ = os.getloadavg()
@@ -205,20 +215,21 @@ async def main(args: argparse.Namespace) -> None:
                    {"Authorization": f"Bearer {UPSTREAM_KEY}", "Content-Type": "application/json"},
                    [upstream.pid]),
         ]  # fmt: skip
-        if shutil.which("nginx", path=os.defpath + ":/usr/sbin"):
+        if args.side_by_side and shutil.which("nginx", path=os.defpath + ":/usr/sbin"):
             port = int(upstream.url.rsplit(":", 1)[1])
             nginx, nginx_port = await start_nginx(work, port)
             targets.append(
                 Target("nginx", f"http://127.0.0.1:{nginx_port}{GENERATION_PATH}", team,
                        tree=nginx.pid)
             )  # fmt: skip
-        passthrough = await procs.start(
-            "passthrough", [PYTHON, "-m", "bench.passthrough", "--upstream", upstream.url],
-            work, env,
-        )  # fmt: skip
-        started.append(passthrough)
-        targets.append(Target("passthrough", passthrough.url + GENERATION_PATH, team,
-                              [passthrough.pid]))  # fmt: skip
+        if args.side_by_side:
+            passthrough = await procs.start(
+                "passthrough", [PYTHON, "-m", "bench.passthrough", "--upstream", upstream.url],
+                work, env,
+            )  # fmt: skip
+            started.append(passthrough)
+            targets.append(Target("passthrough", passthrough.url + GENERATION_PATH, team,
+                                  [passthrough.pid]))  # fmt: skip
         sides = {f"gateway {args.base}": export(args.base, work / "base"), "gateway now": REPO}
         for index, (name, tree) in enumerate(sides.items()):
             gw_dir = work / f"gw{index}"
@@ -250,7 +261,11 @@ async def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base", default="HEAD", help="git revision of the A side")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--gateways-only", dest="side_by_side", action="store_false",
+        help="only direct and the two gateways (more rounds in the same time)",
+    )  # fmt: skip
     parser.add_argument("--keep", action="store_true")
     asyncio.run(main(parser.parse_args()))
