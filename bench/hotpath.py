@@ -3,7 +3,9 @@
 ``.venv/bin/python -m bench.hotpath [--base REV] [--rounds 3] [--seconds 5]``
 
 Starts on 127.0.0.1 a zero-delay fake upstream, nginx as a reverse proxy (when installed), the
-bare aiohttp passthrough, the gateway of ``--base`` (default ``HEAD``, exported with ``git
+bare aiohttp passthrough, LiteLLM's proxy without a database when ``--litellm PATH`` names its
+CLI (``python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'``), the
+gateway of ``--base`` (default ``HEAD``, exported with ``git
 archive`` to a temp dir) and the gateway of the work tree, every feature on, each with its own
 SQLite file on real disk and access log. Then, in ``--rounds`` interleaved rounds (the order
 rotated each round), wrk at concurrency 32 for ``--seconds`` against each target, reading each
@@ -39,6 +41,7 @@ from bench.scenarios import GENERATION_PATH, generation_body
 from bench.stack import KEY_ENV, TEAM_KEY, UPSTREAM_KEY, StackOptions, gateway_config
 
 CONCURRENCY = 32
+LITELLM_KEY = "sk-bench-litellm-master-key-0123456789abcdef"
 
 
 @dataclass
@@ -114,6 +117,53 @@ async def start_nginx(work: Path, upstream_port: int) -> tuple[asyncio.subproces
     proc.terminate()
     await proc.wait()
     raise RuntimeError("nginx did not start")
+
+
+def litellm_config(work: Path, upstream_url: str) -> Path:
+    """LiteLLM's proxy config: the fake upstream as an OpenAI-compatible images API, no
+    database, a master key (checked on every request, as the gateway checks a team key),
+    nothing fetched at start."""
+    conf = work / "litellm.yaml"
+    conf.write_text(
+        f"""
+model_list:
+  - model_name: gpt-image-2
+    litellm_params:
+      model: openai/gpt-image-2
+      api_base: {upstream_url}/v1
+      api_key: {UPSTREAM_KEY}
+general_settings:
+  master_key: {LITELLM_KEY}
+litellm_settings:
+  telemetry: false
+"""
+    )
+    return conf
+
+
+async def start_litellm(
+    work: Path, litellm: str, upstream_url: str
+) -> tuple[asyncio.subprocess.Process, int]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR"}
+    log = (work / "litellm.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        litellm, "--config", str(litellm_config(work, upstream_url)), "--host", "127.0.0.1",
+        "--port", str(port), "--num_workers", "1", stdout=log, stderr=log, env=env,
+    )  # fmt: skip
+    for _ in range(1200):  # it imports for a while
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return proc, port
+        except OSError:
+            await asyncio.sleep(0.1)
+    if proc.returncode is None:
+        proc.terminate()
+        await proc.wait()
+    raise RuntimeError(f"LiteLLM did not start; see {work / 'litellm.log'}")
 
 
 async def measure(
@@ -203,6 +253,7 @@ async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="igw-hotpath-", dir="/var/tmp"))
     started: list[Proc] = []
     nginx: asyncio.subprocess.Process | None = None
+    litellm: asyncio.subprocess.Process | None = None
     try:
         env = procs.child_env(**{KEY_ENV: UPSTREAM_KEY})
         upstream = await procs.start(
@@ -230,6 +281,12 @@ async def main(args: argparse.Namespace) -> None:
             started.append(passthrough)
             targets.append(Target("passthrough", passthrough.url + GENERATION_PATH, team,
                                   [passthrough.pid]))  # fmt: skip
+        if args.side_by_side and args.litellm:
+            litellm, litellm_port = await start_litellm(work, args.litellm, upstream.url)
+            targets.append(
+                Target("litellm", f"http://127.0.0.1:{litellm_port}{GENERATION_PATH}",
+                       {**team, "Authorization": f"Bearer {LITELLM_KEY}"}, tree=litellm.pid)
+            )  # fmt: skip
         sides = {f"gateway {args.base}": export(args.base, work / "base"), "gateway now": REPO}
         for index, (name, tree) in enumerate(sides.items()):
             gw_dir = work / f"gw{index}"
@@ -251,9 +308,10 @@ async def main(args: argparse.Namespace) -> None:
     finally:
         for proc in reversed(started):
             await proc.stop()
-        if nginx is not None:
-            nginx.terminate()
-            await nginx.wait()
+        for child in (nginx, litellm):
+            if child is not None:
+                child.terminate()
+                await child.wait()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -263,6 +321,9 @@ if __name__ == "__main__":
     parser.add_argument("--base", default="HEAD", help="git revision of the A side")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--litellm", default=None, help="LiteLLM's CLI (a venv of its own) to run side by side"
+    )
     parser.add_argument(
         "--gateways-only", dest="side_by_side", action="store_false",
         help="only direct and the two gateways (more rounds in the same time)",

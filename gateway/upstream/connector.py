@@ -129,8 +129,12 @@ def _nothing_pending(proto: ResponseHandler) -> bool:
     with bytes, a FIN or a reset waiting has been closed (or spoken on) by the other side."""
     transport = proto.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None:
+    fileno = sock.fileno() if sock is not None else -1
+    if fileno < 0:
         return False
     poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN | select.POLLPRI)
-    return not poller.poll(0)
+    poller.register(fileno, select.POLLIN | select.POLLPRI)
+    try:
+        return not poller.poll(0)  # POLLHUP and POLLERR are reported even if not asked for
+    except OSError:
+        return False
