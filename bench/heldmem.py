@@ -126,7 +126,10 @@ def report(
     for name, size in by_package.most_common():
         print(f"  {name:10} {size / n:8.0f} B")
     print("by allocation site (bytes per held request):")
-    for stat in diff[: args.top]:
+    sites = [
+        s for s in diff if not args.package or package(s.traceback[0].filename) == args.package
+    ]
+    for stat in sites[: args.top]:
         frame = stat.traceback[0]
         where = "/".join(Path(frame.filename).parts[-2:])
         print(
@@ -144,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--held", type=int, default=2000)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--package", default=None, help="allocation sites of this package only")
     args = parser.parse_args()
     if raise_fd_limit() < 2 * args.held + 200:
         parser.error("RLIMIT_NOFILE is too low for --held")
