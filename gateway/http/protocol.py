@@ -226,6 +226,8 @@ class GatewayServer(web.Server):
 class GatewayRequestHandler(RequestHandler):
     """One connection: a deadline for the first request head, and errors without content."""
 
+    __slots__ = ("_head_timer", "_header_timeout", "_refused", "_requests", "_server")
+
     def __init__(self, manager: GatewayServer, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._server = manager  # aiohttp drops its own reference when the connection is lost
