@@ -19,6 +19,7 @@ import asyncio
 import collections
 import gc
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -104,6 +105,7 @@ async def run(args: argparse.Namespace) -> None:
             print(f"held requests answered: {result['ok']} of {args.held}", file=sys.stderr)
     finally:
         await upstream.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def report(
