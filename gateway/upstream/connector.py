@@ -84,7 +84,7 @@ class UpstreamConnector(aiohttp.TCPConnector):
     ) -> Connection:
         if req.method in IDEMPOTENT:
             return await super().connect(req, traces, timeout)
-        if self.window_s > 0 and not _fresh.get():
+        if self.window_s > 0 and not _fresh.get() and req.proxy is None:
             conn = self._take_recent(req.connection_key, self.window_s)
             if conn is not None:
                 self.reused += 1
