@@ -67,12 +67,13 @@ async def assert_each_generated_once(
     await books_balance(gateway, upstream)
 
 
-def counting_connections(seen: set[int], keep_alive: str | None) -> Any:
-    """Middleware: notes each connection a request arrived on; announces ``keep_alive``."""
+def counting_connections(seen: set[object], keep_alive: str | None) -> Any:
+    """Middleware: keeps each connection (its transport) a request arrived on, so no two are
+    confused by a reused id; announces ``keep_alive``."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        seen.add(id(request.transport))
+        seen.add(request.transport)
         response = await handler(request)
         if keep_alive is not None:
             response.headers["Keep-Alive"] = keep_alive
@@ -82,11 +83,11 @@ def counting_connections(seen: set[int], keep_alive: str | None) -> Any:
 
 
 @pytest.mark.parametrize(
-    ("idle_s", "announced", "reuse_idle_s"),
+    ("idle_s", "announced", "reuse_idle_s", "reused"),
     [
-        (1.0, None, None),  # says nothing: the suite's window (0.5 s) is under its timeout
-        (1.0, "timeout=1", 2.0),  # the production default, narrowed by what it announces
-        (0.1, "timeout=0.1", 2.0),
+        (1.0, None, None, True),  # says nothing: the suite's window (0.5 s) is under its timeout
+        (1.0, "timeout=1", 2.0, True),  # the production default, narrowed by what it announces
+        (0.1, "timeout=0.1", 2.0, False),  # under 1 s: no reuse at all
     ],
 )
 async def test_an_upstream_closing_idle_connections_never_makes_a_post_uncertain(
@@ -96,9 +97,10 @@ async def test_an_upstream_closing_idle_connections_never_makes_a_post_uncertain
     idle_s: float,
     announced: str | None,
     reuse_idle_s: float | None,
+    reused: bool,
 ) -> None:
     """An upstream that closes (FIN) connections idle for ``idle_s``, as nginx does."""
-    connections: set[int] = set()
+    connections: set[object] = set()
     app = upstream.sim.app(
         middlewares=[counting_connections(connections, announced), upstream.faults.middleware]
     )
@@ -109,7 +111,7 @@ async def test_an_upstream_closing_idle_connections_never_makes_a_post_uncertain
     )
     outcomes = await load(gateway, idle_s, seed=26)
     await assert_each_generated_once(gateway, upstream, outcomes)
-    assert len(connections) < len(outcomes)  # POSTs did ride pooled connections
+    assert (len(connections) < len(outcomes)) is reused  # POSTs rode pooled connections, or not
 
 
 @pytest.mark.parametrize("idle_s", [1.0, 0.1])
@@ -158,6 +160,7 @@ def test_the_window_narrows_to_half_the_announced_timeout() -> None:
         ({"Keep-Alive": "timeout=x"}, 1.5),
         ({"Keep-Alive": "max=9, timeout=1"}, 0.5),
         ({"Keep-Alive": "timeout=60"}, 0.5),  # the smaller wins, for good
+        ({"Keep-Alive": "timeout=0.9"}, 0.0),  # under a second: no reuse
     ]:
         connector.learn(header)
         assert connector.window_s == window, header

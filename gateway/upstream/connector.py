@@ -7,8 +7,11 @@ nobody can prove that nothing did. Every idle-close happens after some idle time
 takes a pooled connection only while it has been idle for less than ``[upstream]
 reuse_idle_s`` (well under common idle timeouts: nginx 60-75 s, cloud balancers 60-350 s),
 and less than half of the ``Keep-Alive: timeout=N`` the upstream announces, if it announces one
-(the smaller wins, for good). The newest idle connection is taken, and only if the kernel has
-nothing pending on it (a FIN or reset that arrived but was not yet read means it is closed).
+(the smaller wins, for good; an announced timeout under 1 s turns reuse off). Idle time is the
+kernel's (TCP_INFO: since the upstream last sent a byte), so a busy event loop that read the
+answer late does not make an old connection look fresh. The newest idle connection is taken,
+and only if the kernel has nothing pending on it (a FIN or reset that arrived but was not yet
+read means it is closed).
 Otherwise a POST gets a new connection of its own; ``reuse_idle_s = 0`` means always. A retry of
 a POST that provably never started is always sent on a new connection (``fresh_only``).
 
@@ -22,6 +25,7 @@ import contextlib
 import contextvars
 import re
 import select
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +34,11 @@ import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.connector import Connection
 
+from gateway.core.tcpinfo import TCP_INFO_SIZE, last_data_recv_ms
+
 IDEMPOTENT = frozenset({"GET", "HEAD"})
+TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux
+MIN_ANNOUNCED_S = 1.0  # an upstream announcing less than this gets no reuse at all
 _KEEP_ALIVE_TIMEOUT = re.compile(r"(?:^|[,;\s])timeout\s*=\s*([0-9]+(?:\.[0-9]+)?)", re.I)
 _fresh: contextvars.ContextVar[bool] = contextvars.ContextVar("fresh_only", default=False)
 
@@ -70,11 +78,13 @@ class UpstreamConnector(aiohttp.TCPConnector):
         self._skip_next_get = False  # see connect()
 
     def learn(self, headers: Mapping[str, str]) -> None:
-        """Narrow the window to half of the upstream's announced idle timeout, if any."""
+        """Narrow the window to half of the upstream's announced idle timeout, if any; below
+        MIN_ANNOUNCED_S, to nothing (a race with the upstream's own loop at every reuse)."""
         value = headers.get("Keep-Alive")
         found = _KEEP_ALIVE_TIMEOUT.search(value) if value else None
         if found is not None:
-            self.window_s = min(self.window_s, float(found[1]) / 2)
+            announced = float(found[1])
+            self.window_s = min(self.window_s, announced / 2 if announced >= MIN_ANNOUNCED_S else 0)
 
     async def connect(
         self,
@@ -122,15 +132,20 @@ class UpstreamConnector(aiohttp.TCPConnector):
             proto, released = conns[-1]
             if now - released >= window:
                 return None  # the newest is too old, so is every other
+            quiet_s = _quiet_s(proto) if proto.is_connected() else None
+            if quiet_s is None:  # closed by the other side: dropped
+                conns.pop()
+                proto.close()
+                continue
+            if quiet_s >= window:
+                return None  # open, but the upstream has been silent too long: left for GETs
             conns.pop()
-            if proto.is_connected() and _nothing_pending(proto):
-                if not conns:
-                    del self._conns[key]
-                self._acquired.add(proto)
-                if self._limit_per_host:
-                    self._acquired_per_host[key].add(proto)
-                return Connection(self, key, proto, self._loop)
-            proto.close()
+            if not conns:
+                del self._conns[key]
+            self._acquired.add(proto)
+            if self._limit_per_host:
+                self._acquired_per_host[key].add(proto)
+            return Connection(self, key, proto, self._loop)
         if conns is not None and not conns:
             del self._conns[key]
         return None
@@ -140,17 +155,27 @@ class UpstreamConnector(aiohttp.TCPConnector):
         await super().close(abort_ssl=abort_ssl)
 
 
-def _nothing_pending(proto: ResponseHandler) -> bool:
-    """True if the kernel holds nothing to read on the connection: an idle HTTP/1.1 connection
-    with bytes, a FIN or a reset waiting has been closed (or spoken on) by the other side."""
+def _quiet_s(proto: ResponseHandler) -> float | None:
+    """Seconds since the upstream last sent anything on this idle connection, by the kernel's
+    clock (TCP_INFO), or None if it is closed: anything waiting to be read (bytes, a FIN, a
+    reset) means the other side closed it or spoke out of turn.
+
+    The upstream's idle timer runs from its last byte, which the pool's release time follows by
+    however long this event loop took to read the answer: seconds, in a long GC pause. The
+    kernel's count does not wait for the loop (0 where TCP_INFO is not available).
+    """
     transport = proto.transport
     sock = transport.get_extra_info("socket") if transport is not None else None
-    fileno = sock.fileno() if sock is not None else -1
-    if fileno < 0:
-        return False
+    if sock is None or sock.fileno() < 0:
+        return None
+    fileno = sock.fileno()
     poller = select.poll()
     poller.register(fileno, select.POLLIN | select.POLLPRI)
     try:
-        return not poller.poll(0)  # POLLHUP and POLLERR are reported even if not asked for
+        if poller.poll(0):  # POLLHUP and POLLERR are reported even if not asked for
+            return None
+        info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, TCP_INFO_SIZE) if TCP_INFO else b""
     except OSError:
-        return False
+        return None
+    quiet_ms = last_data_recv_ms(info)
+    return quiet_ms / 1000 if quiet_ms is not None else 0.0
