@@ -7,7 +7,10 @@ one of: aiohttp's own ``keepalive_timeout=1.0``; nginx with ``keepalive_timeout 
 installed); or ``tests.fakes.IdleTimeoutFront``, an L4 balancer with a 1 s idle timeout whose FIN
 reaches the gateway at once, 25 ms later, or never. Independent streams send generation POSTs
 spaced 0.95-1.05 s apart through ``HttpUpstream.submit`` in each client variant; every
-uncertain outcome is checked against what the simulator received.
+uncertain outcome is checked against what the simulator received. ``shipped`` is the gateway
+as configured by default (a POST reuses a connection idle under ``reuse_idle_s`` = 2 s, or half
+the upstream's ``Keep-Alive: timeout``); ``window-0.5s`` sets the window under the 1 s idle
+timeout, as an operator of such an upstream must; ``window-0s`` is a new connection per POST.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -214,10 +218,17 @@ async def make_client(variant: str, config: UpstreamConfig) -> tuple[HttpUpstrea
     sessions: list[Any] = [pooled]
     if variant == "today":
         return HttpUpstream(config, pooled, backoff_s=0), sessions
-    if variant == "shipped":  # the fix as it is in gateway/upstream.py
+    if variant == "shipped":  # as the gateway ships: POSTs reuse within reuse_idle_s (2 s)
         await pooled.close()
         shipped = HttpUpstream.new_session()
         return HttpUpstream(config, shipped, backoff_s=0), [shipped]
+    if variant.startswith("window-"):  # window-0.5s: reuse_idle_s = 0.5 (window-0s: reuse off)
+        await pooled.close()
+        seconds = float(variant.removeprefix("window-").removesuffix("s"))
+        windowed = HttpUpstream.new_session()
+        return HttpUpstream(replace(config, reuse_idle_s=seconds), windowed, backoff_s=0), [
+            windowed
+        ]
     if variant == "connection-close":
 
         def post(url: str, headers: dict[str, str], **kw: Any) -> Any:
@@ -468,7 +479,8 @@ if __name__ == "__main__":
     parser.add_argument("--per-stream", type=int, default=10)
     parser.add_argument("--kinds", default=None, help="comma-separated; empty for none")
     parser.add_argument(
-        "--variants", default="today,connection-close,fresh-post,retry-stale,shipped"
+        "--variants",
+        default="today,connection-close,fresh-post,retry-stale,shipped,window-0.5s,window-0s",
     )
     parser.add_argument("--mixed", action="store_true", help="a task poll after each POST")
     parser.add_argument("--mb", type=int, default=0, help="pad each POST body to this size")

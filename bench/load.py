@@ -135,8 +135,10 @@ class LoadRunner:
         waves: int = 1,
         wave_gap_s: float = 0.0,
         timeout_s: float = 120.0,
+        raw: bool = False,
     ) -> dict[str, Any]:
-        """Exactly ``count`` requests (per wave), at most ``concurrency`` at once."""
+        """Exactly ``count`` requests (per wave), at most ``concurrency`` at once (``raw``: one
+        connection each, without aiohttp's client; see bench/loadgen.py)."""
         spec = {
             "url": url,
             "method": method,
@@ -150,6 +152,7 @@ class LoadRunner:
             "waves": waves,
             "wave_gap_s": wave_gap_s,
             "timeout_s": timeout_s,
+            "raw": raw,
         }
         return await self._loadgen(spec, timeout_s=timeout_s + waves * wave_gap_s + 60)
 

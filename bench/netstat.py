@@ -7,16 +7,25 @@ retransmits one second later, which shows up as a 1 s step in tail latency; the 
 
 from __future__ import annotations
 
+COUNTERS = ("ListenDrops", "SyncookiesSent", "SyncookiesFailed", "TCPAbortOnData")
+
 
 def listen_drops() -> int:
     """``TcpExt: ListenDrops`` from /proc/net/netstat, or -1 if unreadable."""
+    return tcp_counters().get("ListenDrops", -1)
+
+
+def tcp_counters() -> dict[str, int]:
+    """The ``TcpExt`` counters of COUNTERS (empty if unreadable): listen-queue drops, SYN
+    cookies sent and failed (a failed one is answered with a reset), and sockets closed with
+    unread data (a reset too)."""
     try:
         with open("/proc/net/netstat", encoding="ascii") as fh:
             lines = fh.read().splitlines()
     except OSError:
-        return -1
+        return {}
     for names, values in zip(lines[::2], lines[1::2], strict=False):
         if names.startswith("TcpExt:"):
             table = dict(zip(names.split()[1:], values.split()[1:], strict=False))
-            return int(table.get("ListenDrops", -1))
-    return -1
+            return {name: int(table[name]) for name in COUNTERS if name in table}
+    return {}

@@ -83,9 +83,15 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 async def start(
-    name: str, argv: list[str], workdir: Path, env: dict[str, str], timeout_s: float = 30.0
+    name: str,
+    argv: list[str],
+    workdir: Path,
+    env: dict[str, str],
+    timeout_s: float = 30.0,
+    *,
+    cwd: Path = REPO,
 ) -> Proc:
-    """Start ``argv`` and return once it reports ``READY=1`` with its listening URL."""
+    """Start ``argv`` in ``cwd`` and return once it reports ``READY=1`` with its listening URL."""
     notify_path = workdir / f"{name}.notify"
     log_path = workdir / f"{name}.log"
     with contextlib.suppress(FileNotFoundError):
@@ -101,7 +107,7 @@ async def start(
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env={**env, "NOTIFY_SOCKET": str(notify_path)},
-                cwd=REPO,
+                cwd=cwd,
             )
         url = await _wait_ready(name, process, sock, log_path, timeout_s)
     except BaseException:

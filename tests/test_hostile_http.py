@@ -29,6 +29,7 @@ from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, InvalidURLErr
 
 from gateway.core.config import parse_settings
 from gateway.http.protocol import AIOHTTP_LOGGERS, describe, install_log_filter, max_connections
+from gateway.http.server import METRICS_CONNECTIONS
 from gateway.ops.safe_log import clean
 from tests.conftest import (
     ADMIN_KEY,
@@ -580,3 +581,46 @@ def test_new_server_keys_are_documented_and_parsed() -> None:
         env={"TEST_UPSTREAM_KEY": UPSTREAM_KEY},
     )
     assert (settings.server.header_timeout_s, settings.server.keepalive_timeout_s) == (2.5, 75.0)
+
+
+@pytest.mark.process
+async def test_a_connection_past_the_cap_is_answered_503_not_reset(
+    start_process: Start, upstream: Upstream
+) -> None:
+    """Every connection busy with a held request: a newcomer gets a JSON 503 and a clean close."""
+    open_files = 140
+    cap = max_connections(open_files - METRICS_CONNECTIONS, 16)
+
+    def low_open_file_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+    release, all_arrived = asyncio.Event(), asyncio.Event()
+    arrived = 0
+
+    async def hold(request: Any, handler: Any) -> Any:
+        nonlocal arrived
+        arrived += 1
+        if arrived == cap:
+            all_arrived.set()
+        await release.wait()
+        return await handler(request)
+
+    for _ in range(cap + 1):  # one more: the refused request must not take it
+        upstream.faults.add(hold)
+    process = await start_process(preexec_fn=low_open_file_limit, server={"backlog": 16})
+    held = [await asyncio.open_connection(*address(process.url)) for _ in range(cap)]
+    for _, writer in held:
+        writer.write(generation())
+    await asyncio.wait_for(all_arrived.wait(), IO_TIMEOUT_S)
+    refused = await exchange_from_another_process(process.url, generation())
+    assert refused.status == 503 and refused.headers["connection"] == "close"
+    assert refused.json()["error"]["code"] == "too_many_connections"
+    assert refused.headers["x-should-retry"] == "true"
+    release.set()
+    for reader, writer in held:
+        assert parse(await closed_by_gateway(reader)).status == 200
+        writer.close()
+    assert arrived == cap  # the refused request never reached the upstream
+    stderr = await stopped(process)
+    assert f"connection limit ({cap}) reached" in stderr
+    assert "refused (503 or closed) while every connection was busy: 1;" in stderr

@@ -123,6 +123,9 @@ class UpstreamConfig:
     cooldown_s: float = 30.0  # first cooldown after max_fails consecutive failures
     max_fails: int = 3
     quota_retry_s: float = 3600.0  # how long a 402 disables it (or until a reload)
+    # A POST reuses a pooled connection only while it has been idle for less than this (0 = a
+    # new connection for every POST); see gateway/upstream/connector.py.
+    reuse_idle_s: float = 2.0
 
     @property
     def host(self) -> str:
@@ -589,6 +592,9 @@ def _upstream(
         cooldown_s=t.get("cooldown_s", float, 30.0, _positive),
         max_fails=t.get("max_fails", int, 3, _at_least_one),
         quota_retry_s=t.get("quota_retry_s", float, 3600.0, _positive),
+        reuse_idle_s=t.get(
+            "reuse_idle_s", float, 2.0, lambda v: None if v >= 0 else "must not be negative"
+        ),
     )
     t.finish()
     return config

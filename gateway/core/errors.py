@@ -18,6 +18,8 @@
     ├── UpstreamFailure                502/504 upstream_error
     ├── UpstreamUnavailable            503    upstream_error (every upstream cooling or disabled)
     ├── StorageUnavailable             503    server_error (the ledger cannot be written)
+    ├── UpgradeRequired                503    server_error (the database needs a newer release)
+    ├── NoRoom                         503    server_error (the connection cap is reached)
     └── InternalError                  500    server_error
 
 ``should_retry`` becomes the ``x-should-retry`` header that the OpenAI SDKs obey: False where a
@@ -233,6 +235,16 @@ class UpgradeRequired(GatewayError):
     status = 503
     type = "server_error"
     code = "upgrade_required"
+
+
+class NoRoom(GatewayError):
+    """Every connection the open-file limit has room for is busy: this one is answered and
+    closed before its request is read. Nothing was reserved or sent, so a later retry is safe."""
+
+    status = 503
+    type = "server_error"
+    code = "too_many_connections"
+    should_retry = True
 
 
 class InternalError(GatewayError):

@@ -19,7 +19,11 @@ What aiohttp 3.14 does on its own, and what this module changes:
   EMFILE and nothing else (not the upstream call of a paying request) gets a descriptor either.
   Here at most ``max_connections`` client connections are kept; a new one beyond that closes
   the oldest connection that is not in the middle of a request (idle keep-alive, or a head that
-  has not arrived), or, when every connection is busy, is itself closed at once.
+  has not arrived), or, when every connection is busy, is itself refused: its request is
+  answered 503 ``too_many_connections`` with ``Connection: close`` (its body read and dropped,
+  so the close is a FIN and the client reads the answer, not a reset). At most ``refusing``
+  refused connections wait for their heads at once (they hold a descriptor but no upstream
+  one); past that a newcomer is closed unanswered.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.core.errors import InternalError, InvalidRequest
+from gateway.core.errors import InternalError, InvalidRequest, NoRoom
 from gateway.http.responses import json_response
 from gateway.ops.safe_log import clean, is_clean
 
@@ -57,6 +61,7 @@ log = logging.getLogger("gateway.http")
 
 RESERVED_FDS = 64  # database, access log, listening and notify sockets, stdio, epoll, imports
 MIN_CONNECTIONS = 8
+REFUSING_AT_ONCE = 64  # refused connections answered 503 at once (one descriptor each)
 REPORT_EVERY_S = 60.0
 AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal")
 KNOWN_HEADERS = frozenset(
@@ -80,16 +85,19 @@ class ConnectionLimits:
     header_timeout_s: float
     keepalive_timeout_s: float
     max_connections: int
+    refusing: int = REFUSING_AT_ONCE
 
 
 def max_connections(open_files: int, backlog: int) -> int:
     """Client connections that fit in ``open_files`` descriptors, each with an upstream one.
 
     Kept free besides: one accept burst (asyncio accepts up to ``backlog`` sockets per wakeup
-    before any protocol sees them) and RESERVED_FDS for what the process holds anyway.
+    before any protocol sees them), the refused connections being answered, and RESERVED_FDS
+    for what the process holds anyway.
     """
     burst = min(backlog, open_files // 4)
-    return max(MIN_CONNECTIONS, (open_files - burst - RESERVED_FDS) // 2)
+    refusing = min(REFUSING_AT_ONCE, open_files // 16)
+    return max(MIN_CONNECTIONS, (open_files - burst - refusing - RESERVED_FDS) // 2)
 
 
 class GatewayRunner(web.AppRunner):
@@ -121,7 +129,9 @@ class GatewayServer(web.Server):
         self._live: set[GatewayRequestHandler] = set()
         self._idle: dict[GatewayRequestHandler, None] = {}  # oldest first
         self.shed = 0  # idle or slow connections closed to make room
-        self.refused = 0  # new connections closed because every other one was busy
+        self.refused = 0  # new connections refused because every other one was busy
+        self._refusing = 0  # refused connections still waiting for their 503
+        self.slow_heads = 0  # connections closed because their first head came too late
         self._reported_at = float("-inf")
         self._reported = (0, 0)
 
@@ -152,13 +162,35 @@ class GatewayServer(web.Server):
 
     def _make_room(self, newcomer: GatewayRequestHandler) -> None:
         victim = next(iter(self._idle))  # the newcomer is idle, so there is one
-        if victim is newcomer:
-            self.refused += 1
-        else:
-            self.shed += 1
         self._forget(victim)
-        victim.force_close()
+        if victim is not newcomer:
+            self.shed += 1
+            victim.force_close()
+        elif self._refusing < self.limits.refusing:
+            self.refused += 1
+            self._refusing += 1
+            newcomer.refuse()
+        else:
+            self.refused += 1
+            newcomer.force_close()
         self._report()
+
+    def refusal_done(self) -> None:
+        self._refusing -= 1
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (aiohttp's)
+        """Stop, and say how many connections were closed or refused in all (the warning
+        above comes at most once a minute)."""
+        if self.shed or self.refused or self.slow_heads:
+            log.info(
+                "connections closed to make room: %d; refused (503 or closed) while every "
+                "connection was busy: %d; closed for a first request head later than %ss: %d",
+                self.shed,
+                self.refused,
+                self.limits.header_timeout_s,
+                self.slow_heads,
+            )
+        await super().shutdown(timeout)
 
     def _forget(self, handler: RequestHandler) -> None:
         self._live.discard(handler)
@@ -194,12 +226,20 @@ class GatewayServer(web.Server):
 class GatewayRequestHandler(RequestHandler):
     """One connection: a deadline for the first request head, and errors without content."""
 
+    __slots__ = ("_head_timer", "_header_timeout", "_refused", "_requests", "_server")
+
     def __init__(self, manager: GatewayServer, *, header_timeout: float, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._server = manager  # aiohttp drops its own reference when the connection is lost
         self._header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._requests = 0
+        self._refused = False
+
+    def refuse(self) -> None:
+        """No room for this connection: answer its first request 503 and close it."""
+        self._refused = True
+        self._request_handler = _answer_no_room
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # may have closed it already: no room
@@ -208,6 +248,9 @@ class GatewayRequestHandler(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_head_timer()
+        if self._refused:
+            self._refused = False
+            self._server.refusal_done()
         super().connection_lost(exc)
 
     def request_started(self) -> None:
@@ -275,6 +318,7 @@ class GatewayRequestHandler(RequestHandler):
     def _head_too_slow(self) -> None:
         self._head_timer = None
         if self._requests == 0 and self.transport is not None:
+            self._server.slow_heads += 1
             log.debug(
                 "closing a connection whose first request head took over %ss", self._header_timeout
             )
@@ -284,6 +328,20 @@ class GatewayRequestHandler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+
+
+async def _answer_no_room(request: web.BaseRequest) -> web.StreamResponse:
+    """The answer on a refused connection; aiohttp then reads and drops the request's body
+    (up to its lingering time) and closes with a FIN, so the client reads this, not a reset."""
+    error = NoRoom(
+        "The gateway has no room for another connection right now; nothing was sent or "
+        "charged. Retry in a moment."
+    )
+    response = json_response(
+        error.body(), error.status, {**error.response_headers(), "Retry-After": "1"}
+    )
+    response.force_close()
+    return response
 
 
 def clean_message(message: RawRequestMessage) -> RawRequestMessage:

@@ -9,6 +9,7 @@ rebuilt (the ledger keeps them whole, and ``ledger list`` finds an entry by its 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -120,6 +121,12 @@ class AccessLog:
     written cleaned (lone surrogates replaced), and a write that fails anyway (disk full, file
     gone) is reported on stderr once, the lost lines counted, and the file reopened so that the
     next line has a chance; when writing works again that is reported too.
+
+    Inside an event loop, the lines of one loop iteration are written together, with one write
+    and one flush, at the start of the next iteration (a write syscall per request was 1 of ~5
+    on the event loop's thread at concurrency 32). ``reopen`` and ``close`` write what is
+    pending first, so every line is written once, to the file it was due in, and a graceful
+    shutdown (which closes the log last) loses none. Outside a loop a line is written at once.
     """
 
     def __init__(
@@ -137,6 +144,7 @@ class AccessLog:
         self._checked = 0.0
         self.lost = 0
         self._failing = False
+        self._pending: list[str] | None = None  # lines of this loop iteration, not yet written
         if target != "-":
             self._open()
 
@@ -149,18 +157,41 @@ class AccessLog:
                 line.encode("utf-8")
             except UnicodeEncodeError:  # a lone surrogate would fail half-way through the write
                 line = json.dumps(scrub(record), ensure_ascii=False, separators=(",", ":")) + "\n"
-            if self._identity is not None:
-                self._reopen_if_rotated()
-            self._stream.write(line)
-            self._stream.flush()
         except Exception as exc:
             self._failed(exc)
+            return
+        if self._pending is not None:
+            self._pending.append(line)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._write_out([line])
+            return
+        self._pending = [line]
+        loop.call_soon(self.flush)
+
+    def flush(self, *, follow_rotation: bool = True) -> None:
+        """Write the lines still pending (called once per loop iteration that wrote any)."""
+        lines, self._pending = self._pending, None
+        if lines:
+            self._write_out(lines, follow_rotation=follow_rotation)
+
+    def _write_out(self, lines: list[str], *, follow_rotation: bool = True) -> None:
+        try:
+            if self._identity is not None and follow_rotation:
+                self._reopen_if_rotated()
+            self._stream.write("".join(lines))
+            self._stream.flush()
+        except Exception as exc:
+            self._failed(exc, len(lines))
             return
         if self._failing:
             self._failing = False
             log.warning("access log writable again; %d line(s) were lost", self.lost)
 
     def reopen(self) -> None:
+        self.flush(follow_rotation=False)  # lines of before the reopen, to the file of before
         if self._target == "-":
             return
         with contextlib.suppress(OSError):  # the last buffered line could not be flushed
@@ -171,12 +202,13 @@ class AccessLog:
             self._failed(exc)
 
     def close(self) -> None:
+        self.flush(follow_rotation=False)
         if self._target != "-":
             with contextlib.suppress(OSError):
                 self._stream.close()
 
-    def _failed(self, exc: Exception) -> None:
-        self.lost += 1
+    def _failed(self, exc: Exception, lines: int = 1) -> None:
+        self.lost += lines
         if not self._failing:
             self._failing = True
             log.error(

@@ -22,6 +22,7 @@ from gateway.core.config import UpstreamConfig
 from gateway.core.errors import UpstreamFailure, UpstreamRejected
 from gateway.core.wire import UpstreamBody
 from gateway.upstream.base import Reply, SendState
+from gateway.upstream.connector import UpstreamConnector, fresh_only
 from gateway.upstream.streams import TooLarge, read_capped
 
 SMALL_BODY = 256 * 1024
@@ -50,6 +51,10 @@ class HttpUpstream:
         self._timeout = aiohttp.ClientTimeout(
             total=config.timeout_s, connect=config.connect_timeout_s
         )
+        connector = getattr(session, "connector", None)
+        self._connector = connector if isinstance(connector, UpstreamConnector) else None
+        if self._connector is not None:
+            self._connector.reuse(config.base_url, config.reuse_idle_s)
 
     @property
     def config(self) -> UpstreamConfig:
@@ -61,7 +66,7 @@ class HttpUpstream:
         trace = aiohttp.TraceConfig()
         trace.on_request_headers_sent.append(_mark_sent)
         trace.on_request_chunk_sent.append(_count_written)
-        connector = _FreshUnlessIdempotent(limit=0, ttl_dns_cache=300)
+        connector = UpstreamConnector(limit=0, ttl_dns_cache=300)
         return aiohttp.ClientSession(
             connector=connector,
             trace_configs=[trace],
@@ -91,7 +96,8 @@ class HttpUpstream:
         for attempt in range(1, attempts + 1):
             state.attempts, state.sent, state.written = attempt, False, 0
             try:
-                return await self._post_once(url, body, query, state)
+                with fresh_only(attempt > 1):  # a retry never rides a pooled connection
+                    return await self._post_once(url, body, query, state)
             except _NotSent as exc:
                 if attempt == attempts:
                     failure = UpstreamFailure(
@@ -193,6 +199,8 @@ class HttpUpstream:
         The upstream's strings go on to teams, logs and the database; should it ever echo the
         key (in a message, a type, a code, a task field), it stops here.
         """
+        if self._connector is not None:
+            self._connector.learn(resp.url, resp.headers)
         try:
             raw = bytes(await read_capped(resp.content, MAX_ANSWER_BYTES))
         except TooLarge:
@@ -212,36 +220,6 @@ class HttpUpstream:
 
     def _jitter(self, attempt: int) -> float:
         return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-
-
-class _FreshUnlessIdempotent(aiohttp.TCPConnector):
-    """Reuses pooled connections for GETs only; a POST always gets a new connection of its own.
-
-    An idle pooled connection may already have been closed by an upstream or balancer with a
-    shorter idle timeout. A POST sent on it breaks after its bytes left, so its hold turns
-    uncertain although nothing arrived, and the client cannot prove that nothing did. A new
-    connection costs one TCP (and TLS) handshake per generation, against 30 s or more of
-    generating. GETs are harmless to repeat, and aiohttp resends one that broke on a reused
-    connection.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._fresh = aiohttp.TCPConnector(force_close=True, **kwargs)
-
-    async def connect(
-        self,
-        req: aiohttp.ClientRequest,
-        traces: list[aiohttp.tracing.Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 (aiohttp's signature)
-    ) -> aiohttp.connector.Connection:
-        if req.method in ("GET", "HEAD"):
-            return await super().connect(req, traces, timeout)
-        return await self._fresh.connect(req, traces, timeout)
-
-    async def close(self, *, abort_ssl: bool = False) -> None:
-        await self._fresh.close(abort_ssl=abort_ssl)
-        await super().close(abort_ssl=abort_ssl)
 
 
 class _NotSent(Exception):
