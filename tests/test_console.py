@@ -20,7 +20,7 @@ import pytest
 from gateway.core.auth import key_digest
 from gateway.core.periods import utc_now
 from gateway.core.sessions import SESSION_S, seal, unseal
-from gateway.http.console.state import CONSOLE
+from gateway.http.console.state import CONSOLE, PAGES_AT_ONCE
 from gateway.http.keys import CONFIG, DB
 from gateway.store.base import LedgerQuery
 from tests.conftest import (
@@ -376,3 +376,43 @@ async def test_the_demo_banner_signs_the_team_in_once(tmp_path: Path) -> None:
     finally:
         await demo.close()
     assert code == 0 and link[1].split("token=")[1] not in stderr
+
+
+async def test_hostile_bytes_in_console_urls_are_never_a_500(gateway: Gateway) -> None:
+    async with ConsoleUser(gateway) as admin:
+        await admin.sign_in(ADMIN_KEY)
+        for path in ("/console/admin?resolved=req_%00x", "/console/admin?sort=%00",
+                     "/console/team?team=%00", "/console/images/req_%00/0",
+                     "/console/images/" + "r" * 300 + "/0", "/console/link?token=%00"):  # fmt: skip
+            status, _, _ = await admin.get(path)
+            assert status < 500, path
+        token = await admin.token("/console/admin")
+        for body in ("state=released&reason=%00", "state=%ED%B3%BF&reason=x"):
+            async with admin.http.post(
+                gateway.url + "/console/admin/ledger/req_x/resolve",
+                data=f"{body}&csrf={token}".encode(),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+            ) as resp:
+                assert resp.status < 500, body
+        async with admin.http.post(
+            gateway.url + "/console/signin", data=b"key=\xff\xfe&csrf=x",
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+        ) as resp:  # fmt: skip
+            assert resp.status == 400
+
+
+async def test_pages_are_computed_a_few_at_a_time(gateway: Gateway) -> None:
+    """Reloading a page in a loop cannot take the CPU the paid requests need."""
+    pages = gateway.app[CONSOLE].pages
+    async with ConsoleUser(gateway) as user:
+        await user.sign_in(TEAM_KEYS["design"])
+        for _ in range(PAGES_AT_ONCE):
+            await pages.acquire()
+        waiting = asyncio.create_task(user.get("/console/team.json"))
+        deadline = time.monotonic() + 10
+        while not pages._waiters:  # the page waits its turn
+            assert time.monotonic() < deadline and not waiting.done()
+            await asyncio.sleep(0.01)
+        pages.release()
+        assert (await waiting)[0] == 200
+        pages.release()

@@ -35,7 +35,7 @@ def add_console_routes(app: web.Application) -> None:
     app.router.add_get("/console", pages.to_signin)
     app.router.add_get("/console/", pages.signin_form)
     app.router.add_post("/console/signin", pages.sign_in)
-    app.router.add_get("/console/link", pages.sign_in_link)
+    app.router.add_get("/console/link", pages.sign_in_link, allow_head=False)  # once: GET only
     app.router.add_post("/console/signout", pages.sign_out)
     for suffix in ("", ".json"):
         app.router.add_get(f"/console/team{suffix}", pages.team_page)

@@ -41,7 +41,7 @@ from gateway.http.console.session import (
     viewer,
 )
 from gateway.http.console.state import CONSOLE, Holder, admin_name
-from gateway.http.handlers import path_id
+from gateway.http.handlers import MAX_ID_CHARS, path_id
 from gateway.http.keys import CLOCK, CONFIG, DB, METRICS, RECORD
 from gateway.http.peer import client_address, trusted_proxies
 from gateway.services.console import SORTS, admin_view, team_view
@@ -145,7 +145,8 @@ async def team_page(request: web.Request, who: Viewer | None) -> web.StreamRespo
     else:
         raise NotFound("No team has that name.", param="team")
     settings = request.app[CONFIG].current.settings
-    data = await team_view(request.app[DB], settings, request.app[CLOCK](), team)
+    async with request.app[CONSOLE].pages:
+        data = await team_view(request.app[DB], settings, request.app[CLOCK](), team)
     usage, spend = data["usage"], data["spend_by_day"]
     return render(
         request,
@@ -217,13 +218,14 @@ async def _admin(
 ) -> web.Response:
     sort = request.query.get("sort", "remaining")
     settings = request.app[CONFIG].current.settings
-    data = await admin_view(
-        request.app[DB], settings, request.app[CLOCK](), sort if sort in SORTS else "remaining"
-    )
+    async with request.app[CONSOLE].pages:
+        data = await admin_view(
+            request.app[DB], settings, request.app[CLOCK](), sort if sort in SORTS else "remaining"
+        )
     notice = None
-    resolved = request.query.get("resolved")
-    if resolved and problem is None:
-        entry = await request.app[DB].find_entry(resolved[:200])
+    resolved = request.query.get("resolved", "")
+    if resolved and resolved.isprintable() and len(resolved) <= MAX_ID_CHARS and not problem:
+        entry = await request.app[DB].find_entry(resolved)
         if entry is not None and entry.resolution is not None:
             notice = resolved_line(entry)
     return render(

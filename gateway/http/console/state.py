@@ -3,6 +3,7 @@ sign-in links, and who a session belongs to under the config in force."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from gateway.core.sessions import Role, key_ref
 from gateway.http.console.throttle import SignInThrottle
 
 SECRET_BYTES = 32
+PAGES_AT_ONCE = 2  # pages computed at the same time; more wait their turn (the API goes first)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,9 @@ class ConsoleState:
         self.secret = secret
         self.css = css
         self.throttle = SignInThrottle()
+        # A page sums a team's period (tens of ms of CPU with 10,000 entries): however often
+        # someone reloads, at most this many are computed at once, beside the paid requests.
+        self.pages = asyncio.Semaphore(PAGES_AT_ONCE)
         self._links = {link.token_sha256: link.key_sha256 for link in links}
         self._holders: tuple[Snapshot, dict[str, Holder]] | None = None
 
