@@ -66,29 +66,40 @@ async def metric(gateway: Gateway, name: str) -> float:
 # -- what a team sees -------------------------------------------------------------------------
 
 
-async def test_a_team_reads_what_usage_json_says_to_the_fen(
+async def test_a_team_reads_what_usage_json_and_its_usage_route_say_to_the_fen(
     start_gateway: Any, upstream: Upstream, tmp_path: Path
 ) -> None:
-    gateway = await start_gateway(with_clock=utc_now)  # the CLI's clock too
+    batch = {"name": "batch", "sha256": key_digest(NAMED_KEYS["batch"]), "budget_cny": "5.00"}
+    gateway = await start_gateway(with_clock=utc_now, teams={"design": {"keys": [batch]}})
     await generate(gateway, quality="high", n=2)
-    await generate(gateway, quality="low")
+    await generate(gateway, NAMED_KEYS["batch"], quality="low")
     await generate(gateway, TEAM_KEYS["ops"])
     await gateway.settled()
     async with ConsoleUser(gateway) as user:
-        await user.sign_in(TEAM_KEYS["design"])
+        await user.sign_in(NAMED_KEYS["batch"])
         data = await user.json("/console/team.json")
         status, page, _ = await user.get("/console/team")
     assert status == 200
     code, out, err = await cli(gateway, tmp_path, "usage", "--team", "design", "--json")
     assert code == 0, err
-    assert data["usage"] == json.loads(out)["teams"]["design"]
+    assert data["usage"] == json.loads(out)["teams"]["design"]  # `usage --json` (CLI clock)
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            gateway.url + "/v1/gateway/usage",
+            headers={"Authorization": f"Bearer {NAMED_KEYS['batch']}"},
+        ) as resp:
+            assert data["standing"] == await resp.json()  # the team's own route, for its key
+    assert data["standing"]["key_remaining_cny"] == 4.9
     code, out, err = await cli(gateway, tmp_path, "usage", "--team", "design", "--by", "key",
                                "--json")  # fmt: skip
-    (key,) = data["keys"]
-    assert key["spent_cny"] == json.loads(out)["teams"]["design"]["by"][key["key"]]["spent_cny"]
+    by_key = json.loads(out)["teams"]["design"]["by"]
+    for key in data["keys"]:
+        if key["key"] in by_key:
+            assert key["spent_cny"] == by_key[key["key"]]["spent_cny"], key
+            assert key["remaining_cny"] == by_key[key["key"]].get("remaining_cny"), key
     assert [r["images"] for r in data["requests"]] == [1, 2]  # its own requests only
     assert sum(data["spend_by_day"]["by_quality"]["high"].values()) == 0.8
-    assert 'id="remaining">99.1<' not in page and 'id="remaining">99.10<' in page
+    assert 'id="remaining">99.10<' in page and 'id="key-remaining">4.90 of 5.00' in page
     await books_balance(gateway, upstream)
 
 

@@ -13,7 +13,7 @@ import asyncio
 from datetime import datetime, time, timedelta
 from typing import Any
 
-from gateway.core.config import Settings
+from gateway.core.config import KeyConfig, Settings
 from gateway.core.ledger import LedgerEntry
 from gateway.core.money import units_to_cny
 from gateway.core.normalize import QUALITIES
@@ -22,7 +22,7 @@ from gateway.core.results import result_urls
 from gateway.ops.accesslog import short_id
 from gateway.services.keylist import key_listing
 from gateway.services.reconcile import counted, rfc3339
-from gateway.services.usage import NO_KEY, usage_report
+from gateway.services.usage import NO_KEY, standing, usage_report
 from gateway.store.base import DaySpend, LedgerQuery, Store
 
 RECENT = 50
@@ -32,11 +32,15 @@ UNCERTAIN = 200
 SORTS = ("remaining", "-remaining", "team", "-team", "spent", "-spent")
 
 
-async def team_view(db: Store, settings: Settings, now: datetime, team: str) -> dict[str, Any]:
+async def team_view(
+    db: Store, settings: Settings, now: datetime, team: str, key: KeyConfig | None = None
+) -> dict[str, Any]:
     """One team's period, its spend per day, its last requests, open tasks and keys (read side
-    by side: on PostgreSQL each read has a connection of its own)."""
-    report, spend, requests, tasks, keys = await asyncio.gather(
+    by side: on PostgreSQL each read has a connection of its own). ``key``: the signed-in key,
+    whose standing is what ``GET /v1/gateway/usage`` answers it."""
+    report, mine, spend, requests, tasks, keys = await asyncio.gather(
         usage_report(db, settings, now, only=team),
+        standing(db, settings, settings.teams[team], now, key=key),
         _spend_by_day(db, settings, now, team),
         _requests(db, team),
         db.open_tasks(team, OPEN_TASKS),
@@ -46,6 +50,7 @@ async def team_view(db: Store, settings: Settings, now: datetime, team: str) -> 
         "team": team,
         "now": now.isoformat(),
         "usage": report["teams"][team],  # exactly `usage --json`'s figures for the team
+        "standing": mine.as_json(),  # exactly `GET /v1/gateway/usage` for the signed-in key
         "spend_by_day": spend,
         "requests": requests,
         "pending_tasks": [

@@ -146,7 +146,9 @@ async def team_page(request: web.Request, who: Viewer | None) -> web.StreamRespo
         raise NotFound("No team has that name.", param="team")
     settings = request.app[CONFIG].current.settings
     async with request.app[CONSOLE].pages:
-        data = await team_view(request.app[DB], settings, request.app[CLOCK](), team)
+        data = await team_view(
+            request.app[DB], settings, request.app[CLOCK](), team, who.holder.key
+        )
     usage, spend = data["usage"], data["spend_by_day"]
     return render(
         request,
