@@ -82,7 +82,10 @@ async def test_a_team_reads_what_usage_json_and_its_usage_route_say_to_the_fen(
     assert status == 200
     code, out, err = await cli(gateway, tmp_path, "usage", "--team", "design", "--json")
     assert code == 0, err
-    assert data["usage"] == json.loads(out)["teams"]["design"]  # `usage --json` (CLI clock)
+    report = json.loads(out)["teams"]["design"]  # `usage --json` (on the CLI's own clock)
+    for figure in ("budget_cny", "spent_cny", "reserved_cny", "uncertain_cny", "remaining_cny"):
+        assert data["standing"][figure] == report[figure], figure
+    assert data["standing"]["resets_at"] == report["period_end"]
     async with aiohttp.ClientSession() as http:
         async with http.get(
             gateway.url + "/v1/gateway/usage",

@@ -1,10 +1,11 @@
 """What the web console shows, as plain data: each page renders it, and its ``.json`` twin
 returns it as is.
 
-The money comes from the same functions as ``usage --json`` and ``ledger list --json``
-(``usage_report``, ``entry_json``'s rules), so the console cannot disagree with them. Result
-URLs never appear here: an entry says how many images it has, and the console serves them
-through its own route.
+A team's money is its standing (``gateway.services.usage.standing``: the period's counters, the
+one computation behind ``GET /v1/gateway/usage``, ``usage --json``'s current period and the
+budget header), so the console cannot disagree with them, and reading it costs the same with
+ten entries or ten thousand. Result URLs never appear here: an entry says how many images it
+has, and the console serves them through its own route.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from gateway.core.results import result_urls
 from gateway.ops.accesslog import short_id
 from gateway.services.keylist import key_listing
 from gateway.services.reconcile import counted, rfc3339
-from gateway.services.usage import NO_KEY, standing, usage_report
+from gateway.services.usage import NO_KEY, standing
 from gateway.store.base import DaySpend, LedgerQuery, Store
 
 RECENT = 50
@@ -38,8 +39,7 @@ async def team_view(
     """One team's period, its spend per day, its last requests, open tasks and keys (read side
     by side: on PostgreSQL each read has a connection of its own). ``key``: the signed-in key,
     whose standing is what ``GET /v1/gateway/usage`` answers it."""
-    report, mine, spend, requests, tasks, keys = await asyncio.gather(
-        usage_report(db, settings, now, only=team),
+    mine, spend, requests, tasks, keys = await asyncio.gather(
         standing(db, settings, settings.teams[team], now, key=key),
         _spend_by_day(db, settings, now, team),
         _requests(db, team),
@@ -49,7 +49,7 @@ async def team_view(
     return {
         "team": team,
         "now": now.isoformat(),
-        "usage": report["teams"][team],  # exactly `usage --json`'s figures for the team
+        "period_kind": settings.teams[team].period,
         "standing": mine.as_json(),  # exactly `GET /v1/gateway/usage` for the signed-in key
         "spend_by_day": spend,
         "requests": requests,
@@ -80,14 +80,21 @@ async def admin_view(
     db: Store, settings: Settings, now: datetime, sort: str = "remaining"
 ) -> dict[str, Any]:
     """Every team's period, the uncertain entries to resolve, the upstreams, the instances."""
-    report, uncertain, instances = await asyncio.gather(
-        usage_report(db, settings, now),
+    standings, uncertain, instances = await asyncio.gather(
+        asyncio.gather(*(standing(db, settings, t, now) for t in settings.teams.values())),
         db.entries(LedgerQuery(state="uncertain", limit=UNCERTAIN)),
         db.instances(),
     )
-    teams = [{"team": name, **figures} for name, figures in report["teams"].items()]
+    teams = [
+        {
+            **s.as_json(),
+            "period_kind": s.team.period,
+            "committed_cny": units_to_cny(s.usage.committed),
+        }
+        for s in standings
+    ]
     field = sort.lstrip("-")
-    figure = "team" if field == "team" else f"{field}_cny"  # each team's current period: a number
+    figure = "team" if field == "team" else f"{field}_cny"
     teams.sort(key=lambda t: (t[figure], t["team"]), reverse=sort.startswith("-"))
     return {
         "now": now.isoformat(),

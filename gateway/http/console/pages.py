@@ -149,7 +149,7 @@ async def team_page(request: web.Request, who: Viewer | None) -> web.StreamRespo
         data = await team_view(
             request.app[DB], settings, request.app[CLOCK](), team, who.holder.key
         )
-    usage, spend = data["usage"], data["spend_by_day"]
+    usage, spend = data["standing"], data["spend_by_day"]
     return render(
         request,
         "team.html",
