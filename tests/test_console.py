@@ -32,7 +32,7 @@ from tests.conftest import (
     books_balance,
     build_settings,
 )
-from tests.console import ConsoleUser, cli
+from tests.console import TOKEN, ConsoleUser, cli
 from tests.fakes import hang, lost_answer
 from tests.process import GatewayProcess
 from tests.test_rehearsal import BANNER_END
@@ -308,7 +308,9 @@ async def test_the_resolve_form_does_what_the_admin_api_does(
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert entry.resolution is not None
     resolution = entry.resolution
-    assert (entry.state, resolution.images, resolution.actor) == ("captured", 2, "admin")
+    # ADMIN_KEY is unnamed: it acts as sha256:<first 8 hex>, as over the admin API
+    actor = "sha256:" + key_digest(ADMIN_KEY)[:8]
+    assert (entry.state, resolution.images, resolution.actor) == ("captured", 2, actor)
     await books_balance(gateway, upstream)
 
 
@@ -430,3 +432,32 @@ async def test_pages_are_computed_a_few_at_a_time(gateway: Gateway) -> None:
         pages.release()
         assert (await waiting)[0] == 200
         pages.release()
+
+
+async def test_behind_a_trusted_tls_proxy_the_cookie_is_secure_and_the_client_is_its_own(
+    start_gateway: Any,
+) -> None:
+    gateway = await start_gateway(server={"trusted_proxies": ["127.0.0.0/8"]})
+    throttle = gateway.app[CONSOLE].throttle
+
+    async def sign_in(key: str, **headers: str) -> aiohttp.ClientResponse:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            async with http.get(gateway.url + "/console/", headers=headers) as resp:
+                form_cookie = resp.cookies["igw_console_signin"]
+                token = TOKEN.search(await resp.text())[1]  # type: ignore[index]
+            async with http.post(
+                gateway.url + "/console/signin",
+                data={"key": key, "csrf": token},
+                headers={"Cookie": f"igw_console_signin={form_cookie.value}", **headers},
+                allow_redirects=False,
+            ) as resp:
+                await resp.read()
+                return resp
+
+    proxied = {"X-Forwarded-Proto": "https", "X-Forwarded-For": "203.0.113.9"}
+    resp = await sign_in(TEAM_KEYS["design"], **proxied)
+    assert resp.status == 303 and resp.cookies["igw_console"]["secure"]
+    assert not (await sign_in(TEAM_KEYS["design"])).cookies["igw_console"]["secure"]
+    assert (await sign_in("igw_wrong_key_0000000000000000", **proxied)).status == 401
+    assert throttle.turn("203.0.113.9") not in (None, 0.0)  # the client, not the proxy
+    assert throttle.turn("127.0.0.1") == 0.0

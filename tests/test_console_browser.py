@@ -23,7 +23,15 @@ from gateway.http.console.render import cny
 from gateway.services.usage import usage_report
 from gateway.store.base import LedgerQuery
 from tests.browser import WAIT_S, Browser
-from tests.conftest import ADMIN_KEY, NAMED_KEYS, TEAM_KEYS, Gateway, Upstream, books_balance
+from tests.conftest import (
+    ADMIN_KEY,
+    NAMED_ADMIN_KEYS,
+    NAMED_KEYS,
+    TEAM_KEYS,
+    Gateway,
+    Upstream,
+    books_balance,
+)
 from tests.console import cli
 from tests.fakes import FakeClock, hang
 
@@ -115,7 +123,8 @@ async def test_a_team_reads_its_budget_and_sees_the_image_it_just_made(
 async def test_an_admin_resolves_an_uncertain_entry_from_the_page(
     start_gateway: Any, upstream: Upstream, browser: Browser, backend: str, tmp_path: Path
 ) -> None:
-    gateway = await start_gateway(teams=TEAMS, upstream={"timeout_s": 0.5})
+    alice = {"name": "alice", "sha256": key_digest(NAMED_ADMIN_KEYS["alice"])}
+    gateway = await start_gateway(teams=TEAMS, upstream={"timeout_s": 0.5}, admin={"keys": [alice]})
     for key, quality, n in (("design", "high", 3), ("web-app", "medium", 4), ("ops", "low", 5),
                             ("ml", "high", 10), ("ml", "medium", 1)):  # fmt: skip
         await generate(gateway, key, quality=quality, n=n)
@@ -125,8 +134,9 @@ async def test_an_admin_resolves_an_uncertain_entry_from_the_page(
     other = await generate(gateway, "design", quality="high")
     await gateway.settled()
 
-    await sign_in(browser, gateway, ADMIN_KEY)
+    await sign_in(browser, gateway, NAMED_ADMIN_KEYS["alice"])
     assert (await browser.url()).endswith("/console/admin")
+    assert await browser.text(".who") == "alice"
     teams = [await browser.text(f"#teams tbody tr:nth-child({i}) td") for i in (1, 2, 3)]
     assert teams == ["ml", "ops", "design"]  # the least remaining first
     assert await browser.text(f"#entry-{other} td:nth-child(5)") == "0.40"
@@ -145,7 +155,7 @@ async def test_an_admin_resolves_an_uncertain_entry_from_the_page(
     (entry,) = json.loads(out)["entries"]
     assert entry["state"] == "released"
     assert entry["resolution"]["reason"] == reason
-    assert entry["resolution"]["actor"] == "admin"  # the admin key's name
+    assert entry["resolution"]["actor"] == "alice"  # the admin key's name
     await books_balance(gateway, upstream)
 
 

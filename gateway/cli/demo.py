@@ -52,7 +52,8 @@ async def run_demo(host: str, port: int, folder: Path) -> None:
     await serve_simulated(
         settings,
         on_ready=lambda url: print(
-            banner(url, team_key, admin_key, folder, settings.ledger_name(), token), flush=True
+            banner(url, team_key, admin_key, folder, settings.ledger_name(), link_token=token),
+            flush=True,
         ),
     )
 
@@ -81,7 +82,7 @@ def demo_keys(folder: Path) -> tuple[str, str]:
 
 
 def banner(
-    url: str, team_key: str, admin_key: str, folder: Path, ledger: str, link_token: str
+    url: str, team_key: str, admin_key: str, folder: Path, ledger: str, *, link_token: str
 ) -> str:
     return f"""
 image-gateway demo is running on {url} (simulated upstream: nothing leaves this machine).

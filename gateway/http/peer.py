@@ -1,56 +1,36 @@
-"""Who is at the other end of a request, and whether it reached us over TLS.
+"""Whether a request reached the gateway over TLS: on this socket, or at a trusted proxy.
 
-``X-Forwarded-For`` and ``X-Forwarded-Proto`` are believed only from a peer inside one of the
-``trusted`` networks (the operator's reverse proxies): anyone else can write them.
+``X-Forwarded-Proto`` is believed only from a peer inside ``[server] trusted_proxies`` (the
+operator's reverse proxies): anyone else can write it. The client's address behind those
+proxies is ``gateway.core.forwarded``'s, in every access-log line as ``client_ip``.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
-from ipaddress import IPv4Network, IPv6Network, ip_address
 
 from aiohttp import web
 
-from gateway.core.config import Settings
-
-Networks = Sequence[IPv4Network | IPv6Network]
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def trusted_proxies(settings: Settings) -> Networks:
-    """The reverse proxies whose forwarded headers count. None yet: a ``[server]
-    trusted_proxies`` setting plugs in here, and every caller follows."""
-    return ()
-
-
-def client_address(request: web.Request, trusted: Networks) -> str:
-    """The socket peer; behind a trusted proxy, the nearest ``X-Forwarded-For`` hop that is not
-    one of the trusted proxies itself."""
-    peer = request.remote or "-"
-    if not _trusted(peer, trusted):
-        return peer
-    hops = [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",")]
-    for hop in reversed([h for h in hops if h]):
-        if not _trusted(hop, trusted):
-            try:
-                return str(ip_address(hop))
-            except ValueError:
-                return peer
-    return peer
-
-
-def came_over_tls(request: web.Request, trusted: Networks) -> bool:
-    """TLS on this socket, or a trusted proxy that says its client used https."""
+def came_over_tls(request: web.Request, trusted: Sequence[Network]) -> bool:
+    """TLS on this socket, or a trusted proxy that says its client used https (the last value
+    of ``X-Forwarded-Proto``: the one the proxy next to us wrote)."""
     if request.secure:
         return True
-    if not _trusted(request.remote or "", trusted):
+    if not _trusted(request.remote, trusted):
         return False
     proto = request.headers.get("X-Forwarded-Proto", "").split(",")[-1].strip().lower()
     return proto == "https"
 
 
-def _trusted(address: str, trusted: Networks) -> bool:
+def _trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
     try:
-        ip = ip_address(address)
+        address = ipaddress.ip_address(peer or "")
     except ValueError:
         return False
-    return any(ip in network for network in trusted)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address.version == net.version and address in net for net in trusted)

@@ -43,7 +43,6 @@ from gateway.http.console.session import (
 from gateway.http.console.state import CONSOLE, Holder, admin_name
 from gateway.http.handlers import MAX_ID_CHARS, path_id
 from gateway.http.keys import CLOCK, CONFIG, DB, METRICS, RECORD
-from gateway.http.peer import client_address, trusted_proxies
 from gateway.services.console import SORTS, admin_view, team_view
 from gateway.services.reconcile import resolved_line
 
@@ -270,8 +269,7 @@ def see_other(location: str) -> web.Response:
 
 async def _turn(request: web.Request) -> str:
     """Wait this client address's turn after failed sign-ins (429 beyond the bound)."""
-    settings = request.app[CONFIG].current.settings
-    address = client_address(request, trusted_proxies(settings))
+    address = request[RECORD]["client_ip"] or "-"  # behind trusted proxies: their client
     wait = request.app[CONSOLE].throttle.turn(address)
     if wait is None:
         raise RateLimited(

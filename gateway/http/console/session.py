@@ -26,7 +26,7 @@ from gateway.core.sessions import (
 )
 from gateway.http.console.state import CONSOLE, Holder
 from gateway.http.keys import CLOCK, CONFIG, RECORD
-from gateway.http.peer import came_over_tls, trusted_proxies
+from gateway.http.peer import came_over_tls
 
 SESSION_COOKIE = "igw_console"
 SIGNIN_COOKIE = "igw_console_signin"
@@ -67,6 +67,8 @@ def viewer(request: web.Request) -> Viewer | None:
             return None
         team = snapshot.settings.teams[holder.key.team]
         request[RECORD].update(team=team.name, key=holder.name)
+    else:
+        request[RECORD]["actor"] = holder.name  # as the admin API's lines name their admin
     return Viewer(session, holder, team, csrf_token(state.secret, session.sid))
 
 
@@ -120,7 +122,7 @@ FORGED = (
 def _set(
     request: web.Request, response: web.StreamResponse, name: str, value: str, max_age: int
 ) -> None:
-    secure = came_over_tls(request, trusted_proxies(request.app[CONFIG].current.settings))
+    secure = came_over_tls(request, request.app[CONFIG].current.settings.server.trusted_proxies)
     response.set_cookie(
         name,
         value,
