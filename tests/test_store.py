@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from gateway.core.ledger import (
     BudgetRefused,
     Capture,
+    Correction,
     Hold,
     LedgerEntry,
     Release,
@@ -26,7 +27,7 @@ from gateway.core.ledger import (
     Uncertain,
     Usage,
 )
-from gateway.core.settlement import NotResolvable, admin_resolution
+from gateway.core.settlement import Correct, NotResolvable, admin_resolution
 from gateway.store import migrations
 from gateway.store.base import LedgerQuery, Store, UnknownEntry
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
@@ -523,6 +524,8 @@ async def test_daily_spend_counts_what_the_ledger_counts_by_day(db: Store) -> No
     await db.settle("c", Uncertain(2000, "timeout"), DAY + 10)  # uncertain: not spent
     await db.reserve(timed("d", 2 * DAY + 1, "low"))
     await db.settle("d", Release("refused"), 2 * DAY + 2)
+    correction = Correct(Correction(1, 1000, "served after all"))  # a late outcome: counted
+    assert await db.settle_late("d", lambda entry: correction, 2 * DAY + 3) is not None
     await db.reserve(timed("e", 2 * DAY + 3, "low", 3))  # held: not spent
     await db.reserve(timed("f", 3 * DAY))  # past the last bound
     await db.settle("f", Capture(images=1, amount=2000), 3 * DAY + 1)
@@ -530,6 +533,7 @@ async def test_daily_spend_counts_what_the_ledger_counts_by_day(db: Store) -> No
     assert [(r.day, r.quality, r.spent, r.images, r.key_id) for r in rows] == [
         (0, "high", 8000, 2, "t/app"),
         (1, "medium", 2000, 1, "t/app"),
+        (2, "low", 1000, 1, "t/app"),
     ]
     by_day = await db.report("t", since=0.0, until=3 * DAY, by="day", tz="UTC")
     assert [r.spent for r in by_day if r.spent] == [r.spent for r in rows]
@@ -542,13 +546,22 @@ async def test_stored_results_tasks_and_instances(db: Store) -> None:
     await db.settle("lost", Uncertain(2000, "timeout", result="partial"), 2.0)
     await db.reserve(hold("task", mode="async"))
     await db.record_task("task-1", "t", "task", 3.0, 60.0)
-    assert await db.stored_results(["sync", "lost", "task", "nobody"]) == {"sync": '{"data": []}'}
+    await db.reserve(timed("late", 1.0))
+    await db.settle("late", Release("refused", result='{"late": 1}'), 2.0)
+    assert await db.stored_results(["late"]) == {}  # released: nothing served
+    await db.settle_late("late", lambda e: Correct(Correction(1, 2000, "served")), 3.0)
+    assert await db.stored_results(["sync", "lost", "task", "late", "nobody"]) == {
+        "sync": '{"data": []}',
+        "late": '{"late": 1}',
+    }
     assert await db.stored_results([]) == {}
     (task,) = await db.open_tasks("t", 10)
     assert (task.task_id, task.request_id) == ("task-1", "task")
     assert await db.open_tasks("other", 10) == []
-    await db.settle("task", Release("failed"), 4.0)
-    assert await db.open_tasks("t", 10) == []
+    await db.settle("task", Release("expired"), 4.0)  # still pending upstream: still listed
+    assert [(t.task_id, t.settled) for t in await db.open_tasks("t", 10)] == [
+        ("task-1", "released")
+    ]
     instances = await db.instances()
     assert [i.instance_id for i in instances] == [db.instance_id]
     assert instances[0].heartbeat_at >= instances[0].started_at

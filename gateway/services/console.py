@@ -132,8 +132,9 @@ def upstreams(settings: Settings) -> list[dict[str, Any]]:
 
 
 def result_count(entry: LedgerEntry, stored: str | None) -> int:
-    """How many of a captured entry's images the console can show."""
-    return min(len(result_urls(stored)), entry.charged_images) if entry.state == "captured" else 0
+    """How many of the images an entry was charged for (captured, or corrected after it
+    closed) the console can show."""
+    return min(len(result_urls(stored)), entry.charged_images)
 
 
 def _request(entry: LedgerEntry, stored: str | None) -> dict[str, Any]:
