@@ -336,7 +336,17 @@ async def test_a_team_session_gets_403_on_the_admin_view_and_other_teams(
         data = await admin.json("/console/admin.json")  # the least remaining first
         assert [t["team"] for t in data["teams"]] == ["ops", "design"]
         assert [i["instance"] for i in data["instances"]] == [gateway.app[DB].instance_id]
-        assert data["upstreams"][0]["state"] is None  # no health is tracked yet
+        async with aiohttp.ClientSession() as http:  # the admin API's view of the upstreams
+            async with http.get(
+                gateway.url + "/admin/upstreams", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            ) as resp:
+                upstreams = (await resp.json())["upstreams"]
+        assert [
+            {k: v for k, v in u.items() if k != "base_url"} for u in data["upstreams"]
+        ] == upstreams
+        assert [u["base_url"] for u in data["upstreams"]] == [
+            gateway.settings.upstreams[0].base_url
+        ]
     await books_balance(gateway, upstream)
 
 

@@ -79,7 +79,7 @@ async def _requests(db: Store, team: str) -> list[dict[str, Any]]:
 async def admin_view(
     db: Store, settings: Settings, now: datetime, sort: str = "remaining"
 ) -> dict[str, Any]:
-    """Every team's period, the uncertain entries to resolve, the upstreams, the instances."""
+    """Every team's period, the uncertain entries to resolve, the instances."""
     standings, uncertain, instances = await asyncio.gather(
         asyncio.gather(*(standing(db, settings, t, now) for t in settings.teams.values())),
         db.entries(LedgerQuery(state="uncertain", limit=UNCERTAIN)),
@@ -101,7 +101,6 @@ async def admin_view(
         "sort": sort,
         "teams": teams,
         "uncertain": [_uncertain(e, now) for e in uncertain],
-        "upstreams": upstreams(settings),
         "instances": [
             {
                 "instance": row.instance_id,
@@ -113,22 +112,6 @@ async def admin_view(
             for row in instances
         ],
     }
-
-
-def upstreams(settings: Settings) -> list[dict[str, Any]]:
-    """The configured upstream(s) and what is known of their health: one upstream without
-    health tracking today (``state`` None); several upstreams with health states replace it."""
-    upstream = settings.upstream
-    return [
-        {
-            "name": "default",
-            "base_url": upstream.base_url,
-            "file_hosts": list(upstream.file_hosts),
-            "state": None,
-            "until": None,
-            "last_error": None,
-        }
-    ]
 
 
 def result_count(entry: LedgerEntry, stored: str | None) -> int:

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from gateway.core.auth import check_expiry, key_digest
 from gateway.core.charts import gauge, stacked_bars
+from gateway.core.config import Settings
 from gateway.core.errors import (
     GatewayError,
     InvalidRequest,
@@ -27,7 +28,7 @@ from gateway.core.errors import (
     UnsupportedMediaType,
 )
 from gateway.core.sessions import link_digest
-from gateway.http.admin import apply_resolution
+from gateway.http.admin import apply_resolution, upstreams_json
 from gateway.http.console.render import error_page, render
 from gateway.http.console.session import (
     SESSION_COOKIE,
@@ -42,7 +43,7 @@ from gateway.http.console.session import (
 )
 from gateway.http.console.state import CONSOLE, Holder, admin_name
 from gateway.http.handlers import MAX_ID_CHARS, path_id
-from gateway.http.keys import CLOCK, CONFIG, DB, METRICS, RECORD
+from gateway.http.keys import CLOCK, CONFIG, DB, METRICS, RECORD, ROUTING
 from gateway.services.console import SORTS, admin_view, team_view
 from gateway.services.reconcile import resolved_line
 
@@ -223,6 +224,7 @@ async def _admin(
         data = await admin_view(
             request.app[DB], settings, request.app[CLOCK](), sort if sort in SORTS else "remaining"
         )
+    data["upstreams"] = upstream_rows(request.app, settings)
     notice = None
     resolved = request.query.get("resolved", "")
     if resolved and resolved.isprintable() and len(resolved) <= MAX_ID_CHARS and not problem:
@@ -260,6 +262,15 @@ def _signed_in(request: web.Request, holder: Holder) -> web.StreamResponse:
     response = see_other(ADMIN_HOME if holder.role == "admin" else TEAM_HOME)
     start_session(request, response, holder)
     return response
+
+
+def upstream_rows(app: web.Application, settings: Settings) -> list[dict[str, Any]]:
+    """The upstreams as ``GET /admin/upstreams`` shows them (this instance's view of their
+    health), each with its base URL while it is configured."""
+    urls = {upstream.name: upstream.base_url for upstream in settings.upstreams}
+    return [
+        {**row, "base_url": urls.get(row["name"])} for row in upstreams_json(app[ROUTING].status())
+    ]
 
 
 def see_other(location: str) -> web.Response:
