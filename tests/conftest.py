@@ -25,6 +25,7 @@ from gateway.http.app import create_app
 from gateway.http.keys import ACCESS_LOG, DB, GENERATIONS, IDEMPOTENCY
 from gateway.store.base import LedgerQuery, Store
 from gateway.upstream.simulator import Simulator
+from tests.browser import browser  # noqa: F401 (fixture)
 from tests.fakes import FakeClock, FaultPlan
 from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
@@ -247,18 +248,42 @@ SECRETS = (
 CLIENT_LOGGERS = ("httpx", "httpcore", "openai")
 
 
-def secret_guard(leaks: list[str]) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """Outermost middleware of every test gateway: notes any key found in a response."""
+# What no console page, cookie or log line may hold besides the keys: a key's whole SHA-256 (a
+# weak key could be guessed from it), base64 image data, and any piece of a result URL.
+DIGESTS = tuple(key_digest(secret) for secret in SECRETS)
+RESULT_URL_PARTS = ("base64,", "/v1/images/files/", "/objects/")
+
+
+def secret_guard(
+    leaks: list[str], console: list[tuple[str, str]] | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Outermost middleware of every test gateway: notes any key found in a response (its
+    headers, cookies and body), and keeps the console's answers for the checks at teardown."""
 
     @web.middleware
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         response = await handler(request)
         body = response.body if isinstance(response, web.Response) else b""
-        text = str(response.headers) + (body.decode("latin-1") if isinstance(body, bytes) else "")
+        text = (
+            str(response.headers)
+            + response.cookies.output()
+            + (body.decode("latin-1") if isinstance(body, bytes) else "")
+        )
         leaks.extend(f"{request.path}: {secret[:8]}..." for secret in SECRETS if secret in text)
+        if console is not None and request.path.startswith("/console"):
+            console.append((request.path, text))
         return response
 
     return guard
+
+
+def console_leaks(pages: list[tuple[str, str]], upstream_ids: set[str]) -> list[str]:
+    """Every console answer that holds a key's digest, image data or a result URL (of any team:
+    the upstream's ids are in each of its result URLs)."""
+    needles = (*DIGESTS, *RESULT_URL_PARTS, *upstream_ids)
+    return [
+        f"{path}: {needle[:8]}..." for path, text in pages for needle in needles if needle in text
+    ]
 
 
 @pytest.fixture
@@ -278,6 +303,7 @@ async def start_gateway(
     """
     started: list[Gateway] = []
     leaks: list[str] = []
+    console: list[tuple[str, str]] = []
     stack = contextlib.AsyncExitStack()
     env: dict[str, str] = {}
     if backend == "postgres":  # one database for the test, shared by its gateways
@@ -297,7 +323,7 @@ async def start_gateway(
         if "upstreams" in overrides:
             config.pop("upstream")
         app = create_app(settings, clock=with_clock or clock)
-        app.middlewares.insert(0, secret_guard(leaks))
+        app.middlewares.insert(0, secret_guard(leaks, console))
         server = await aiohttp_server(app)
         gateway = Gateway(
             str(server.make_url("")).rstrip("/"),
@@ -328,11 +354,13 @@ async def start_gateway(
     logs = gateway_log_text(caplog) + "".join(
         g.access_log.read_text() for g in started if g.access_log.exists()
     )
-    for needle in (*SECRETS, "base64,"):
+    for needle in (*SECRETS, *DIGESTS, "base64,"):
         assert needle not in logs, f"{needle[:8]}... found in a log"
     # Upstream ids whole (with the date and count they rebuild a result URL) are never logged.
-    for upstream_id in {*(served.id for served in upstream.sim.served), *upstream.sim.tasks}:
+    upstream_ids = {*(served.id for served in upstream.sim.served), *upstream.sim.tasks}
+    for upstream_id in upstream_ids:
         assert upstream_id not in logs, f"upstream id {upstream_id[:8]}... found in a log"
+    assert console_leaks(console, upstream_ids) == []
     for gateway in started:  # the database is dropped after its gateways have closed it
         if not gateway.server.closed:
             await gateway.server.close()

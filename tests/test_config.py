@@ -421,3 +421,30 @@ def test_instance_name_and_trusted_proxies() -> None:
     assert any(p.startswith("server.instance_name must be 1-128") for p in found), found
     assert any(p.startswith("server.trusted_proxies[0] must be an IP network") for p in found)
     assert any(p.startswith("server.trusted_proxies[1] must be an IP network") for p in found)
+
+
+def test_the_console_is_on_by_default_and_its_secret_file_is_checked(tmp_path: Path) -> None:
+    settings = parse(MINIMAL)
+    assert settings.console.enabled and settings.console.secret is None
+    assert not parse({**MINIMAL, "console": {"enabled": False}}).console.enabled
+    (tmp_path / "secret").write_text("x" * 40 + "\n")
+    shared = parse({**MINIMAL, "console": {"secret_file": "secret"}}, tmp=tmp_path).console
+    assert shared.secret is not None and shared.secret.reveal() == "x" * 40
+    assert "x" * 40 not in repr(shared)
+    (tmp_path / "short").write_text("tooshort")
+    for table, named in (
+        ({"secret_file": "short"}, "console.secret_file: "),
+        ({"secret_file": "missing"}, "console.secret_file: cannot read"),
+        ({"secret_file": "${NOPE}/s"}, "console.secret_file uses $NOPE"),
+        ({"enabled": "yes"}, "console.enabled must be bool"),
+        ({"secret": "x"}, "console.secret is not a known setting; did you mean secret_file?"),
+    ):
+        with pytest.raises(ConfigError) as excinfo:
+            parse({**MINIMAL, "console": table}, tmp=tmp_path)
+        assert any(p.startswith(named) for p in excinfo.value.problems), excinfo.value.problems
+
+
+def test_the_console_settings_need_a_restart() -> None:
+    old = parse(MINIMAL)
+    merged, kept = old.reloaded(parse({**MINIMAL, "console": {"enabled": False}}))
+    assert kept == ["console"] and merged.console.enabled

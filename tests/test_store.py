@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from gateway.core.ledger import (
     BudgetRefused,
     Capture,
+    Correction,
     Hold,
     LedgerEntry,
     Release,
@@ -26,7 +27,7 @@ from gateway.core.ledger import (
     Uncertain,
     Usage,
 )
-from gateway.core.settlement import NotResolvable, admin_resolution
+from gateway.core.settlement import Correct, NotResolvable, admin_resolution
 from gateway.store import migrations
 from gateway.store.base import LedgerQuery, Store, UnknownEntry
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
@@ -499,3 +500,68 @@ async def _run_batches(batches: list[list[tuple[str, int, int]]]) -> None:
                 assert counters.reserved == open_holds
         finally:
             await db.close()
+
+
+# -- the console's reads ----------------------------------------------------------------------
+
+DAY = 86_400.0
+
+
+def timed(request_id: str, at: float, quality: str = "medium", n: int = 1) -> Hold:
+    price = {"low": 1000, "medium": 2000, "high": 4000}[quality]
+    return Hold(request_id, "t", PERIOD, at, "generations", "sync", quality, n, price, 10**9,
+                "fp", key_id="t/app", key_fp="f" * 16)  # fmt: skip
+
+
+async def test_daily_spend_counts_what_the_ledger_counts_by_day(db: Store) -> None:
+    bounds = [0.0, DAY, 2 * DAY, 3 * DAY]
+    await db.reserve(timed("a", 10.0, "high", 2))
+    await db.settle("a", Capture(images=2, amount=8000, result="{}"), 11.0)
+    await db.reserve(timed("b", DAY + 5))
+    await db.settle("b", Uncertain(2000, "timeout"), DAY + 6)
+    await db.resolve("b", admin("captured"), DAY + 7, logged=True)  # resolved: counted
+    await db.reserve(timed("c", DAY + 9))
+    await db.settle("c", Uncertain(2000, "timeout"), DAY + 10)  # uncertain: not spent
+    await db.reserve(timed("d", 2 * DAY + 1, "low"))
+    await db.settle("d", Release("refused"), 2 * DAY + 2)
+    correction = Correct(Correction(1, 1000, "served after all"))  # a late outcome: counted
+    assert await db.settle_late("d", lambda entry: correction, 2 * DAY + 3) is not None
+    await db.reserve(timed("e", 2 * DAY + 3, "low", 3))  # held: not spent
+    await db.reserve(timed("f", 3 * DAY))  # past the last bound
+    await db.settle("f", Capture(images=1, amount=2000), 3 * DAY + 1)
+    rows = await db.daily_spend("t", bounds)
+    assert [(r.day, r.quality, r.spent, r.images, r.key_id) for r in rows] == [
+        (0, "high", 8000, 2, "t/app"),
+        (1, "medium", 2000, 1, "t/app"),
+        (2, "low", 1000, 1, "t/app"),
+    ]
+    by_day = await db.report("t", since=0.0, until=3 * DAY, by="day", tz="UTC")
+    assert [r.spent for r in by_day if r.spent] == [r.spent for r in rows]
+
+
+async def test_stored_results_tasks_and_instances(db: Store) -> None:
+    await db.reserve(timed("sync", 1.0))
+    await db.settle("sync", Capture(images=1, amount=2000, result='{"data": []}'), 2.0)
+    await db.reserve(timed("lost", 1.0))
+    await db.settle("lost", Uncertain(2000, "timeout", result="partial"), 2.0)
+    await db.reserve(hold("task", mode="async"))
+    await db.record_task("task-1", "t", "task", 3.0, 60.0)
+    await db.reserve(timed("late", 1.0))
+    await db.settle("late", Release("refused", result='{"late": 1}'), 2.0)
+    assert await db.stored_results(["late"]) == {}  # released: nothing served
+    await db.settle_late("late", lambda e: Correct(Correction(1, 2000, "served")), 3.0)
+    assert await db.stored_results(["sync", "lost", "task", "late", "nobody"]) == {
+        "sync": '{"data": []}',
+        "late": '{"late": 1}',
+    }
+    assert await db.stored_results([]) == {}
+    (task,) = await db.open_tasks("t", 10)
+    assert (task.task_id, task.request_id) == ("task-1", "task")
+    assert await db.open_tasks("other", 10) == []
+    await db.settle("task", Release("expired"), 4.0)  # still pending upstream: still listed
+    assert [(t.task_id, t.settled) for t in await db.open_tasks("t", 10)] == [
+        ("task-1", "released")
+    ]
+    instances = await db.instances()
+    assert [i.instance_id for i in instances] == [db.instance_id]
+    assert instances[0].heartbeat_at >= instances[0].started_at

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.cli.rehearsal import SIM_DELAY_S, serve_simulated
 from gateway.core.auth import key_digest, new_team_key
-from gateway.core.config import parse_settings
+from gateway.core.config import SignInLink, parse_settings
+from gateway.core.sessions import link_digest
 from gateway.http.app import StartupError
 
 DEMO_DIR = Path(".image-gateway-demo")  # in the current directory
@@ -42,10 +45,15 @@ async def run_demo(host: str, port: int, folder: Path) -> None:
         env={},
         require_central_key=False,
     )
+    # The banner's console link signs the demo team in once; a new one at every start.
+    token = secrets.token_urlsafe(24)
+    link = SignInLink(link_digest(token), key_digest(team_key))
+    settings = replace(settings, console=replace(settings.console, links=(link,)))
     await serve_simulated(
         settings,
         on_ready=lambda url: print(
-            banner(url, team_key, admin_key, folder, settings.ledger_name()), flush=True
+            banner(url, team_key, admin_key, folder, settings.ledger_name(), link_token=token),
+            flush=True,
         ),
     )
 
@@ -73,7 +81,9 @@ def demo_keys(folder: Path) -> tuple[str, str]:
     return keys["team"], keys["admin"]
 
 
-def banner(url: str, team_key: str, admin_key: str, folder: Path, ledger: str) -> str:
+def banner(
+    url: str, team_key: str, admin_key: str, folder: Path, ledger: str, *, link_token: str
+) -> str:
     return f"""
 image-gateway demo is running on {url} (simulated upstream: nothing leaves this machine).
 Team "demo" has a daily budget of {DEMO_BUDGET_CNY} CNY. Its key:
@@ -105,6 +115,11 @@ X-Gateway-Budget-Remaining):
 Usage so far (admin key):
 
     curl -s {url}/admin/usage -H "Authorization: Bearer {admin_key}"
+
+The web console is at {url}/console/ (sign in with either key). This link signs
+team "demo" in with one click, once:
+
+    {url}/console/link?token={link_token}
 
 Press Ctrl-C to stop.
 """

@@ -63,6 +63,10 @@ class KeyIndex(Generic[T]):
     def for_teams(cls, teams: Mapping[str, TeamConfig]) -> KeyIndex[KeyConfig]:
         return KeyIndex((key.sha256, key) for team in teams.values() for key in team.all_keys())
 
+    def entries(self) -> list[tuple[str, T]]:
+        """Every (digest, owner) pair, for lookups by something derived from the digest."""
+        return list(self._by_digest.items())
+
     def owner(self, key: str | None) -> T | None:
         if key is None:
             return None

@@ -241,6 +241,25 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class SignInLink:
+    """A one-time console sign-in (the demo's banner link): the SHA-256 of its token, and of the
+    key it signs in as. Made by the program, never read from a file."""
+
+    token_sha256: str
+    key_sha256: str
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    """The web console. ``secret``: what signs its sessions; None means a random one per
+    process (sessions end with the process; a fleet needs one shared ``secret_file``)."""
+
+    enabled: bool = True
+    secret: Secret | None = None
+    links: tuple[SignInLink, ...] = ()
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerConfig
     upstreams: tuple[UpstreamConfig, ...]  # in the config's order; at least one
@@ -255,6 +274,7 @@ class Settings:
     model_aliases: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_ALIASES))
     storage: StorageConfig = field(default_factory=StorageConfig)
     admin_keys: tuple[AdminKey, ...] = ()  # [[admin.keys]]: named
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
 
     def all_admin_keys(self) -> tuple[AdminKey, ...]:
         """Unnamed admin keys (``keys_sha256``) and named ones (``[[admin.keys]]``)."""
@@ -279,6 +299,7 @@ class Settings:
                 ("metrics", self.metrics, new.metrics),
                 ("tasks", self.tasks, new.tasks),
                 ("idempotency.keep_hours", self.idempotency.keep_hours, new.idempotency.keep_hours),
+                ("console", self.console, new.console),
             )
             if old_value != new_value
         ]
@@ -291,6 +312,7 @@ class Settings:
             metrics=self.metrics,
             tasks=self.tasks,
             idempotency=replace(new.idempotency, keep_hours=self.idempotency.keep_hours),
+            console=self.console,
         )
         return merged, kept
 
@@ -365,6 +387,7 @@ def parse_settings(
         model_aliases=aliases,
         storage=storage_config,
         admin_keys=named_admin_keys,
+        console=_console(root.table("console"), base_dir, env),
     )
     for table in (storage, log_table, admin, models):
         table.finish()
@@ -950,6 +973,37 @@ def _metrics(t: _Table, admin_keys: tuple[str, ...]) -> MetricsConfig:
     )
     t.finish()
     return config
+
+
+CONSOLE_SECRET_CHARS = 32
+
+
+def _console(t: _Table, base_dir: Path, env: Mapping[str, str]) -> ConsoleConfig:
+    """``[console]``: ``enabled`` and an optional ``secret_file`` (``${VAR}`` expanded, such as
+    a systemd credential) shared by every instance behind one load balancer."""
+    enabled = t.get("enabled", bool, True)
+    secret_file = t.get("secret_file", str, None, _non_empty)
+    t.finish()
+    if secret_file is None:
+        return ConsoleConfig(enabled=enabled)
+    source = t.name("secret_file")
+    unset = sorted(name for name in _env_names(secret_file) if name not in env)
+    if unset:
+        t.errors.append(f"{source} uses ${unset[0]}, which is not set")
+        return ConsoleConfig(enabled=enabled)
+    path = _resolve(_expand_env(secret_file, env), base_dir)
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        t.errors.append(f"{source}: cannot read {path}: {exc}")
+        return ConsoleConfig(enabled=enabled)
+    if len(value) < CONSOLE_SECRET_CHARS:
+        t.errors.append(
+            f"{source}: {path} must hold at least {CONSOLE_SECRET_CHARS} characters (such as "
+            "`head -c 32 /dev/urandom | base64`)"
+        )
+        return ConsoleConfig(enabled=enabled)
+    return ConsoleConfig(enabled=enabled, secret=Secret(value))
 
 
 def _check_unique_keys(settings: Settings, errors: list[str]) -> None:

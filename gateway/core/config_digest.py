@@ -29,6 +29,7 @@ PER_INSTANCE = (
     ("metrics", "port"),
     ("log", "access"),
     ("storage", "watermark"),
+    ("console", "links"),  # one-time sign-in links (the demo's), new at every start
 )
 
 

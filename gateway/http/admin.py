@@ -10,6 +10,7 @@ from aiohttp import web
 
 from gateway.core.config import AdminKey
 from gateway.core.errors import Conflict, InvalidRequest, NotFound
+from gateway.core.ledger import LedgerEntry
 from gateway.core.live import Snapshot
 from gateway.core.settlement import REASON_TEXT, NotResolvable, ResolutionRefused
 from gateway.http.handlers import path_id
@@ -57,17 +58,29 @@ async def resolve_entry(request: web.Request) -> web.Response:
     """POST /admin/ledger/{request_id}/resolve with ``{"state", "images", "reason"}``."""
     request[RECORD]["endpoint"] = "admin"
     admin = require_admin(request, request.app[CONFIG].current)
-    state, images, reason = _resolution_body(await _json_body(request))
+    body = await _json_body(request)
+    entry_id = path_id(request, "request_id", "No ledger entry has that id.")
+    entry = await apply_resolution(request.app, entry_id, body, actor=admin.identity)
+    return json_response(entry_json(entry))
+
+
+async def apply_resolution(
+    app: web.Application, entry_id: str, body: Any, *, actor: str
+) -> LedgerEntry:
+    """Resolve an uncertain entry as ``body`` (``{"state", "images", "reason"}``) says, in the
+    name of the admin key ``actor``: the one path of the admin API and the console's resolve
+    form, with the same errors."""
+    state, images, reason = _resolution_body(body)
     try:
-        entry = await resolve(
-            request.app[DB],
-            path_id(request, "request_id", "No ledger entry has that id."),
+        return await resolve(
+            app[DB],
+            entry_id,
             state=state,
             images=images,
             reason=reason,
-            actor=admin.identity,
-            now=request.app[CLOCK]().timestamp(),
-            books=request.app[BOOKS],
+            actor=actor,
+            now=app[CLOCK]().timestamp(),
+            books=app[BOOKS],
         )
     except UnknownEntry:
         raise NotFound("No ledger entry has that id.", param="request_id") from None
@@ -75,7 +88,6 @@ async def resolve_entry(request: web.Request) -> web.Response:
         raise Conflict(str(exc), code="not_uncertain") from None
     except ResolutionRefused as exc:
         raise InvalidRequest(str(exc), param="images") from None
-    return json_response(entry_json(entry))
 
 
 async def _json_body(request: web.Request) -> Any:

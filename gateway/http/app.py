@@ -24,6 +24,7 @@ from gateway.core.live import LiveConfig
 from gateway.core.money import format_cny
 from gateway.core.periods import utc_now
 from gateway.http.admission import ByteBudget
+from gateway.http.console import setup_console
 from gateway.http.keys import (
     ACCEPT_RESTORED,
     ACCESS_LOG,
@@ -103,6 +104,8 @@ def create_app(
     )
     app.on_shutdown.append(_begin_drain)
     add_routes(app, settings)
+    if settings.console.enabled:
+        setup_console(app)
     return app
 
 

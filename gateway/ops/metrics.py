@@ -135,6 +135,11 @@ class Metrics:
             "Ledger writes after an answer (settlements, stored outcomes) retried after a failure",
             registry=r,
         )
+        self.console_signin_failures = Counter(
+            "gateway_console_signin_failures",
+            "Console sign-ins refused (unknown or expired key, used or unknown sign-in link)",
+            registry=r,
+        )
         self.unsettled_results = Gauge(
             "gateway_unsettled_results",
             "Paid results held in memory because their settlement could not be stored yet",

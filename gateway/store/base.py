@@ -13,7 +13,7 @@ schema refuses anything else.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -129,6 +129,30 @@ class ReportRow:
     requests: int
     last_at: float | None
     key_id: str | None = None  # for a key group: the identity it last had
+
+
+@dataclass(frozen=True, slots=True)
+class DaySpend:
+    """A team's spend in one interval (a local day) by one key at one quality (the console's
+    charts)."""
+
+    day: int  # the interval's number: 0 for the first
+    key_fp: str | None
+    key_id: str | None  # an identity the key had then, for a key no longer configured
+    quality: str
+    spent: int
+    images: int
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    """A gateway instance on this ledger, as the fleet sees it."""
+
+    instance_id: str
+    host: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +275,21 @@ class Store(abc.ABC):
         """Recompute every counter from holds, settlements and resolutions."""
 
     @abc.abstractmethod
+    async def daily_spend(self, team: str, bounds: Sequence[float]) -> list[DaySpend]:
+        """Spend of ``team`` between ascending ``bounds`` (local midnights), per interval, key
+        and quality; groups without spend are left out."""
+
+    @abc.abstractmethod
+    async def stored_results(self, request_ids: Sequence[str]) -> dict[str, str]:
+        """The stored answer (a sync body, or the task's last answer) of each request that was
+        served (captured, or corrected later) and has one; never shown as such (its URLs are
+        credentials)."""
+
+    @abc.abstractmethod
+    async def open_tasks(self, team: str, limit: int) -> list[TaskRow]:
+        """The team's pending tasks whose money is still open, oldest first."""
+
+    @abc.abstractmethod
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         """The entry's state and stored result, or None without a hold."""
 
@@ -366,6 +405,10 @@ class Store(abc.ABC):
     async def heartbeat(self) -> None:
         """Tell the fleet this instance is alive (registering it again if it was taken for
         dead)."""
+
+    @abc.abstractmethod
+    async def instances(self) -> list[InstanceRow]:
+        """The instances on this ledger (SQLite: this process), oldest first. Read-only."""
 
     @abc.abstractmethod
     async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:

@@ -42,6 +42,22 @@ SUMS = (
     " ELSE 0 END), SUM(overrun + COALESCE(resolved_overrun, 0))"
 )
 
+# What a settled hold counts as spent now and its images: the ledger view's ``charged`` and
+# ``IMAGES`` on the base tables (holds ``h``, settlements ``s``, resolutions ``r``, and ``c``
+# the sums of its corrections), for scans that need nothing else of the view's joins.
+CHARGED_NOW = (
+    "CASE WHEN r.state = 'captured' THEN r.amount + r.overrun WHEN r.state IS NOT NULL THEN 0"
+    " WHEN s.state = 'captured' THEN s.amount + s.overrun ELSE 0 END + COALESCE(c.amount, 0)"
+)
+IMAGES_NOW = (
+    "CASE WHEN COALESCE(r.state, s.state) = 'captured' THEN COALESCE(r.images, s.images) ELSE 0"
+    " END + COALESCE(c.images, 0)"
+)
+CORRECTED = (
+    "(SELECT request_id, SUM(images) AS images, SUM(amount) AS amount FROM corrections"
+    " GROUP BY request_id)"
+)
+
 # An unsettled hold (``h`` joined with its task ``t``) that only its request could settle: no
 # task, or one never to be polled again while its hold is open (what a crash could leave between
 # recording an instant task and settling it, before the two were one transaction).
@@ -62,6 +78,22 @@ def settlement_params(request_id: str, s: Settlement, now: float) -> tuple[Any, 
         request_id, s.state, s.amount, s.overrun, s.images, s.upstream_id, s.reason, s.result,
         now, s.upstream, s.unit_price,
     )  # fmt: skip
+
+
+def daily_spend_sql(marks: Sequence[str]) -> str:
+    """Spend per (interval, key, quality) of one team. ``marks`` are the numbered placeholders
+    of the team and of the ascending bounds (intervals numbered from 0); the bounds are local
+    midnights computed by the caller, so no engine needs to know the time zone."""
+    team, bounds = marks[0], marks[1:]
+    bucket = " ".join(f"WHEN h.created_at < {m} THEN {i}" for i, m in enumerate(bounds[1:]))
+    return (
+        f"SELECT CASE {bucket} END, h.key_fp, MAX(h.key_id), h.quality, SUM({CHARGED_NOW}),"
+        f" SUM({IMAGES_NOW}) FROM holds h JOIN settlements s USING (request_id)"
+        f" LEFT JOIN resolutions r USING (request_id) LEFT JOIN {CORRECTED} c"
+        " ON c.request_id = h.request_id"
+        f" WHERE h.team = {team} AND h.created_at >= {bounds[0]} AND h.created_at < {bounds[-1]}"
+        f" GROUP BY 1, 2, 4 HAVING SUM({CHARGED_NOW}) > 0 ORDER BY 1"
+    )
 
 
 def hold_params(hold: Hold) -> tuple[Any, ...]:

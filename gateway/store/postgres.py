@@ -27,7 +27,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -52,12 +52,14 @@ from gateway.store.base import (
     NEVER,
     Attempt,
     Closed,
+    DaySpend,
     Decide,
     DecideExpiry,
     DecideLate,
     DuplicateTask,
     Expiry,
     Grouping,
+    InstanceRow,
     LedgerQuery,
     ReportRow,
     Store,
@@ -75,6 +77,7 @@ from gateway.store.common import (
     RESTORE_PREFIX,
     SUMS,
     TASK_SELECT,
+    daily_spend_sql,
     hold_params,
     settlement_params,
     to_entry,
@@ -409,6 +412,35 @@ class PostgresStore(Store):
         ):
             return await verify_on(conn)
 
+    async def daily_spend(self, team: str, bounds: Sequence[float]) -> list[DaySpend]:
+        marks = [f"${i}" for i in range(1, len(bounds) + 2)]
+        rows = await self._fetch(
+            daily_spend_sql([marks[0], *(f"{m}::float8" for m in marks[1:])]), team, *bounds
+        )
+        return [DaySpend(r[0], r[1], r[2], r[3], int(r[4]), int(r[5] or 0)) for r in rows]
+
+    async def stored_results(self, request_ids: Sequence[str]) -> dict[str, str]:
+        if not request_ids:
+            return {}
+        rows = await self._fetch(
+            "SELECT l.request_id, COALESCE(s.result, t.result) FROM ledger l"
+            " LEFT JOIN settlements s USING (request_id)"
+            " LEFT JOIN tasks t ON t.request_id = l.request_id"
+            " WHERE l.request_id = ANY($1::text[])"
+            " AND (l.state = 'captured' OR l.corrected_images > 0)",
+            list(request_ids),
+        )
+        return {row[0]: row[1] for row in rows if row[1] is not None}
+
+    async def open_tasks(self, team: str, limit: int) -> list[TaskRow]:
+        rows = await self._fetch(
+            TASK_SELECT + " WHERE t.team = $1 AND t.status = 'pending'"
+            " ORDER BY t.created_at LIMIT $2",
+            team,
+            limit,
+        )
+        return [to_task_row(row) for row in rows]
+
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         rows = await self._fetch(
             "SELECT l.state, s.result FROM ledger l LEFT JOIN settlements s USING (request_id)"
@@ -657,6 +689,13 @@ class PostgresStore(Store):
             failures != self._failures_beaten,
         )
         return bool(again)
+
+    async def instances(self) -> list[InstanceRow]:
+        rows = await self._fetch(
+            "SELECT instance_id, host, pid, extract(epoch FROM started_at)::float8,"
+            " extract(epoch FROM heartbeat_at)::float8 FROM instances ORDER BY started_at"
+        )
+        return [InstanceRow(*row) for row in rows]
 
     async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
         failures = self._failures

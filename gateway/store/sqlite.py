@@ -18,9 +18,10 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,12 +47,14 @@ from gateway.store.base import (
     NEVER,
     Attempt,
     Closed,
+    DaySpend,
     Decide,
     DecideExpiry,
     DecideLate,
     DuplicateTask,
     Expiry,
     Grouping,
+    InstanceRow,
     LedgerQuery,
     ReportRow,
     Store,
@@ -69,6 +72,7 @@ from gateway.store.common import (
     RESTORE_PREFIX,
     SUMS,
     TASK_SELECT,
+    daily_spend_sql,
     hold_params,
     settlement_params,
     to_entry,
@@ -115,6 +119,7 @@ class SQLiteStore(Store):
         self._last_error_log = 0.0
         self._local_day = False
         self._limiter = Limiter()
+        self._opened_at = time.time()
 
     @classmethod
     async def open(cls, path: Path, *, exclusive: bool = True, migrate: bool = True) -> SQLiteStore:
@@ -396,6 +401,33 @@ class SQLiteStore(Store):
         )
         return verification(rows)
 
+    async def daily_spend(self, team: str, bounds: Sequence[float]) -> list[DaySpend]:
+        marks = [f"?{i}" for i in range(1, len(bounds) + 2)]
+        rows = await self._rows(daily_spend_sql(marks), (team, *bounds))
+        return [DaySpend(*row) for row in rows]
+
+    async def stored_results(self, request_ids: Sequence[str]) -> dict[str, str]:
+        if not request_ids:
+            return {}
+        marks = ", ".join("?" * len(request_ids))
+        rows = await self._rows(
+            "SELECT l.request_id, COALESCE(s.result, t.result) FROM ledger l"
+            " LEFT JOIN settlements s USING (request_id)"
+            " LEFT JOIN tasks t ON t.request_id = l.request_id"
+            f" WHERE l.request_id IN ({marks})"
+            " AND (l.state = 'captured' OR l.corrected_images > 0)",
+            tuple(request_ids),
+        )
+        return {request_id: result for request_id, result in rows if result is not None}
+
+    async def open_tasks(self, team: str, limit: int) -> list[TaskRow]:
+        rows = await self._rows(
+            TASK_SELECT + " WHERE t.team = ? AND t.status = 'pending'"
+            " ORDER BY t.created_at LIMIT ?",
+            (team, limit),
+        )
+        return [to_task_row(row) for row in rows]
+
     async def hold_state(self, request_id: str) -> tuple[str, str | None] | None:
         rows = await self._rows(
             "SELECT l.state, s.result FROM ledger l LEFT JOIN settlements s USING (request_id)"
@@ -563,6 +595,11 @@ class SQLiteStore(Store):
 
     async def heartbeat(self) -> None:
         return None
+
+    async def instances(self) -> list[InstanceRow]:
+        """One process per file: this one."""
+        host, pid = socket.gethostname(), os.getpid()
+        return [InstanceRow(self.instance_id, host, pid, self._opened_at, time.time())]
 
     async def reap_silent_instances(self, now: float, lease_s: float) -> list[LedgerEntry]:
         return []
