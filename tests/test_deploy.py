@@ -244,8 +244,10 @@ async def test_nginx_skips_a_dying_instance_after_one_failure_and_never_resends_
     # (502 to that client); from then on the instance is out for fail_timeout and every request
     # goes to the live one, instead of every other one failing as least_conn would send them.
     # (On a machine so loaded that the twelve take longer than fail_timeout, nginx probes the
-    # dying instance once per window: still never twice in a row, never a resent POST.)
-    assert statuses.count(502) == len(accepted) >= 1, statuses
+    # dying instance once per window: still never twice in a row, never a resent POST.) A reset
+    # that beats nginx's write of the request means it never reached the instance: that POST
+    # goes on to the live one, the only resend nginx allows.
+    assert 1 <= len(accepted) and statuses.count(502) <= len(accepted), statuses
     assert len(accepted) <= windows, (statuses, windows)
     assert served == ["POST"] * statuses.count(200) and len(statuses) == 12
 
