@@ -20,10 +20,12 @@ from openai import AsyncOpenAI, OpenAI
 
 from gateway.core.auth import key_digest
 from gateway.core.config import Settings, parse_settings
+from gateway.core.ledger import LedgerEntry
 from gateway.core.money import cny_to_units
 from gateway.http.app import create_app
 from gateway.http.keys import ACCESS_LOG, DB, GENERATIONS, IDEMPOTENCY
-from gateway.store.base import LedgerQuery, Store
+from gateway.store.base import LedgerQuery
+from gateway.store.manager import Store
 from gateway.upstream.simulator import Simulator
 from tests.fakes import FakeClock, FaultPlan
 from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
@@ -86,6 +88,16 @@ class Gateway:
 
     def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
+
+    async def ledger(self) -> list[LedgerEntry]:
+        """Every ledger entry, oldest first, once the settlements due so far are in."""
+        await self.settled()
+        return list(reversed(await self.app[DB].entries(LedgerQuery())))
+
+    async def stored_results(self) -> list[str | None]:
+        """The result stored with each entry's settlement, oldest entry first."""
+        states = [await self.app[DB].hold_state(e.request_id) for e in await self.ledger()]
+        return [state[1] if state else None for state in states]
 
     async def log_lines(self) -> list[dict[str, Any]]:
         """The access log once every line due so far is written: a sync generation's line

@@ -140,8 +140,7 @@ async def test_upstream_reported_failures_cost_nothing(
     )
     final, _ = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 0)
-    rows = await gateway.db._rows("SELECT state FROM ledger")
-    assert [tuple(r) for r in rows] == [("released",)]
+    assert [e.state for e in await gateway.ledger()] == ["released"]
 
 
 async def test_content_refusal_from_the_simulator_costs_nothing(gateway: Gateway) -> None:
@@ -172,8 +171,8 @@ async def test_unknown_outcomes_keep_the_hold_as_uncertain(
     await gateway.settled()
     final, _ = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 4000)
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("uncertain", 4000)]
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("uncertain", 4000)]
 
 
 async def test_fewer_images_than_asked_are_charged_as_served(

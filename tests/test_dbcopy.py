@@ -15,8 +15,9 @@ from gateway.core.auth import key_digest
 from gateway.core.settlement import admin_expiry
 from gateway.http.keys import DB
 from gateway.store.base import LedgerQuery
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_KEYS,
@@ -100,8 +101,8 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
     assert code == 0, out
     assert out.splitlines()[-1] == f"consistent ({len(before)} entries)"
 
-    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
-    source = await SQLiteStore.open_read_only(sqlite_path)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False, migrate=False))
+    source = Store(await SQLiteEngine.open_read_only(sqlite_path))
     try:
         assert await target.entries(LedgerQuery()) == await source.entries(LedgerQuery())
         for entry in before:
@@ -114,10 +115,10 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         assert (await target.verify()).mismatches == ()
         assert (await target.task(task["task_id"])).status == "completed"
         expiries = "SELECT request_id, actor, expired_at, logged_at FROM expiries"
-        assert [tuple(r) for r in await target._fetch(expiries)] == [
-            tuple(r) for r in await source._rows(expiries)
+        assert [tuple(r) for r in await target.engine._fetch(expiries)] == [
+            tuple(r) for r in await source.engine._rows(expiries)
         ]
-        assert len(await source._rows(expiries)) == 1
+        assert len(await source.engine._rows(expiries)) == 1
     finally:
         await target.close()
         await source.close()
@@ -154,7 +155,7 @@ async def test_db_copy_refuses_a_database_a_running_gateway_holds(
         f"image-gateway: {tmp_path / 'gateway.db'} is in use by a running gateway: stop it "
         "first, so that nothing is written to it after the copy"
     ]
-    target = await PostgresStore.open(postgres_dsn, register=False)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False))
     try:
         assert await target.entries(LedgerQuery()) == []  # nothing was copied
     finally:
@@ -173,11 +174,11 @@ async def test_db_copy_reads_a_long_history_in_batches(
     before = await gateway.db.entries(LedgerQuery())
     await gateway.server.close()
     await gateway.db.close()
-    await (await PostgresStore.open(postgres_dsn, register=False)).close()  # migrated, empty
+    await (await PostgresEngine.open(postgres_dsn, register=False)).close()  # migrated, empty
     monkeypatch.setattr(dbcopy, "BATCH_ROWS", 2)  # five holds: three batches
     copied = await dbcopy.copy_sqlite_to_postgres(tmp_path / "gateway.db", postgres_dsn)
     assert copied.entries == 5 and copied.rows["holds"] == 5 == copied.rows["settlements"]
-    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False, migrate=False))
     try:
         assert await target.entries(LedgerQuery()) == before
         assert (await target.verify()).mismatches == ()

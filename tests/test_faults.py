@@ -47,8 +47,7 @@ async def post(gateway: Gateway, mode: str, **payload: Any) -> tuple[int, dict[s
 
 
 async def ledger(gateway: Gateway) -> list[tuple[str, int]]:
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger ORDER BY created_at")
-    return [tuple(row) for row in rows]
+    return [(e.state, e.settled_amount) for e in await gateway.ledger()]
 
 
 async def committed(gateway: Gateway) -> tuple[int, int, int]:

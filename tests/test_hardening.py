@@ -95,7 +95,7 @@ async def test_the_central_key_is_scrubbed_from_every_upstream_error_field(
     assert status == 400
     assert body["error"][field] == "key=sk_…"  # the secret guard checks the log lines too
     await gateway.settled()
-    assert UPSTREAM_KEY not in str(await gateway.db._rows("SELECT * FROM settlements"))
+    assert UPSTREAM_KEY not in str([await gateway.ledger(), await gateway.stored_results()])
 
 
 async def test_the_central_key_is_scrubbed_from_answers_and_task_bodies(
@@ -121,11 +121,10 @@ async def test_the_central_key_is_scrubbed_from_answers_and_task_bodies(
             answer = await resp.json()
     assert answer["note"] == "for sk_…"
     await gateway.settled()
-    stored = [
-        *await gateway.db._rows("SELECT upstream_id, reason, result FROM settlements"),
-        *await gateway.db._rows("SELECT result FROM tasks"),
-    ]
-    assert stored and UPSTREAM_KEY not in str(stored)
+    entries = await gateway.ledger()
+    tasks = [await gateway.db.task(e.task_id) for e in entries if e.task_id]
+    stored = [entries, await gateway.stored_results(), [t.result for t in tasks if t]]
+    assert tasks and UPSTREAM_KEY not in str(stored)
 
 
 async def test_a_redirect_on_the_generation_post_is_never_followed(

@@ -67,9 +67,9 @@ async def test_sdk_timeout_with_default_retries_buys_one_image(
     retry = [line for line in lines if line["retry_count"] and line["status"] == 200]
     assert retry and retry[-1]["dedupe_of"] is not None
     assert retry[-1]["cost_cny"] == 0.0
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("captured", 2000)]
-    stored = json.loads((await gateway.db._rows("SELECT result FROM settlements"))[0][0])
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("captured", 2000)]
+    stored = json.loads((await gateway.stored_results())[0])
     assert result.data[0].url == stored["data"][0]["url"]
 
 
@@ -122,8 +122,7 @@ async def test_a_retry_after_a_failure_generates_again(
     status, _, headers = await post(gateway, headers={"x-stainless-retry-count": "1"})
     assert status == 200 and "X-Gateway-Deduplicated" not in headers
     await gateway.settled()
-    rows = await gateway.db._rows("SELECT state FROM ledger ORDER BY created_at")
-    assert sorted(r[0] for r in rows) == ["captured", "released"]
+    assert sorted(e.state for e in await gateway.ledger()) == ["captured", "released"]
 
 
 # -- Idempotency-Key --------------------------------------------------------------------------

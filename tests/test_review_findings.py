@@ -57,9 +57,10 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
 
     from gateway.core.ledger import Capture, Hold
     from gateway.core.settlement import late_outcome
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    store = await PostgresStore.open(postgres_dsn)
+    store = Store(await PostgresEngine.open(postgres_dsn))
     try:
         hold = Hold("r1", "t", "p", 0.0, "generations", "async", "medium", 1, 2000, 10_000, "fp")
         await store.reserve(hold)
@@ -191,10 +192,11 @@ async def test_pg_idempotency_claim_survives_a_release_between_its_statements(
     (its request failed before spending); the SELECT that follows (READ COMMITTED: a new
     snapshot) returns None and row[0] raises TypeError: a 500 for an ordinary retry. The
     interleaving is forced here; adversarial/idem_race.py hits it ~2% of the time unforced."""
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    a = await PostgresStore.open(postgres_dsn)
-    b = await PostgresStore.open(postgres_dsn)
+    a = Store(await PostgresEngine.open(postgres_dsn))
+    b = Store(await PostgresEngine.open(postgres_dsn))
     try:
         assert (
             await a.claim_idempotency_key(
@@ -202,23 +204,14 @@ async def test_pg_idempotency_claim_survives_a_release_between_its_statements(
             )
             is None
         )
-        run = b._in_transaction
+        run = b.engine._step  # type: ignore[attr-defined]
 
-        async def interleaved(work: Any) -> Any:
-            class Conn:
-                def __init__(self, conn: Any) -> None:
-                    self._conn = conn
+        async def interleaved(conn: Any, step: Any) -> Any:
+            if step.query == "idempotency_key":  # B's INSERT found A's row; now its SELECT
+                await a.release_idempotency_key("t", "k")  # A's request ends, unspent
+            return await run(conn, step)
 
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(self._conn, name)
-
-                async def fetchrow(self, *args: Any) -> Any:
-                    await a.release_idempotency_key("t", "k")  # A's request ends, unspent
-                    return await self._conn.fetchrow(*args)
-
-            return await run(lambda conn: work(Conn(conn)))
-
-        b._in_transaction = interleaved  # type: ignore[method-assign]
+        b.engine._step = interleaved  # type: ignore[attr-defined]
         claimed = await b.claim_idempotency_key(
             "t", "k", fingerprint="f", request_id="rb", now=1.0, keep_s=86400
         )
@@ -430,15 +423,16 @@ async def test_a_crash_between_recording_an_instant_task_and_settling_it_is_reco
     ever although the images were served."""
     from gateway.core.ledger import Hold
     from gateway.services.tasks import NEVER
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store.manager import Store
+    from gateway.store.sqlite import SQLiteEngine
 
     path = tmp_path / "ledger.db"
-    store = await SQLiteStore.open(path)
+    store = Store(await SQLiteEngine.open(path))
     hold = Hold("r1", "t", "p", 0.0, "generations", "async", "medium", 1, 2000, 10_000, "fp")
     await store.reserve(hold)
     await store.record_task("up-1", "t", "r1", 0.0, NEVER)
     await store.close()  # the process dies here
-    store = await SQLiteStore.open(path)
+    store = Store(await SQLiteEngine.open(path))
     try:
         await store.recover_in_flight(1.0)
         entry = await store.find_entry("r1")
@@ -455,7 +449,7 @@ async def test_a_crash_between_recording_an_instant_task_and_settling_it_is_reco
 async def test_pg_a_start_without_create_privilege_is_one_line(
     postgres_server: Any, tmp_path: Any
 ) -> None:
-    """PostgresStore.open: _migrate's InsufficientPrivilegeError (SQLSTATE 42501) is neither
+    """PostgresEngine.open: _migrate's InsufficientPrivilegeError (SQLSTATE 42501) is neither
     caught there nor in STORE_ERRORS, so `serve` dies with a 60-line traceback."""
     import os
     import secrets
@@ -586,12 +580,13 @@ async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
     import asyncpg
 
     from gateway.core.errors import StorageUnavailable
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    store = await PostgresStore.open(postgres_dsn)
+    store = Store(await PostgresEngine.open(postgres_dsn))
     admin = await asyncpg.connect(postgres_dsn)
     try:
-        sleeping = asyncio.create_task(store._fetch("SELECT pg_sleep(30)"))
+        sleeping = asyncio.create_task(store.engine._fetch("SELECT pg_sleep(30)"))
 
         async def sleeping_on_server() -> bool:
             return await _gateway_backends(admin, waiting="Timeout") > 0
@@ -619,9 +614,10 @@ async def test_pg_a_timed_out_reservation_does_not_commit_after_its_release(
     from gateway.core.errors import StorageUnavailable
     from gateway.core.ledger import Hold
     from gateway.store import postgres as pg
+    from gateway.store.manager import Store
 
     monkeypatch.setattr(pg, "COMMAND_TIMEOUT_S", 1.0)
-    store = await pg.PostgresStore.open(postgres_dsn)
+    store = Store(await pg.PostgresEngine.open(postgres_dsn))
     admin = await asyncpg.connect(postgres_dsn)
     try:
         locked = admin.transaction()

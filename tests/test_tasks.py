@@ -135,8 +135,8 @@ async def test_concurrent_polls_and_the_settler_settle_once(
         tracker.settle_due(), *(poll(gateway, task_id) for _ in range(20))
     )
     assert {answer["status"] for _, answer in results[1:]} == {"completed"}
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("captured", 3000)]
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("captured", 3000)]
     assert (await usage(gateway)).spent == 3000
 
 
@@ -240,10 +240,10 @@ async def test_async_submit_over_budget_and_upstream_refusal(
 async def test_sync_results_are_recorded_for_admins(gateway: Gateway) -> None:
     result = await gateway.async_openai().images.generate(prompt="x", n=2)
     await gateway.settled()
-    rows = await gateway.db._rows("SELECT s.result, s.images, s.upstream_id FROM settlements s")
-    stored = json.loads(rows[0][0])
+    (entry,), (result_text,) = await gateway.ledger(), await gateway.stored_results()
+    stored = json.loads(result_text)
     assert [item["url"] for item in stored["data"]] == [item.url for item in result.data]
-    assert rows[0][1] == 2 and rows[0][2] == stored["id"]
+    assert entry.images == 2 and entry.upstream_id == stored["id"]
 
 
 @pytest.mark.parametrize("path", ["/v1/images/tasks/{id}", "/images/tasks/{id}"])

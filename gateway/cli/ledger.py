@@ -32,9 +32,10 @@ from gateway.services.reconcile import (
     table,
 )
 from gateway.services.resolutions import expire, resolve
-from gateway.store.base import Store, UnknownEntry
+from gateway.store.base import UnknownEntry
 from gateway.store.dbcopy import CopyRefused, copy_sqlite_to_postgres
 from gateway.store.factory import open_store
+from gateway.store.manager import Store
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:

@@ -42,7 +42,8 @@ from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
 from gateway.services.routing import Plan, Routed, Routing
 from gateway.services.tasks import TaskTracker
-from gateway.store.base import Attempt, Closed, DuplicateTask, Store
+from gateway.store.base import Attempt, Closed, DuplicateTask
+from gateway.store.manager import Store
 from gateway.upstream.base import Reply, SendState
 
 log = logging.getLogger("gateway.generation")

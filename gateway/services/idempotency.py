@@ -27,7 +27,8 @@ from gateway.core.errors import (
 )
 from gateway.services.durable import Durable
 from gateway.services.generation import Outcome
-from gateway.store.base import Store, StoredOutcome
+from gateway.store.base import StoredOutcome
+from gateway.store.manager import Store
 
 MAX_KEY_LENGTH = 255
 HEADER = "Idempotency-Key"
