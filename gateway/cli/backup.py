@@ -16,7 +16,7 @@ from gateway.store.manager import Store
 from gateway.store.sqlite import SQLiteEngine
 
 
-def add_backup_command(db: argparse._SubParsersAction) -> None:
+def add_backup_command(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     backup = db.add_parser(
         "backup",
         help="copy the ledger to FILE while the gateway serves",

@@ -38,7 +38,7 @@ from gateway.store.factory import open_store
 from gateway.store.manager import Store
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ledger`` and its subcommands on the main parser."""
     ledger = commands.add_parser("ledger", help="list, resolve, export and verify ledger entries")
     sub = ledger.add_subparsers(required=True, metavar="ACTION")
@@ -245,7 +245,7 @@ async def _entries(
     return entries
 
 
-def add_db_commands(commands: argparse._SubParsersAction) -> None:
+def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``db copy``: move a SQLite history into PostgreSQL; ``db backup``: copy the ledger."""
     db = commands.add_parser("db", help="back up a ledger, or move it between backends")
     sub = db.add_subparsers(required=True, metavar="ACTION")
