@@ -25,7 +25,9 @@ from gateway.core.money import cny_to_units
 from gateway.http.app import create_app
 from gateway.http.keys import ACCESS_LOG, DB, GENERATIONS, IDEMPOTENCY
 from gateway.store.base import LedgerQuery
+from gateway.store.factory import open_store
 from gateway.store.manager import Store
+from gateway.store.memory import MemoryDatabase, MemoryEngine
 from gateway.upstream.simulator import Simulator
 from tests.fakes import FakeClock, FaultPlan
 from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
@@ -207,31 +209,22 @@ def build_settings(
     )
 
 
-BACKENDS = ["sqlite", "postgres"]
+REAL_ENGINES = ("sqlite", "postgres")
 PG_URL_ENV = "TEST_DATABASE_URL"
 SETTLE_AT_TEARDOWN_S = 60
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """Every in-process gateway test runs on both storage engines (``sqlite_only`` tests, which
-    reach into the SQLite file itself, only on the first)."""
-    return str(request.param)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    kept = [
-        item
-        for item in items
-        if not (
-            item.get_closest_marker("sqlite_only")
-            and getattr(item, "callspec", None) is not None
-            and item.callspec.params.get("backend") == "postgres"  # type: ignore[attr-defined]
-        )
-    ]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
-        items[:] = kept
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The storage engines an in-process gateway test runs on (its ``backend``): both real
+    ones unless the test or its module says ``@pytest.mark.engines(...)``; ``sqlite_only``
+    tests reach into the SQLite file itself."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.definition.get_closest_marker("engines")
+    engines = chosen.args if chosen is not None else REAL_ENGINES
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        engines = ("sqlite",)
+    metafunc.parametrize("backend", engines)
 
 
 @pytest.fixture
@@ -295,6 +288,11 @@ async def start_gateway(
     if backend == "postgres":  # one database for the test, shared by its gateways
         server = request.getfixturevalue("postgres_server")
         env[PG_URL_ENV] = await stack.enter_async_context(fresh_database(server))
+    in_memory: dict[Path, MemoryDatabase] = {}  # by file: a gateway restarted finds its ledger
+
+    async def open_in_memory(settings: Settings, *, instance: str | None = None) -> Store:
+        database = in_memory.setdefault(settings.database, MemoryDatabase())
+        return Store(MemoryEngine(database))
 
     async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
         running = sum(1 for g in started if not g.server.closed)
@@ -308,7 +306,8 @@ async def start_gateway(
             config["storage"].pop("database", None)
         if "upstreams" in overrides:
             config.pop("upstream")
-        app = create_app(settings, clock=with_clock or clock)
+        store = open_in_memory if backend == "memory" else open_store
+        app = create_app(settings, clock=with_clock or clock, store=store)
         app.middlewares.insert(0, secret_guard(leaks))
         server = await aiohttp_server(app)
         gateway = Gateway(

@@ -7,12 +7,15 @@ import json
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.upstream.pngs import solid_png
 from tests.conftest import Gateway, Upstream
 from tests.fakes import respond
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 
 async def evil_server(

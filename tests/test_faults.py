@@ -32,6 +32,8 @@ from tests.fakes import (
     truncated_body,
 )
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 MODES = ["sync", "async"]
 
 

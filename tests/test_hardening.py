@@ -24,6 +24,8 @@ from tests.conftest import UPSTREAM_KEY, Gateway, Upstream, base_config, books_b
 from tests.fakes import json_error, respond
 from tests.process import to_toml
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 
 async def post(gateway: Gateway, suffix: str = "", headers: dict | None = None, **body: Any):
     async with aiohttp.ClientSession() as http:

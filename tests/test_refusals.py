@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import PNG, Gateway, Upstream
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 GOOD = {"model": "gpt-image-2", "prompt": "a cat"}
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 

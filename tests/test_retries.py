@@ -18,6 +18,8 @@ from gateway.upstream.client import HttpUpstream
 from tests.conftest import Gateway, Upstream, build_settings
 from tests.fakes import gate, json_error
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 
 async def post(gateway: Gateway, team: str = "design", headers: dict | None = None, **payload: Any):
     async with aiohttp.ClientSession() as http:

@@ -17,6 +17,8 @@ from gateway.http.keys import DB, TASKS
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 
 async def submit(gateway: Gateway, team: str = "design", **payload: Any) -> dict[str, Any]:
     """Submit with the real SDK: ``images.generate`` plus ``?async=1``, read raw (a 202 task)."""
