@@ -18,6 +18,7 @@ from gateway.store.base import LedgerQuery
 from gateway.store.manager import Store
 from gateway.store.postgres import PostgresEngine
 from gateway.store.sqlite import SQLiteEngine
+from tests.client import post
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_KEYS,
@@ -38,16 +39,6 @@ KEYS = {"teams": {"design": {"keys": [
 ]}}}  # fmt: skip
 
 
-async def post(gateway: Gateway, key: str | None = None, suffix: str = "", **body: Any):
-    headers = {"Authorization": f"Bearer {key}"} if key else gateway.headers()
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations" + suffix, headers=headers,
-            json={"prompt": "a map", **body},
-        ) as resp:  # fmt: skip
-            return resp.status, await resp.json()
-
-
 async def copy(source: Path, config: Path, dsn: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "db", "copy", "--from", str(source), "--config",
@@ -63,7 +54,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
 ) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5}, **KEYS)
     assert (await post(gateway, quality="high", n=2))[0] == 200
-    assert (await post(gateway, NAMED_KEYS["web-app"], user="alice"))[0] == 200
+    assert (await post(gateway, key=NAMED_KEYS["web-app"], user="alice"))[0] == 200
     upstream.faults.add(json_error(500, "server_error", "failed"))
     assert (await post(gateway))[0] == 500
     upstream.faults.add(hang())
@@ -77,7 +68,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
             json={"state": "released", "reason": "not in the provider's usage"},
         ) as resp:
             assert resp.status == 200
-    _, task = await post(gateway, suffix="?async=1")
+    _, task, _ = await post(gateway, suffix="?async=1")
     upstream.faults.add(
         respond({"task_id": task["task_id"], "status": "completed", "cost": 9.9}), kind="TASK"
     )
@@ -87,7 +78,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         ) as resp:
             assert resp.status == 200  # an overrun
     await post(gateway, suffix="?async=1", quality="low")  # still pending
-    _, stuck = await post(gateway, suffix="?async=1", quality="medium")  # pending, then expired
+    _, stuck, _ = await post(gateway, suffix="?async=1", quality="medium")  # pending, then expired
     await gateway.settled()
     await expire_by_alice(gateway, stuck["task_id"])
     sqlite_path = tmp_path / "gateway.db"

@@ -12,19 +12,11 @@ import pytest
 from gateway.core.ledger import Usage
 from gateway.http.keys import TASKS
 from gateway.store.base import LedgerQuery
+from tests.client import get_task, post, usage
 from tests.conftest import Gateway, Upstream, books_balance
 from tests.fakes import respond
-from tests.test_ledger import post, usage
 
 URL = "https://api.icodeeasy.cc/v1/images/files/gpt-image-2/20261126/x-1.png"
-
-
-async def get_task(gateway: Gateway, task_id: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{gateway.url}/v1/images/tasks/{task_id}", headers=gateway.headers()
-        ) as resp:
-            return resp.status, await resp.json()
 
 
 # -- F1: a completed task reporting more images than were held -------------------------------
@@ -35,11 +27,11 @@ async def test_a_task_with_more_images_than_held_settles_instead_of_500(
 ) -> None:
     """task_settlement counts len(data) unclamped; the schema refuses images > n, so the poll
     is a 500 and the task never settles (capture_reply clamps; task_settlement does not)."""
-    _, task = await post(gateway.url, suffix="?async=1")  # n=1, held 0.20
+    _, task, _ = await post(gateway.url, suffix="?async=1")  # n=1, held 0.20
     answer = {"task_id": task["task_id"], "status": "completed", "cost": 0.2,
               "result_url": URL, "data": [{"url": URL}, {"url": URL}]}  # fmt: skip
     upstream.faults.add(respond(answer), kind="TASK")
-    status, body = await get_task(gateway, task["task_id"])
+    status, body, _ = await get_task(gateway, task["task_id"])
     assert status == 200, body
     assert await usage(gateway) == Usage(spent=2000)
     await books_balance(gateway)
@@ -84,7 +76,7 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
                 now=2.0,
             )
         )
-        await asyncio.sleep(0.5)  # finish_task is now waiting on the settlement's key
+        await _until_a_gateway_waits_on_a_lock(postgres_dsn)  # on the settlement's key
         await tx.commit()
         await expiring.close()
         closed = await finishing
@@ -117,7 +109,7 @@ async def test_an_upstream_refusal_with_unstorable_text_is_released(
     upstream.faults.add(
         lambda request, handler: _refuse(request, text)  # type: ignore[arg-type,return-value]
     )
-    status, _ = await post(gateway.url)
+    status, _, _ = await post(gateway.url)
     assert status == 400
     await gateway.settled()
     assert await usage(gateway) == Usage()
@@ -162,7 +154,7 @@ async def test_a_reservation_whose_ack_was_lost_does_not_stay_held(gateway: Gate
     from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "reserve")
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     assert status == 503, body
     await gateway.settled()
     assert await usage(gateway) == Usage()  # nothing was sent: nothing may stay reserved
@@ -175,7 +167,7 @@ async def test_a_settlement_whose_ack_was_lost_is_still_logged(gateway: Gateway)
     from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "settle")
-    status, _ = await post(gateway.url)
+    status, _, _ = await post(gateway.url)
     assert status == 200
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
@@ -238,7 +230,7 @@ async def test_pg_a_task_poll_racing_an_admin_resolution_is_not_a_500(
     from tests.conftest import PG_URL_ENV
 
     gateway = await start_gateway(tasks={"max_pending_age_s": 60})
-    _, task = await post(gateway.url, suffix="?async=1")
+    _, task, _ = await post(gateway.url, suffix="?async=1")
     gateway.clock.advance(seconds=120)
     await gateway.app[TASKS].settle_due()  # expired: the hold is uncertain now
     (entry,) = await gateway.db.entries(LedgerQuery())
@@ -254,10 +246,10 @@ async def test_pg_a_task_poll_racing_an_admin_resolution_is_not_a_500(
         entry.request_id,
     )
     polling = asyncio.ensure_future(get_task(gateway, task["task_id"]))
-    await asyncio.sleep(0.5)
+    await _until_a_gateway_waits_on_a_lock(gateway.env[PG_URL_ENV])  # on the resolution's key
     await tx.commit()
     await admin.close()
-    status, body = await polling
+    status, body, _ = await polling
     assert status != 500, body
     assert body["status"] == "completed"
 
@@ -374,14 +366,14 @@ async def test_a_failed_admission_release_does_not_turn_a_paid_image_into_a_503(
         await original(request_id, scopes)
 
     db.release = release
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
     assert status == 200, body
     worker = gateway.app[DURABLE]._worker  # the release, retried in the background
     assert worker is not None
     await worker
-    status, body = await post(gateway.url)  # the team's one slot was given back
+    status, body, _ = await post(gateway.url)  # the team's one slot was given back
     assert status == 200, body
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=4000)
@@ -400,8 +392,8 @@ async def test_an_upstream_reusing_a_task_id_is_neither_a_500_nor_logged_whole(
     task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
     for _ in range(2):
         upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
-    first, _ = await post(gateway.url, suffix="?async=1")
-    second, body = await post(gateway.url, suffix="?async=1")
+    first, _, _ = await post(gateway.url, suffix="?async=1")
+    second, body, _ = await post(gateway.url, suffix="?async=1")
     assert first == 202
     assert second == 502, body
     assert body["error"]["code"] == "upstream_bad_response"
@@ -500,16 +492,15 @@ async def test_a_retry_from_another_key_does_not_get_this_keys_image(
     its own key cap (exhausted here) and outside its own attribution."""
     from tests.conftest import NAMED_KEYS
     from tests.test_keys import design, named
-    from tests.test_keys import post as key_post
 
     gateway = await start_gateway(
         **design(keys=[named("web-app"), named("contractor", budget_cny="0")])
     )
-    status, original = await key_post(gateway, NAMED_KEYS["web-app"], prompt="secret plan")
+    status, original, _ = await post(gateway, key=NAMED_KEYS["web-app"], prompt="secret plan")
     assert status == 200
-    status, body = await key_post(
+    status, body, _ = await post(
         gateway,
-        NAMED_KEYS["contractor"],
+        key=NAMED_KEYS["contractor"],
         headers={"x-stainless-retry-count": "1"},
         prompt="secret plan",
     )
@@ -528,9 +519,9 @@ async def test_an_admission_whose_ack_was_lost_gives_its_slot_back(start_gateway
 
     gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
     _commit_then_fail(gateway.app[DB], "admit")
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     assert (status, body["error"]["code"]) == (503, "storage_unavailable")
-    status, body = await post(gateway.url)  # the one slot is free again
+    status, body, _ = await post(gateway.url)  # the one slot is free again
     assert status == 200, body
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
@@ -547,7 +538,7 @@ async def test_a_task_record_whose_ack_was_lost_is_not_a_reused_id(
     task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
     upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
     _commit_then_fail(gateway.app[DB], "record_task")
-    status, body = await post(gateway.url, suffix="?async=1")
+    status, body, _ = await post(gateway.url, suffix="?async=1")
     assert (status, body["task_id"]) == (202, task_id), body
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert (entry.state, entry.task_id) == ("held", task_id)
@@ -560,6 +551,23 @@ async def _until(check: Any, seconds: float = 20) -> None:
     while not await check():
         assert loop.time() < deadline, "condition never held"
         await asyncio.sleep(0.01)
+
+
+async def _until_a_gateway_waits_on_a_lock(dsn: str) -> None:
+    """Until a statement of the gateway is blocked behind another transaction's row: watched
+    from a connection of its own, outside any transaction (pg_stat_activity is read once per
+    transaction)."""
+    import asyncpg
+
+    watcher = await asyncpg.connect(dsn)
+    try:
+
+        async def blocked() -> bool:
+            return await _gateway_backends(watcher, waiting="Lock") > 0
+
+        await _until(blocked)
+    finally:
+        await watcher.close()
 
 
 async def _gateway_backends(admin: Any, waiting: str | None = None) -> int:

@@ -12,8 +12,9 @@ import openai
 import pytest
 
 from gateway.core.ledger import Usage
-from gateway.core.periods import period_at, utc_now
+from gateway.core.periods import utc_now
 from gateway.http.keys import DB, TASKS
+from tests.client import usage
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
 
@@ -37,12 +38,6 @@ async def poll(gateway: Gateway, task_id: str, team: str = "design") -> tuple[in
     except openai.APIStatusError as exc:
         response = exc.response
     return response.status_code, response.json()
-
-
-async def usage(gateway: Gateway, team: str = "design"):
-    settings = gateway.settings
-    period = period_at(settings.teams[team].period, gateway.clock(), settings.server.tz)
-    return await gateway.db.usage(team, period.key)
 
 
 async def test_submit_records_the_task_and_reserves(gateway: Gateway, upstream: Upstream) -> None:
