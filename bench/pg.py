@@ -25,8 +25,9 @@ import asyncpg
 
 from gateway.core.ledger import Hold
 from gateway.core.settlement import capture_reply
-from gateway.store.common import hold_params
-from gateway.store.postgres import _RESERVE_SQL, _SETTLE_SQL, PostgresStore
+from gateway.store.common import hold_params, settlement_params
+from gateway.store.postgres import PostgresEngine
+from gateway.store.queries import load, numbered
 from tests.postgres import FAST_SETTINGS, LocalPostgres, PostgresServer, create_database
 
 DURABLE: Mapping[str, str] = {}  # PostgreSQL's defaults
@@ -56,8 +57,8 @@ def describe(settings: Mapping[str, str]) -> str:
 async def migrated_database(maintenance_dsn: str, name: str) -> str:
     """A fresh database with the gateway's schema (migrated as a gateway would); its DSN."""
     dsn = await create_database(maintenance_dsn, name)
-    store = await PostgresStore.open(dsn, register=False)
-    await store.close()
+    engine = await PostgresEngine.open(dsn, register=False)
+    await engine.close()
     return dsn
 
 
@@ -90,6 +91,7 @@ async def hot_row(
     its WAL flush; the next durable commit flushes it)."""
     ids = itertools.count()
     latencies: list[float] = []
+    reserve, settle_sql = (numbered(load("postgres")[name]) for name in ("reserve", "settle"))
     pool = await asyncpg.create_pool(dsn, min_size=conns, max_size=conns)
     settle_settings = {"synchronous_commit": "off"} if async_settle else {}
     settle_pool = await asyncpg.create_pool(
@@ -102,14 +104,15 @@ async def hot_row(
                 while time.monotonic() < until:
                     hold = _hold(f"direct-{conns}-{settle}-{next(ids)}")
                     started = time.perf_counter()
-                    await conn.fetchrow(_RESERVE_SQL, *hold_params(hold), "bench-direct")
+                    params = {**hold_params(hold), "instance_id": "bench-direct"}
+                    await conn.fetchrow(reserve.sql, *(params[n] for n in reserve.names))
                     latencies.append(time.perf_counter() - started)
                     if settle:
                         s = capture_reply(hold, 1, None, "{}")
+                        values = settlement_params(hold.request_id, s, time.time())
                         await settling.execute(
-                            _SETTLE_SQL, hold.request_id, s.state, s.amount, s.overrun,
-                            s.images, s.upstream_id, s.reason, s.result, time.time(),
-                        )  # fmt: skip
+                            settle_sql.sql, *(values[n] for n in settle_sql.names)
+                        )
 
         await asyncio.gather(*(worker(time.monotonic() + 0.5) for _ in range(conns)))  # warm-up
         latencies.clear()

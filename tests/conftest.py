@@ -20,10 +20,14 @@ from openai import AsyncOpenAI, OpenAI
 
 from gateway.core.auth import key_digest
 from gateway.core.config import Settings, parse_settings
+from gateway.core.ledger import LedgerEntry
 from gateway.core.money import cny_to_units
 from gateway.http.app import create_app
 from gateway.http.keys import ACCESS_LOG, DB, GENERATIONS, IDEMPOTENCY
-from gateway.store.base import LedgerQuery, Store
+from gateway.store.base import LedgerQuery
+from gateway.store.factory import open_store
+from gateway.store.manager import Store
+from gateway.store.memory import MemoryDatabase, MemoryEngine
 from gateway.upstream.simulator import Simulator
 from tests.browser import browser  # noqa: F401 (fixture)
 from tests.fakes import FakeClock, FaultPlan
@@ -87,6 +91,16 @@ class Gateway:
 
     def headers(self, team: str = "design", **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {TEAM_KEYS[team]}", **extra}
+
+    async def ledger(self) -> list[LedgerEntry]:
+        """Every ledger entry, oldest first, once the settlements due so far are in."""
+        await self.settled()
+        return list(reversed(await self.app[DB].entries(LedgerQuery())))
+
+    async def stored_results(self) -> list[str | None]:
+        """The result stored with each entry's settlement, oldest entry first."""
+        states = [await self.app[DB].hold_state(e.request_id) for e in await self.ledger()]
+        return [state[1] if state else None for state in states]
 
     async def log_lines(self) -> list[dict[str, Any]]:
         """The access log once every line due so far is written: a sync generation's line
@@ -196,31 +210,22 @@ def build_settings(
     )
 
 
-BACKENDS = ["sqlite", "postgres"]
+REAL_ENGINES = ("sqlite", "postgres")
 PG_URL_ENV = "TEST_DATABASE_URL"
 SETTLE_AT_TEARDOWN_S = 60
 
 
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    """Every in-process gateway test runs on both storage engines (``sqlite_only`` tests, which
-    reach into the SQLite file itself, only on the first)."""
-    return str(request.param)
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    kept = [
-        item
-        for item in items
-        if not (
-            item.get_closest_marker("sqlite_only")
-            and getattr(item, "callspec", None) is not None
-            and item.callspec.params.get("backend") == "postgres"  # type: ignore[attr-defined]
-        )
-    ]
-    if len(kept) != len(items):
-        config.hook.pytest_deselected(items=[i for i in items if i not in kept])
-        items[:] = kept
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The storage engines an in-process gateway test runs on (its ``backend``): both real
+    ones unless the test or its module says ``@pytest.mark.engines(...)``; ``sqlite_only``
+    tests reach into the SQLite file itself."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    chosen = metafunc.definition.get_closest_marker("engines")
+    engines = chosen.args if chosen is not None else REAL_ENGINES
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        engines = ("sqlite",)
+    metafunc.parametrize("backend", engines)
 
 
 @pytest.fixture
@@ -309,6 +314,11 @@ async def start_gateway(
     if backend == "postgres":  # one database for the test, shared by its gateways
         server = request.getfixturevalue("postgres_server")
         env[PG_URL_ENV] = await stack.enter_async_context(fresh_database(server))
+    in_memory: dict[Path, MemoryDatabase] = {}  # by file: a gateway restarted finds its ledger
+
+    async def open_in_memory(settings: Settings, *, instance: str | None = None) -> Store:
+        database = in_memory.setdefault(settings.database, MemoryDatabase())
+        return Store(MemoryEngine(database))
 
     async def start(*, with_clock: Callable[[], Any] | None = None, **overrides: Any) -> Gateway:
         running = sum(1 for g in started if not g.server.closed)
@@ -322,7 +332,8 @@ async def start_gateway(
             config["storage"].pop("database", None)
         if "upstreams" in overrides:
             config.pop("upstream")
-        app = create_app(settings, clock=with_clock or clock)
+        store = open_in_memory if backend == "memory" else open_store
+        app = create_app(settings, clock=with_clock or clock, store=store)
         app.middlewares.insert(0, secret_guard(leaks, console))
         server = await aiohttp_server(app)
         gateway = Gateway(

@@ -24,8 +24,9 @@ from gateway.core.settlement import admin_resolution
 from gateway.http.keys import DB
 from gateway.store import migrations
 from gateway.store.base import LedgerQuery
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_ADMIN_KEYS,
@@ -169,7 +170,7 @@ async def test_every_line_and_response_names_the_instance(
         None if line["endpoint"] == "settle" else "127.0.0.1" for line in lines
     ]
     if backend == "postgres":  # the fleet's table knows it by the same name
-        rows = await gateway.app[DB]._fetch("SELECT instance_id FROM instances")  # type: ignore[attr-defined]
+        rows = await gateway.app[DB].engine._fetch("SELECT instance_id FROM instances")  # type: ignore[attr-defined]
         assert [row[0].split(":")[0] for row in rows] == ["gw-a"]
     await books_balance(gateway, upstream)
 
@@ -252,7 +253,7 @@ async def test_a_0_1_database_keeps_its_resolutions_triggers_and_view_when_actor
             "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
         ).fetchall()
 
-    store = await SQLiteStore.open(path)  # the gateway's start migrates it
+    store = Store(await SQLiteEngine.open(path))  # the gateway's start migrates it
     try:
         with contextlib.closing(sqlite3.connect(path)) as new:  # as it was, after the step
             after = new.execute("SELECT * FROM ledger ORDER BY request_id").fetchall()
@@ -270,26 +271,26 @@ async def test_a_0_1_database_keeps_its_resolutions_triggers_and_view_when_actor
         assert (entry.resolution.actor, entry.state) == ("admin", "released")
         assert await store.unlogged_resolutions() == []  # its log row came along
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-            await store._write("DELETE FROM resolutions")
+            await store.engine._write("DELETE FROM resolutions")
         held = await store.find_entry("req_inflight_at_kill")
         assert held is not None and held.state == "held"
         await store.settle(held.request_id, Uncertain(held.held, "stuck"), 3.0)
         with pytest.raises(sqlite3.IntegrityError, match="CHECK"):
-            await store._write(resolution, (held.request_id, ""))
+            await store.engine._write(resolution, (held.request_id, ""))
         resolved = await store.resolve(held.request_id, alice_releases, 4.0, logged=False)
         assert resolved.resolution is not None and resolved.resolution.actor == "alice"
         assert [e.request_id for e in await store.unlogged_resolutions()] == [held.request_id]
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
-            await store._write("INSERT INTO resolution_log VALUES ('req_nobody', 5.0)")
+            await store.engine._write("INSERT INTO resolution_log VALUES ('req_nobody', 5.0)")
         assert (await store.verify()).mismatches == ()
     finally:
         await store.close()
 
 
 async def test_postgres_accepts_named_actors_and_refuses_an_empty_one(postgres_dsn: str) -> None:
-    store = await PostgresStore.open(postgres_dsn)
+    store = Store(await PostgresEngine.open(postgres_dsn))
     try:
-        rows = await store._fetch(
+        rows = await store.engine._fetch(
             "SELECT pg_get_constraintdef(oid) FROM pg_constraint"
             " WHERE conname = 'resolutions_actor_check'"
         )

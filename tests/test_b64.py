@@ -7,12 +7,15 @@ import json
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from gateway.upstream.pngs import solid_png
 from tests.conftest import Gateway, Upstream
 from tests.fakes import respond
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 
 async def evil_server(
@@ -42,8 +45,8 @@ async def test_b64_json_decodes_to_the_served_png(gateway: Gateway, upstream: Up
     )
     assert len(result.data) == 2
     await gateway.settled()
-    stored = await gateway.db._rows("SELECT result FROM settlements")
-    urls = [item["url"] for item in json.loads(stored[0][0])["data"]]
+    stored = await gateway.stored_results()
+    urls = [item["url"] for item in json.loads(stored[0])["data"]]
     for item, url in zip(result.data, urls, strict=True):
         assert item.url is None
         assert base64.b64decode(item.b64_json) == await fetch(url)
@@ -116,7 +119,7 @@ async def test_proxy_results_serves_images_through_the_gateway(
     client = gateway.async_openai()
     result = await client.images.generate(prompt="x", n=2)
     await gateway.settled()
-    stored = json.loads((await gateway.db._rows("SELECT result FROM settlements"))[0][0])
+    stored = json.loads((await gateway.stored_results())[0])
     for item, original in zip(result.data, stored["data"], strict=True):
         assert item.url.startswith(gateway.url + "/v1/images/files/gpt-image-2/")
         assert item.url.removeprefix(gateway.url) == original["url"].removeprefix(upstream.url)

@@ -13,25 +13,11 @@ import pytest
 
 from gateway.core.periods import period_at
 from gateway.http.keys import CONFIG, DB
+from tests.client import post, usage
 from tests.conftest import ADMIN_KEY, Gateway, Upstream, build_settings
 from tests.fakes import gate, hang, html_error, json_error, respond
 
 PRICES = {"low": 0.1, "medium": 0.2, "high": 0.4, "auto": 0.2}
-
-
-async def generate(http: aiohttp.ClientSession, gateway: Gateway, team: str = "design", **payload):
-    async with http.post(
-        gateway.url + "/v1/images/generations",
-        headers=gateway.headers(team),
-        json={"prompt": "a lighthouse", **payload},
-    ) as resp:
-        return resp.status, await resp.json(), resp.headers
-
-
-async def usage(gateway: Gateway, team: str = "design"):
-    settings = gateway.settings
-    period = period_at(settings.teams[team].period, gateway.clock(), settings.server.tz)
-    return await gateway.db.usage(team, period.key), period
 
 
 async def wait_until_done(tasks: list[asyncio.Task], count: int) -> None:
@@ -49,16 +35,15 @@ async def test_fifty_concurrent_requests_against_five_images(
     arrivals = [asyncio.Event() for _ in range(5)]
     for arrived in arrivals:
         upstream.faults.add(gate(release, arrived))
-    async with aiohttp.ClientSession() as http:
-        tasks = [asyncio.create_task(generate(http, gateway)) for _ in range(50)]
-        await wait_until_done(tasks, 45)  # the refusals come back while five are held upstream
-        await asyncio.gather(*(arrived.wait() for arrived in arrivals))
-        assert upstream.faults.seen == 5
-        period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
-        held = await gateway.app[DB].usage("design", period.key)  # now, without waiting
-        assert (held.reserved, held.spent) == (10_000, 0)
-        release.set()
-        results = await asyncio.gather(*tasks)
+    tasks = [asyncio.create_task(post(gateway)) for _ in range(50)]
+    await wait_until_done(tasks, 45)  # the refusals come back while five are held upstream
+    await asyncio.gather(*(arrived.wait() for arrived in arrivals))
+    assert upstream.faults.seen == 5
+    period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
+    held = await gateway.app[DB].usage("design", period.key)  # now, without waiting
+    assert (held.reserved, held.spent) == (10_000, 0)
+    release.set()
+    results = await asyncio.gather(*tasks)
     statuses = sorted(status for status, _, _ in results)
     assert statuses == [200] * 5 + [402] * 45
     for status, body, headers in results:
@@ -67,7 +52,7 @@ async def test_fifty_concurrent_requests_against_five_images(
             assert body["error"]["code"] == "budget_exceeded"
             assert headers["x-should-retry"] == "false"
     assert len(upstream.sim.generation_requests()) == 5
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (10_000, 0, 0)
 
 
@@ -75,9 +60,8 @@ async def test_mixed_qualities_and_n_never_overspend(start_gateway, upstream: Up
     gateway = await start_gateway(teams={"design": {"budget_cny": 3.0}})
     rng = random.Random(7)
     asks = [(rng.choice(list(PRICES)), rng.randint(1, 4)) for _ in range(60)]
-    async with aiohttp.ClientSession() as http:
-        results = await asyncio.gather(*(generate(http, gateway, quality=q, n=n) for q, n in asks))
-    final, _ = await usage(gateway)
+    results = await asyncio.gather(*(post(gateway, quality=q, n=n) for q, n in asks))
+    final = await usage(gateway)
     served = [(q, n) for (q, n), (status, _, _) in zip(asks, results, strict=True) if status == 200]
     refused = [
         (q, n) for (q, n), (status, _, _) in zip(asks, results, strict=True) if status == 402
@@ -93,10 +77,9 @@ async def test_mixed_qualities_and_n_never_overspend(start_gateway, upstream: Up
 
 async def test_402_message_names_everything(start_gateway) -> None:
     gateway = await start_gateway(teams={"design": {"budget_cny": 0.3}})
-    async with aiohttp.ClientSession() as http:
-        assert (await generate(http, gateway))[0] == 200
-        await gateway.settled()  # the answer goes out before its settlement is stored
-        status, body, _ = await generate(http, gateway, quality="high")
+    assert (await post(gateway))[0] == 200
+    await gateway.settled()  # the answer goes out before its settlement is stored
+    status, body, _ = await post(gateway, quality="high")
     assert status == 402
     message = body["error"]["message"]
     for part in ("design", "monthly", "budget 0.3000 CNY", "spent 0.2000 CNY", "reserved 0.0000",
@@ -130,27 +113,24 @@ async def test_upstream_reported_failures_cost_nothing(
     gateway: Gateway, upstream: Upstream, fault, expected: int
 ) -> None:
     upstream.faults.add(fault)
-    async with aiohttp.ClientSession() as http:
-        status, body, _ = await generate(http, gateway)
+    status, body, _ = await post(gateway)
     assert status == expected
     assert body["error"]["message"] in (
         "Image generation failed",
         "Your request was rejected by the safety system.",
         "busy",
     )
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 0)
-    rows = await gateway.db._rows("SELECT state FROM ledger")
-    assert [tuple(r) for r in rows] == [("released",)]
+    assert [e.state for e in await gateway.ledger()] == ["released"]
 
 
 async def test_content_refusal_from_the_simulator_costs_nothing(gateway: Gateway) -> None:
-    async with aiohttp.ClientSession() as http:
-        status, body, _ = await generate(http, gateway, prompt="draw [refuse] this")
+    status, body, _ = await post(gateway, prompt="draw [refuse] this")
     assert status == 400
     assert "safety" in body["error"]["message"]
     await gateway.settled()
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert final.committed == 0
 
 
@@ -164,16 +144,15 @@ async def test_unknown_outcomes_keep_the_hold_as_uncertain(
 ) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5})
     upstream.faults.add(fault)
-    async with aiohttp.ClientSession() as http:
-        status, body, headers = await generate(http, gateway, quality="high")
+    status, body, headers = await post(gateway, quality="high")
     assert (status, body["error"]["code"]) == expected
     assert headers["x-should-retry"] == "false"
     assert body["error"]["type"] == "upstream_error"
     await gateway.settled()
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert (final.spent, final.reserved, final.uncertain) == (0, 0, 4000)
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("uncertain", 4000)]
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("uncertain", 4000)]
 
 
 async def test_fewer_images_than_asked_are_charged_as_served(
@@ -182,34 +161,34 @@ async def test_fewer_images_than_asked_are_charged_as_served(
     upstream.faults.add(
         respond({"created": 1, "id": "u1", "data": [{"url": "https://x.test/1.png"}]})
     )
-    async with aiohttp.ClientSession() as http:
-        status, body, _ = await generate(http, gateway, n=3)
+    status, body, _ = await post(gateway, n=3)
     assert status == 200 and len(body["data"]) == 1
     await gateway.settled()
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert (final.spent, final.reserved) == (2000, 0)
 
 
 async def test_spend_survives_a_restart(start_gateway, upstream: Upstream) -> None:
     first = await start_gateway()
-    async with aiohttp.ClientSession() as http:
-        await generate(http, first, n=2)
+    await post(first, n=2)
     await first.server.close()
     second = await start_gateway()
-    final, _ = await usage(second)
+    final = await usage(second)
     assert (final.spent, final.reserved) == (4000, 0)
 
 
 async def test_new_period_starts_from_zero_and_keeps_history(gateway: Gateway) -> None:
-    async with aiohttp.ClientSession() as http:
-        await generate(http, gateway, team="ops", quality="high")
-        await gateway.settled()
-        before, old_period = await usage(gateway, "ops")
-        gateway.clock.advance(days=1)
-        after, new_period = await usage(gateway, "ops")
-        assert new_period.key != old_period.key
-        assert (before.spent, after.spent) == (4000, 0)
-        await generate(http, gateway, team="ops", quality="low")
+    await post(gateway, team="ops", quality="high")
+    await gateway.settled()
+    ops, tz = gateway.settings.teams["ops"].period, gateway.settings.server.tz
+    old_period = period_at(ops, gateway.clock(), tz)
+    before = await usage(gateway, "ops")
+    gateway.clock.advance(days=1)
+    new_period = period_at(ops, gateway.clock(), tz)
+    after = await usage(gateway, "ops")
+    assert new_period.key != old_period.key
+    assert (before.spent, after.spent) == (4000, 0)
+    await post(gateway, team="ops", quality="low")
     assert (await gateway.db.usage("ops", old_period.key)).spent == 4000
     assert (await gateway.db.usage("ops", new_period.key)).spent == 1000
 
@@ -218,10 +197,9 @@ async def test_reload_changes_budget_for_new_requests(
     gateway: Gateway, tmp_path, upstream: Upstream
 ) -> None:
     smaller = build_settings(tmp_path, upstream.url, teams={"design": {"budget_cny": 0.2}})
-    async with aiohttp.ClientSession() as http:
-        assert (await generate(http, gateway))[0] == 200
-        gateway.app[CONFIG].reload(smaller)
-        status, body, _ = await generate(http, gateway)
+    assert (await post(gateway))[0] == 200
+    gateway.app[CONFIG].reload(smaller)
+    status, body, _ = await post(gateway)
     assert status == 402
     assert "budget 0.2000 CNY" in body["error"]["message"]
 
@@ -229,11 +207,11 @@ async def test_reload_changes_budget_for_new_requests(
 async def test_usage_report_agrees_with_what_the_upstream_served(
     gateway: Gateway, upstream: Upstream
 ) -> None:
+    await post(gateway, quality="low", n=2)
+    await post(gateway, quality="high")
+    await post(gateway, prompt="[fail] please")
+    await gateway.settled()
     async with aiohttp.ClientSession() as http:
-        await generate(http, gateway, quality="low", n=2)
-        await generate(http, gateway, quality="high")
-        await generate(http, gateway, prompt="[fail] please")
-        await gateway.settled()
         async with http.get(
             gateway.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
         ) as resp:
@@ -257,18 +235,17 @@ async def test_usage_report_agrees_with_what_the_upstream_served(
 
 async def test_rpm_limit(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(teams={"design": {"rpm": 2}})
-    async with aiohttp.ClientSession() as http:
-        assert (await generate(http, gateway))[0] == 200
-        assert (await generate(http, gateway))[0] == 200
-        status, body, headers = await generate(http, gateway)
-        assert status == 429
-        assert body["error"]["type"] == "rate_limit_error"
-        assert 1 <= int(headers["Retry-After"]) <= 60
-        gateway.clock.advance(seconds=61)
-        assert (await generate(http, gateway))[0] == 200
+    assert (await post(gateway))[0] == 200
+    assert (await post(gateway))[0] == 200
+    status, body, headers = await post(gateway)
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    gateway.clock.advance(seconds=61)
+    assert (await post(gateway))[0] == 200
     assert len(upstream.sim.generation_requests()) == 3
     await gateway.settled()
-    final, _ = await usage(gateway)
+    final = await usage(gateway)
     assert final.spent == 6000
 
 
@@ -276,21 +253,19 @@ async def test_max_concurrent_limit(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
-    async with aiohttp.ClientSession() as http:
-        first = asyncio.create_task(generate(http, gateway))
-        await arrived.wait()
-        status, _, headers = await generate(http, gateway)
-        assert status == 429 and headers["Retry-After"] == "1"
-        assert (await generate(http, gateway, team="ops"))[0] == 200  # other teams unaffected
-        release.set()
-        assert (await first)[0] == 200
-        assert (await generate(http, gateway))[0] == 200
+    first = asyncio.create_task(post(gateway))
+    await arrived.wait()
+    status, _, headers = await post(gateway)
+    assert status == 429 and headers["Retry-After"] == "1"
+    assert (await post(gateway, team="ops"))[0] == 200  # other teams unaffected
+    release.set()
+    assert (await first)[0] == 200
+    assert (await post(gateway))[0] == 200
 
 
 async def test_usage_cli_json(start_gateway, tmp_path, upstream: Upstream) -> None:
     gateway = await start_gateway(teams={"design": {"period": "total"}})
-    async with aiohttp.ClientSession() as http:
-        await generate(http, gateway, n=2)
+    await post(gateway, n=2)
     config = gateway.config_file(tmp_path / "gateway.toml")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "usage", "--config", str(config), "--json", "--team", "design",
@@ -315,8 +290,7 @@ async def test_usage_cli_never_creates_files_when_the_gateway_is_stopped(
     start_gateway, tmp_path, upstream: Upstream
 ) -> None:
     gateway = await start_gateway(teams={"design": {"period": "total"}})
-    async with aiohttp.ClientSession() as http:
-        await generate(http, gateway)
+    await post(gateway)
     await gateway.server.close()
     before = sorted(p.name for p in tmp_path.iterdir())
     assert "gateway.db-wal" not in before

@@ -212,9 +212,10 @@ async def test_output_into_a_closed_pipe_exits_quietly(
 async def _a_ledger(tmp_path: Path) -> None:
     """A current, non-empty ledger at tmp_path/gateway.db."""
     from gateway.core.ledger import Capture, Hold
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store.manager import Store
+    from gateway.store.sqlite import SQLiteEngine
 
-    store = await SQLiteStore.open(tmp_path / "gateway.db")
+    store = Store(await SQLiteEngine.open(tmp_path / "gateway.db"))
     try:
         hold = Hold("req_1", "design", "total", 1.0, "generations", "sync", "medium", 1, 2000,
                     10**6, "fp")  # fmt: skip

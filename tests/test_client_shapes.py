@@ -29,6 +29,8 @@ from multidict import CIMultiDict
 
 from tests.conftest import TEAM_KEYS, UPSTREAM_KEY, Upstream
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "clients"
 NAMES = sorted(path.stem for path in FIXTURES.glob("*.http"))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

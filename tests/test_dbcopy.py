@@ -15,8 +15,10 @@ from gateway.core.auth import key_digest
 from gateway.core.settlement import admin_expiry
 from gateway.http.keys import DB
 from gateway.store.base import LedgerQuery
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
+from tests.client import post
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_KEYS,
@@ -37,16 +39,6 @@ KEYS = {"teams": {"design": {"keys": [
 ]}}}  # fmt: skip
 
 
-async def post(gateway: Gateway, key: str | None = None, suffix: str = "", **body: Any):
-    headers = {"Authorization": f"Bearer {key}"} if key else gateway.headers()
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations" + suffix, headers=headers,
-            json={"prompt": "a map", **body},
-        ) as resp:  # fmt: skip
-            return resp.status, await resp.json()
-
-
 async def copy(source: Path, config: Path, dsn: str) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", "db", "copy", "--from", str(source), "--config",
@@ -62,7 +54,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
 ) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5}, **KEYS)
     assert (await post(gateway, quality="high", n=2))[0] == 200
-    assert (await post(gateway, NAMED_KEYS["web-app"], user="alice"))[0] == 200
+    assert (await post(gateway, key=NAMED_KEYS["web-app"], user="alice"))[0] == 200
     upstream.faults.add(json_error(500, "server_error", "failed"))
     assert (await post(gateway))[0] == 500
     upstream.faults.add(hang())
@@ -76,7 +68,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
             json={"state": "released", "reason": "not in the provider's usage"},
         ) as resp:
             assert resp.status == 200
-    _, task = await post(gateway, suffix="?async=1")
+    _, task, _ = await post(gateway, suffix="?async=1")
     upstream.faults.add(
         respond({"task_id": task["task_id"], "status": "completed", "cost": 9.9}), kind="TASK"
     )
@@ -86,7 +78,7 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         ) as resp:
             assert resp.status == 200  # an overrun
     await post(gateway, suffix="?async=1", quality="low")  # still pending
-    _, stuck = await post(gateway, suffix="?async=1", quality="medium")  # pending, then expired
+    _, stuck, _ = await post(gateway, suffix="?async=1", quality="medium")  # pending, then expired
     await gateway.settled()
     await expire_by_alice(gateway, stuck["task_id"])
     sqlite_path = tmp_path / "gateway.db"
@@ -100,8 +92,8 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
     assert code == 0, out
     assert out.splitlines()[-1] == f"consistent ({len(before)} entries)"
 
-    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
-    source = await SQLiteStore.open_read_only(sqlite_path)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False, migrate=False))
+    source = Store(await SQLiteEngine.open_read_only(sqlite_path))
     try:
         assert await target.entries(LedgerQuery()) == await source.entries(LedgerQuery())
         for entry in before:
@@ -114,10 +106,10 @@ async def test_db_copy_moves_every_entry_and_counter_and_verifies(
         assert (await target.verify()).mismatches == ()
         assert (await target.task(task["task_id"])).status == "completed"
         expiries = "SELECT request_id, actor, expired_at, logged_at FROM expiries"
-        assert [tuple(r) for r in await target._fetch(expiries)] == [
-            tuple(r) for r in await source._rows(expiries)
+        assert [tuple(r) for r in await target.engine._fetch(expiries)] == [
+            tuple(r) for r in await source.engine._rows(expiries)
         ]
-        assert len(await source._rows(expiries)) == 1
+        assert len(await source.engine._rows(expiries)) == 1
     finally:
         await target.close()
         await source.close()
@@ -154,7 +146,7 @@ async def test_db_copy_refuses_a_database_a_running_gateway_holds(
         f"image-gateway: {tmp_path / 'gateway.db'} is in use by a running gateway: stop it "
         "first, so that nothing is written to it after the copy"
     ]
-    target = await PostgresStore.open(postgres_dsn, register=False)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False))
     try:
         assert await target.entries(LedgerQuery()) == []  # nothing was copied
     finally:
@@ -173,11 +165,11 @@ async def test_db_copy_reads_a_long_history_in_batches(
     before = await gateway.db.entries(LedgerQuery())
     await gateway.server.close()
     await gateway.db.close()
-    await (await PostgresStore.open(postgres_dsn, register=False)).close()  # migrated, empty
+    await (await PostgresEngine.open(postgres_dsn, register=False)).close()  # migrated, empty
     monkeypatch.setattr(dbcopy, "BATCH_ROWS", 2)  # five holds: three batches
     copied = await dbcopy.copy_sqlite_to_postgres(tmp_path / "gateway.db", postgres_dsn)
     assert copied.entries == 5 and copied.rows["holds"] == 5 == copied.rows["settlements"]
-    target = await PostgresStore.open(postgres_dsn, register=False, migrate=False)
+    target = Store(await PostgresEngine.open(postgres_dsn, register=False, migrate=False))
     try:
         assert await target.entries(LedgerQuery()) == before
         assert (await target.verify()).mismatches == ()

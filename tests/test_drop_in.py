@@ -22,33 +22,17 @@ from gateway.core.auth import key_digest
 from gateway.core.normalize import RATIOS
 from gateway.store.base import LedgerQuery
 from gateway.upstream.pngs import solid_png
+from tests.client import post
 from tests.conftest import NAMED_KEYS, TEAM_KEYS, Gateway, Upstream, books_balance
 from tests.fakes import respond
 
 AI_SDK_AGENT = "ai/6.0.333 ai-sdk/openai/3.0.141 ai-sdk/provider-utils/4.0.66 runtime/node.js/v20"
 BUDGET_HEADER = "X-Gateway-Budget-Remaining"
 
-Answer = tuple[int, dict[str, Any], CIMultiDictProxy[str]]
 
-
-async def post(
-    gateway: Gateway,
-    body: dict[str, Any],
-    *,
-    key: str = TEAM_KEYS["design"],
-    headers: dict[str, str] | None = None,
-    query: str = "",
-) -> Answer:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{gateway.url}/v1/images/generations{query}",
-            headers={"Authorization": f"Bearer {key}", **(headers or {})},
-            json={"prompt": "a lighthouse", **body},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
-
-
-async def get(gateway: Gateway, path: str, key: str = TEAM_KEYS["design"]) -> Answer:
+async def get(
+    gateway: Gateway, path: str, key: str = TEAM_KEYS["design"]
+) -> tuple[int, dict[str, Any], CIMultiDictProxy[str]]:
     async with aiohttp.ClientSession() as http:
         async with http.get(gateway.url + path, headers={"Authorization": f"Bearer {key}"}) as resp:
             return resp.status, await resp.json(), resp.headers
@@ -79,7 +63,7 @@ async def test_curl_with_the_upstreams_shapes_gets_url_only(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     for body in ({"model": "gpt-image-2", "size": "16:9", "resolution": "2k"}, {}):
-        status, answer, headers = await post(gateway, body, headers={"User-Agent": "curl/8.5.0"})
+        status, answer, headers = await post(gateway, **body, headers={"User-Agent": "curl/8.5.0"})
         assert status == 200
         assert [set(item) for item in answer["data"]] == [{"url"}]
         assert "X-Gateway-Warning" not in headers
@@ -89,7 +73,7 @@ async def test_curl_with_the_upstreams_shapes_gets_url_only(
 
 async def test_the_ai_sdk_user_agent_gets_both(gateway: Gateway, upstream: Upstream) -> None:
     status, answer, _ = await post(
-        gateway, {"model": "gpt-image-2", "n": 1}, headers={"User-Agent": AI_SDK_AGENT}
+        gateway, model="gpt-image-2", n=1, headers={"User-Agent": AI_SDK_AGENT}
     )
     assert status == 200
     (item,) = answer["data"]
@@ -102,7 +86,7 @@ async def test_a_failed_download_in_auto_is_url_only_with_a_warning_never_an_err
     foreign = "http://localhost:9/v1/images/files/gpt-image-2/20261126/x-1.png"  # not upstream's
     upstream.faults.add(respond({"created": 1, "id": "u1", "data": [{"url": foreign}]}))
     status, answer, headers = await post(
-        gateway, {"model": "gpt-image-1"}, headers={"x-stainless-lang": "python"}
+        gateway, model="gpt-image-1", headers={"x-stainless-lang": "python"}
     )
     assert status == 200  # the image was paid for
     assert answer["data"] == [{"url": foreign}]
@@ -121,18 +105,18 @@ async def test_current_model_names_pass_and_impossible_sizes_cost_nothing(
         "gpt-image-2.5-flare-2026-09-08",
         "chatgpt-image-latest",
     ):
-        status, _, _ = await post(gateway, {"model": model}, headers={"User-Agent": "curl/8"})
+        status, _, _ = await post(gateway, model=model, headers={"User-Agent": "curl/8"})
         assert status == 200
     assert {r.body["model"] for r in upstream.sim.generation_requests()} == {"gpt-image-2"}
     for size in ("999x1", "1x999", "10000x10"):
-        status, answer, _ = await post(gateway, {"size": size})
+        status, answer, _ = await post(gateway, size=size)
         assert status == 400
         assert (answer["error"]["code"], answer["error"]["param"]) == ("invalid_size", "size")
         assert ", ".join(RATIOS) in answer["error"]["message"]
     assert len(upstream.sim.generation_requests()) == 3  # the refusals never left
     assert len(await gateway.db.entries(LedgerQuery())) == 3  # and reserved nothing
     for size, ratio in (("1536x1024", "3:2"), ("1792x1024", "16:9"), ("1024x1792", "9:16")):
-        assert (await post(gateway, {"size": size}))[0] == 200
+        assert (await post(gateway, size=size))[0] == 200
         assert upstream.sim.generation_requests()[-1].body["size"] == ratio
     await books_balance(gateway, upstream)
 
@@ -174,17 +158,17 @@ async def test_route_header_and_usage_report_agree_after_a_mixed_run(
         }
     )
     web, batch = NAMED_KEYS["web-app"], NAMED_KEYS["batch"]
-    status, _, headers = await post(gateway, {}, key=web)  # sync, 0.20
+    status, _, headers = await post(gateway, key=web)  # sync, 0.20
     assert status == 200 and remaining(headers) == Decimal("0.8")
-    status, task, headers = await post(gateway, {"n": 2}, key=batch, query="?async=1")  # 0.40
+    status, task, headers = await post(gateway, n=2, key=batch, suffix="?async=1")  # 0.40
     assert status == 202 and remaining(headers) == Decimal("0.4")
     upstream.sim.finish_task(task["task_id"])
     assert (await get(gateway, f"/v1/images/tasks/{task['task_id']}", batch))[0] == 200
-    status, answer, headers = await post(gateway, {"n": 2}, key=web)  # over the key's cap
+    status, answer, headers = await post(gateway, n=2, key=web)  # over the key's cap
     assert status == 402 and answer["error"]["code"] == "key_budget_exceeded"
-    status, answer, _ = await post(gateway, {"n": 3}, key=batch)  # over the team's budget
+    status, answer, _ = await post(gateway, n=3, key=batch)  # over the team's budget
     assert status == 402 and answer["error"]["code"] == "budget_exceeded"
-    status, _, headers = await post(gateway, {"quality": "low"}, key=batch)  # 0.10
+    status, _, headers = await post(gateway, quality="low", key=batch)  # 0.10
     assert status == 200
     last = remaining(headers)
     await gateway.settled()
@@ -221,7 +205,7 @@ async def test_route_header_and_usage_report_agree_after_a_mixed_run(
 
 
 async def test_a_key_sees_its_own_teams_current_period_only(gateway: Gateway) -> None:
-    assert (await post(gateway, {"quality": "high"}))[0] == 200  # design spends; ops does not
+    assert (await post(gateway, quality="high"))[0] == 200  # design spends; ops does not
     await gateway.settled()
     status, ops, _ = await get(gateway, "/v1/gateway/usage?team=design", TEAM_KEYS["ops"])
     assert status == 200
@@ -241,11 +225,11 @@ async def test_a_replayed_answer_carries_the_budget_as_it_stands(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     headers = {"Idempotency-Key": "replay-me"}
-    first = await post(gateway, {}, headers=headers)
+    first = await post(gateway, headers=headers)
     assert remaining(first[2]) == Decimal("99.8")
-    assert remaining((await post(gateway, {"prompt": "another"}))[2]) == Decimal("99.6")
+    assert remaining((await post(gateway, prompt="another"))[2]) == Decimal("99.6")
     await gateway.settled()
-    again = await post(gateway, {}, headers=headers)
+    again = await post(gateway, headers=headers)
     assert again[2]["Idempotent-Replayed"] == "true"
     assert remaining(again[2]) == Decimal("99.6")  # the replay holds nothing: as it stands
     await books_balance(gateway, upstream)
@@ -255,7 +239,7 @@ async def test_a_replayed_answer_carries_the_budget_as_it_stands(
 
 
 async def test_an_async_task_of_two_images_shows_both(gateway: Gateway, upstream: Upstream) -> None:
-    status, task, _ = await post(gateway, {"n": 2}, query="?async=1")
+    status, task, _ = await post(gateway, n=2, suffix="?async=1")
     assert status == 202
     upstream.sim.finish_task(task["task_id"])
     status, answer, _ = await get(gateway, f"/v1/images/tasks/{task['task_id']}")
@@ -274,7 +258,7 @@ async def test_an_async_task_of_two_images_shows_both(gateway: Gateway, upstream
 async def test_a_task_answer_listing_result_urls_shows_each(
     gateway: Gateway, upstream: Upstream
 ) -> None:
-    status, task, _ = await post(gateway, {"n": 2}, query="?async=1")
+    status, task, _ = await post(gateway, n=2, suffix="?async=1")
     urls = [f"{upstream.url}/v1/images/files/gpt-image-2/20261126/t-{i}.png" for i in (1, 2)]
     upstream.faults.add(
         respond(
@@ -298,11 +282,11 @@ async def test_a_task_answer_listing_result_urls_shows_each(
 
 async def test_an_openai_key_is_told_a_gateway_key_is_expected(gateway: Gateway) -> None:
     openai_key = "sk-proj-abcdefghijklmnopqrstuvwxyz0123456789"
-    status, answer, _ = await post(gateway, {}, key=openai_key)
+    status, answer, _ = await post(gateway, key=openai_key)
     assert status == 401
     message = answer["error"]["message"]
     assert "igw_" in message and "sk-" in message and openai_key not in message
-    status, answer, _ = await post(gateway, {}, key="igw_wrong_key_000000000000000000")
+    status, answer, _ = await post(gateway, key="igw_wrong_key_000000000000000000")
     assert status == 401 and "igw_" not in answer["error"]["message"]
 
 

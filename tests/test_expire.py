@@ -20,9 +20,11 @@ import pytest
 from gateway.core.ledger import Capture, Hold, LedgerEntry, Uncertain
 from gateway.core.settlement import ExpiryRefused, admin_expiry
 from gateway.http.keys import DB
-from gateway.store.base import Expiry, LedgerQuery, Store, UnknownEntry
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.base import Expiry, LedgerQuery, UnknownEntry
+from gateway.store.manager import Store
+from gateway.store.memory import MemoryEngine
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import TEAM_KEYS, Gateway, Upstream, books_balance
 from tests.fakes import gate
 from tests.postgres import fresh_database
@@ -30,16 +32,17 @@ from tests.postgres import fresh_database
 MAX_AGE_S = 3600.0
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     async with contextlib.AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            store: Store = await SQLiteStore.open(tmp_path / "ledger.db")
+        if request.param == "memory":
+            store = Store(MemoryEngine())
+        elif request.param == "sqlite":
+            store = Store(await SQLiteEngine.open(tmp_path / "ledger.db"))
         else:
             server = request.getfixturevalue("postgres_server")
-            store = await PostgresStore.open(
-                await stack.enter_async_context(fresh_database(server))
-            )
+            dsn = await stack.enter_async_context(fresh_database(server))
+            store = Store(await PostgresEngine.open(dsn))
         yield store
         assert (await store.verify()).mismatches == ()
         await store.close()
@@ -97,12 +100,12 @@ async def test_a_young_hold_of_a_live_gateway_and_a_settled_one_are_refused(db: 
 
 
 async def test_pg_a_young_hold_whose_instance_is_gone_can_be_expired(postgres_dsn: str) -> None:
-    db = await PostgresStore.open(postgres_dsn)
+    db = Store(await PostgresEngine.open(postgres_dsn))
     try:
         await db.reserve(hold("orphan", NOW - 60))
         with pytest.raises(ExpiryRefused, match="its gateway is alive"):
             await db.expire("orphan", by("alice"), NOW, actor="alice")
-        await db._execute("DELETE FROM instances WHERE instance_id = $1", db.instance_id)
+        await db.engine._execute("DELETE FROM instances WHERE instance_id = $1", db.instance_id)  # type: ignore[attr-defined]
         entry = await db.expire("orphan", by("alice"), NOW, actor="alice")
         assert entry.state == "uncertain"
         assert await db.unlogged_expiries() == [Expiry(entry, "alice")]

@@ -19,6 +19,7 @@ from aiohttp.test_utils import TestServer
 
 from gateway.core.periods import period_at
 from gateway.http.keys import GENERATIONS
+from tests.client import post
 from tests.conftest import UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import (
     IdleTimeoutFront,
@@ -32,23 +33,16 @@ from tests.fakes import (
     truncated_body,
 )
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 MODES = ["sync", "async"]
 
 
-async def post(gateway: Gateway, mode: str, **payload: Any) -> tuple[int, dict[str, Any], Any]:
-    suffix = "?async=1" if mode == "async" else ""
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations" + suffix,
-            headers=gateway.headers(),
-            json={"prompt": "a harbour", **payload},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
+ASYNC = {"sync": "", "async": "?async=1"}
 
 
 async def ledger(gateway: Gateway) -> list[tuple[str, int]]:
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger ORDER BY created_at")
-    return [tuple(row) for row in rows]
+    return [(e.state, e.settled_amount) for e in await gateway.ledger()]
 
 
 async def committed(gateway: Gateway) -> tuple[int, int, int]:
@@ -74,7 +68,7 @@ async def test_upstream_down_is_retried_then_costs_nothing(
     start_gateway, closed_port: int, mode: str
 ) -> None:
     gateway = await start_gateway(upstream={"base_url": f"http://127.0.0.1:{closed_port}"})
-    status, body, headers = await post(gateway, mode)
+    status, body, headers = await post(gateway, suffix=ASYNC[mode])
     assert status == 502
     assert body["error"]["code"] == "upstream_unreachable"
     assert "x-should-retry" not in headers  # nothing was sent: a client retry is safe
@@ -101,7 +95,7 @@ async def test_unknown_outcome_is_never_retried_and_stays_uncertain(
 ) -> None:
     gateway = await start_gateway(upstream={"timeout_s": 0.5})
     upstream.faults.add(fault())
-    got, body, headers = await post(gateway, mode, quality="high")
+    got, body, headers = await post(gateway, suffix=ASYNC[mode], quality="high")
     assert (got, body["error"]["code"]) == (status, code)
     assert headers["x-should-retry"] == "false"
     ledger_id = (await last_log(gateway))["ledger_id"]
@@ -121,7 +115,7 @@ async def test_a_reset_before_the_body_was_all_written_never_started_and_is_retr
     gateway: Gateway, upstream: Upstream
 ) -> None:
     upstream.faults.add(reset_mid_body())
-    status, body, _ = await post(gateway, "sync", image_urls=[BIG_REFERENCE])
+    status, body, _ = await post(gateway, image_urls=[BIG_REFERENCE])
     assert status == 200, body
     assert upstream.faults.seen == 2  # the first never arrived whole; the second did
     assert len(upstream.sim.generation_requests()) == 1
@@ -142,7 +136,7 @@ async def test_refusal_to_start_with_retry_after_is_retried(
     gateway: Gateway, upstream: Upstream, mode: str, refusal: Any
 ) -> None:
     upstream.faults.add(refusal())
-    status, _, _ = await post(gateway, mode)
+    status, _, _ = await post(gateway, suffix=ASYNC[mode])
     assert status == (202 if mode == "async" else 200)
     assert upstream.faults.seen == 2
     assert len(upstream.sim.generation_requests()) == 1
@@ -165,7 +159,7 @@ async def test_refusals_without_a_usable_retry_after_are_passed_on_and_released(
     gateway: Gateway, upstream: Upstream, mode: str, refusal: Any, status: int
 ) -> None:
     upstream.faults.add(refusal())
-    got, body, headers = await post(gateway, mode)
+    got, body, headers = await post(gateway, suffix=ASYNC[mode])
     assert got == status
     assert body["error"]["message"] in ("slow down", "busy", "generation failed", "content policy")
     assert upstream.faults.seen == 1
@@ -179,7 +173,7 @@ async def test_twice_refused_gives_up_after_max_attempts(
 ) -> None:
     for _ in range(2):
         upstream.faults.add(json_error(503, "server_error", "busy", retry_after="0"))
-    status, _, _ = await post(gateway, "sync")
+    status, _, _ = await post(gateway)
     assert status == 503
     assert upstream.faults.seen == 2
     assert await ledger(gateway) == [("released", 0)]
@@ -189,7 +183,7 @@ async def test_upstream_rejecting_the_central_key_is_not_a_team_auth_error(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     upstream.faults.add(json_error(401, "authentication_error", "Invalid API key."))
-    status, body, _ = await post(gateway, "sync")
+    status, body, _ = await post(gateway)
     assert status == 502
     assert body["error"]["code"] == "upstream_auth_failed"
     assert await ledger(gateway) == [("released", 0)]
@@ -230,7 +224,7 @@ async def test_client_disconnect_does_not_stop_the_generation(
 ) -> None:
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
-    request = asyncio.create_task(post(gateway, mode))
+    request = asyncio.create_task(post(gateway, suffix=ASYNC[mode]))
     await arrived.wait()
     request.cancel()  # the client goes away mid-request
     with pytest.raises(asyncio.CancelledError):
@@ -242,7 +236,7 @@ async def test_client_disconnect_does_not_stop_the_generation(
     assert outcome.status == (202 if mode == "async" else 200)
     if mode == "sync":
         assert await ledger(gateway) == [("captured", 2000)]
-        status, body, headers = await post_retry(gateway)
+        status, body, headers = await post(gateway, headers={"x-stainless-retry-count": "1"})
         assert status == 200 and headers["X-Gateway-Deduplicated"] == outcome.request_id
         assert body == outcome.payload
         assert len(upstream.sim.generation_requests()) == 1
@@ -251,23 +245,13 @@ async def test_client_disconnect_does_not_stop_the_generation(
         assert await ledger(gateway) == [("held", 0)]  # reserved until the task ends
 
 
-async def post_retry(gateway: Gateway) -> tuple[int, dict[str, Any], Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations",
-            headers=gateway.headers(**{"x-stainless-retry-count": "1"}),
-            json={"prompt": "a harbour"},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
-
-
 async def test_an_upstream_message_never_carries_the_central_key_to_a_team(
     gateway: Gateway, upstream: Upstream
 ) -> None:
     upstream.faults.add(
         json_error(400, "invalid_request_error", f"bad request for key {UPSTREAM_KEY}")
     )
-    status, body, _ = await post(gateway, "sync")
+    status, body, _ = await post(gateway)
     assert status == 400
     assert body["error"]["message"] == "bad request for key sk_…"
 
@@ -309,7 +293,7 @@ async def test_a_short_upstream_idle_timeout_never_makes_an_unsent_request_uncer
         outcomes: list[tuple[str, int, str | None]] = []
 
         async def generate(prompt: str, mode: str) -> None:
-            status, body, _ = await post(gateway, mode, prompt=prompt)
+            status, body, _ = await post(gateway, suffix=ASYNC[mode], prompt=prompt)
             outcomes.append((prompt, status, body.get("error", {}).get("code")))
 
         for wave in range(len(gaps) + 1):

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.client import post
 from tests.conftest import (
     ADMIN_KEY,
     PG_URL_ENV,
@@ -52,16 +53,6 @@ async def fleet(tmp_path: Path, upstream: Upstream, postgres_dsn: str) -> AsyncI
     yield start
     for process in started:
         await process.close()
-
-
-async def post(url: str, headers: dict[str, str] | None = None, **body: Any) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            url + "/v1/images/generations",
-            headers={"Authorization": f"Bearer {TEAM_KEYS['design']}", **(headers or {})},
-            json={"prompt": "a beacon", **body},
-        ) as resp:
-            return resp.status, await resp.json()
 
 
 async def in_flight(url: str) -> float:
@@ -102,7 +93,7 @@ async def test_a_burst_over_three_instances_stops_exactly_at_the_budget(
 ) -> None:
     instances = await fleet(3, teams={"design": {"budget_cny": 1.4, "period": "total"}})
     results = await asyncio.gather(*(post(instances[i % 3].url) for i in range(300)))
-    statuses = [status for status, _ in results]
+    statuses = [status for status, *_ in results]
     assert (statuses.count(200), statuses.count(402)) == (7, 293)  # 7 x 0.2 = 1.4
     assert len(upstream.sim.generation_requests()) == 7
     code, out = await cli(tmp_path / "fleet.toml", postgres_dsn, "ledger", "verify")
@@ -118,21 +109,24 @@ async def test_an_idempotency_key_and_an_sdk_retry_across_instances_buy_once(
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
     key = {"Idempotency-Key": "split-across"}
-    first = asyncio.create_task(post(a.url, key))
+    first = asyncio.create_task(post(a.url, headers=key))
     await arrived.wait()
-    status, body = await post(b.url, key)  # in flight on A
+    status, body, _ = await post(b.url, headers=key)  # in flight on A
     assert (status, body["error"]["code"]) == (409, "idempotency_key_in_use")
     release.set()
     done = await first
-    assert done[0] == 200
-    assert await post(b.url, key) == done  # B replays A's outcome
+    assert done.status == 200
+    replay = await post(b.url, headers=key)  # B replays A's outcome
+    assert (replay.status, replay.body) == (done.status, done.body)
     assert len(upstream.sim.generation_requests()) == 1
 
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
     original = asyncio.create_task(post(a.url, prompt="retried"))
     await arrived.wait()
-    retry = asyncio.create_task(post(b.url, {"x-stainless-retry-count": "1"}, prompt="retried"))
+    retry = asyncio.create_task(
+        post(b.url, headers={"x-stainless-retry-count": "1"}, prompt="retried")
+    )
     await until(lambda: in_flight(b.url), 1)  # B holds the retry, waiting on the shared ledger
     assert not retry.done()
     release.set()
@@ -150,7 +144,7 @@ async def test_limits_are_fleet_wide(fleet: Fleet, upstream: Upstream) -> None:
         held.append(asyncio.create_task(post(instance.url)))
         await arrived.wait()
         releases.append(release)
-    status, body = await post(instances[2].url)
+    status, body, _ = await post(instances[2].url)
     assert status == 429 and "max_concurrent" in body["error"]["message"]
     for release in releases:
         release.set()
@@ -225,7 +219,9 @@ async def test_a_killed_instance_leaves_the_others_serving_and_its_holds_uncerta
         "the gateway stopped while the request was in flight"
     ]
     sent = len(upstream.sim.generation_requests())
-    _, body = await post(b.url, {"x-stainless-retry-count": "1"}, prompt="in flight when killed")
+    _, body, _ = await post(
+        b.url, headers={"x-stainless-retry-count": "1"}, prompt="in flight when killed"
+    )
     assert body["error"]["code"] == "outcome_unknown"  # never a second paid generation
     assert len(upstream.sim.generation_requests()) == sent
     code, out = await cli(tmp_path / "fleet.toml", postgres_dsn, "ledger", "verify")

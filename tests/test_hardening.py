@@ -20,19 +20,12 @@ from aiohttp import web
 
 from gateway.core.periods import period_at
 from gateway.store.base import LedgerQuery
+from tests.client import post
 from tests.conftest import UPSTREAM_KEY, Gateway, Upstream, base_config, books_balance
 from tests.fakes import json_error, respond
 from tests.process import to_toml
 
-
-async def post(gateway: Gateway, suffix: str = "", headers: dict | None = None, **body: Any):
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations" + suffix,
-            headers=gateway.headers(**(headers or {})),
-            json={"prompt": "a fjord", **body},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 
 def gzip_bomb(megabytes: int):
@@ -56,7 +49,7 @@ async def test_an_oversized_upstream_answer_is_a_clear_502_and_held_uncertain(
     fault, sent = gzip_bomb(64)
     assert sent < 200_000
     upstream.faults.add(fault)
-    status, body, headers = await post(gateway, "?async=1" if mode == "async" else "")
+    status, body, headers = await post(gateway, suffix="?async=1" if mode == "async" else "")
     assert (status, body["error"]["code"]) == (502, "upstream_answer_too_large")
     assert headers["x-should-retry"] == "false"  # it was sent: the image may exist
     await gateway.settled()
@@ -68,7 +61,7 @@ async def test_an_oversized_upstream_answer_is_a_clear_502_and_held_uncertain(
 async def test_an_oversized_task_answer_leaves_the_task_pending(
     gateway: Gateway, upstream: Upstream
 ) -> None:
-    _, task, _ = await post(gateway, "?async=1")
+    _, task, _ = await post(gateway, suffix="?async=1")
     fault, _ = gzip_bomb(16)
     upstream.faults.add(fault, kind="TASK")
     async with aiohttp.ClientSession() as http:
@@ -95,7 +88,7 @@ async def test_the_central_key_is_scrubbed_from_every_upstream_error_field(
     assert status == 400
     assert body["error"][field] == "key=sk_…"  # the secret guard checks the log lines too
     await gateway.settled()
-    assert UPSTREAM_KEY not in str(await gateway.db._rows("SELECT * FROM settlements"))
+    assert UPSTREAM_KEY not in str([await gateway.ledger(), await gateway.stored_results()])
 
 
 async def test_the_central_key_is_scrubbed_from_answers_and_task_bodies(
@@ -108,7 +101,7 @@ async def test_the_central_key_is_scrubbed_from_answers_and_task_bodies(
     )  # fmt: skip
     status, body, _ = await post(gateway)
     assert status == 200 and UPSTREAM_KEY not in str(body)
-    _, task, _ = await post(gateway, "?async=1")
+    _, task, _ = await post(gateway, suffix="?async=1")
     upstream.faults.add(
         respond({"task_id": task["task_id"], "status": "completed", "cost": 0.2,
                  "note": f"for {UPSTREAM_KEY}", "result_url": "https://api.icodeeasy.cc/x.png"}),
@@ -121,11 +114,10 @@ async def test_the_central_key_is_scrubbed_from_answers_and_task_bodies(
             answer = await resp.json()
     assert answer["note"] == "for sk_…"
     await gateway.settled()
-    stored = [
-        *await gateway.db._rows("SELECT upstream_id, reason, result FROM settlements"),
-        *await gateway.db._rows("SELECT result FROM tasks"),
-    ]
-    assert stored and UPSTREAM_KEY not in str(stored)
+    entries = await gateway.ledger()
+    tasks = [await gateway.db.task(e.task_id) for e in entries if e.task_id]
+    stored = [entries, await gateway.stored_results(), [t.result for t in tasks if t]]
+    assert tasks and UPSTREAM_KEY not in str(stored)
 
 
 async def test_a_redirect_on_the_generation_post_is_never_followed(

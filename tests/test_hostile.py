@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import GIF, JPEG, PNG, TEAM_KEYS, Gateway, Upstream
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 FIELDS = [
     "model", "prompt", "n", "size", "resolution", "quality", "image_urls", "image_input", "images",
     "response_format", "stream", "mask", "user", "style", "background",

@@ -44,6 +44,8 @@ from tests.conftest import (
 from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 ROOT = Path(__file__).resolve().parent.parent
 KEY = TEAM_KEYS["design"]
 RESULT_PATH = "/v1/images/files/SECRETRESULTPATH0123456789/a.png"

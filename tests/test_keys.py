@@ -19,9 +19,9 @@ import pytest
 from gateway.core.auth import key_digest
 from gateway.core.config import ConfigError, parse_settings
 from gateway.core.ledger import Usage
-from gateway.core.periods import period_at
 from gateway.http.keys import CONFIG, METRICS
 from gateway.store.base import LedgerQuery
+from tests.client import post, usage
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_KEYS,
@@ -47,27 +47,8 @@ def design(**team: Any) -> dict[str, Any]:
     return {"teams": {"design": team}}
 
 
-async def post(
-    gateway: Gateway, key: str, headers: dict | None = None, **body: Any
-) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations",
-            headers={"Authorization": f"Bearer {key}", **(headers or {})},
-            json={"prompt": "a lantern", **body},
-        ) as resp:
-            return resp.status, await resp.json()
-
-
 def sdk(gateway: Gateway, key: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
-
-
-async def usage(gateway: Gateway, team: str = "design") -> Usage:
-    period = period_at(
-        gateway.settings.teams[team].period, gateway.clock(), gateway.settings.server.tz
-    )
-    return await gateway.db.usage(team, period.key)
 
 
 async def admin_usage(gateway: Gateway, query: str = "") -> dict[str, Any]:
@@ -176,16 +157,16 @@ async def test_both_caps_are_checked_in_one_atomic_step(start_gateway, upstream:
         **design(budget_cny=1.0, keys=[named("web-app", budget_cny=0.6), named("batch")])
     )
     results = await asyncio.gather(
-        *(post(gateway, NAMED_KEYS[name]) for name in ["web-app", "batch"] * 15)
+        *(post(gateway, key=NAMED_KEYS[name]) for name in ["web-app", "batch"] * 15)
     )
-    codes = [body.get("error", {}).get("code", "ok") for _, body in results]
+    codes = [body.get("error", {}).get("code", "ok") for _, body, _ in results]
     assert codes.count("ok") == 5  # exactly the team's 1.0
-    statuses = {status for status, _ in results}
+    statuses = {status for status, *_ in results}
     assert statuses == {200, 402}
     entries = await gateway.db.entries(LedgerQuery())
     web = sum(e.charged for e in entries if e.key_id == "design/web-app")
     assert web <= 6000 and sum(e.charged for e in entries) == 10_000
-    refusals = {body["error"]["message"].split(" has")[0] for _, body in results
+    refusals = {body["error"]["message"].split(" has")[0] for _, body, _ in results
                 if body.get("error", {}).get("code") == "key_budget_exceeded"}  # fmt: skip
     assert refusals <= {"Key 'design/web-app'"}
     await books_balance(gateway, upstream)
@@ -195,9 +176,9 @@ async def test_a_key_cap_refusal_names_the_cap_and_its_figures(
     start_gateway, upstream: Upstream
 ) -> None:
     gateway = await start_gateway(**design(keys=[named("web-app", budget_cny=0.3)]))
-    assert (await post(gateway, NAMED_KEYS["web-app"]))[0] == 200
+    assert (await post(gateway, key=NAMED_KEYS["web-app"]))[0] == 200
     await gateway.settled()  # the answer goes out before its settlement is stored
-    status, body = await post(gateway, NAMED_KEYS["web-app"])
+    status, body, _ = await post(gateway, key=NAMED_KEYS["web-app"])
     assert (status, body["error"]["code"], body["error"]["type"]) == (
         402, "key_budget_exceeded", "insufficient_quota",
     )  # fmt: skip
@@ -205,7 +186,7 @@ async def test_a_key_cap_refusal_names_the_cap_and_its_figures(
     for part in ("Key 'design/web-app'", "budget 0.3000 CNY", "spent 0.2000 CNY",
                  "costs 0.2000 CNY", "resets at 2026-12-01T00:00:00+00:00"):  # fmt: skip
         assert part in message, message
-    assert (await post(gateway, TEAM_KEYS["design"]))[0] == 200  # the team has room
+    assert (await post(gateway, key=TEAM_KEYS["design"]))[0] == 200  # the team has room
 
 
 async def test_key_rate_and_concurrency_limits_apply_beside_the_teams(
@@ -222,14 +203,14 @@ async def test_key_rate_and_concurrency_limits_apply_beside_the_teams(
     assert limited.value.body["type"] == "rate_limit_error"
     assert "Key 'design/web-app'" in limited.value.body["message"]
     assert limited.value.response.headers["Retry-After"].isdigit()
-    assert (await post(gateway, TEAM_KEYS["design"]))[0] == 200  # other keys of the team go on
+    assert (await post(gateway, key=TEAM_KEYS["design"]))[0] == 200  # other keys of the team go on
     release, arrived = asyncio.Event(), asyncio.Event()
     from tests.fakes import gate
 
     upstream.faults.add(gate(release, arrived))
-    held = asyncio.create_task(post(gateway, NAMED_KEYS["batch"]))
+    held = asyncio.create_task(post(gateway, key=NAMED_KEYS["batch"]))
     await arrived.wait()
-    status, body = await post(gateway, NAMED_KEYS["batch"])
+    status, body, _ = await post(gateway, key=NAMED_KEYS["batch"])
     assert status == 429 and "max_concurrent" in body["error"]["message"]
     release.set()
     assert (await held)[0] == 200
@@ -244,12 +225,12 @@ async def test_reports_by_end_user_day_quality_and_a_past_period(
 ) -> None:
     gateway = await start_gateway(**design(keys=[named("web-app")]))
     key = NAMED_KEYS["web-app"]
-    await post(gateway, key, user="alice", quality="high")
+    await post(gateway, key=key, user="alice", quality="high")
     gateway.clock.advance(days=1)
-    await post(gateway, key, user="alice")
-    await post(gateway, key, user="bob", quality="low", n=2)
+    await post(gateway, key=key, user="alice")
+    await post(gateway, key=key, user="bob", quality="low", n=2)
     gateway.clock.advance(days=10)  # the next month: 2026-12
-    await post(gateway, key, user="carol")
+    await post(gateway, key=key, user="carol")
     await gateway.settled()  # a sync answer leaves before its settlement commits
     report = await admin_usage(gateway, "?period=2026-11&by=end_user")
     design_team = report["design"]
@@ -390,7 +371,7 @@ async def test_keys_lists_every_key_without_the_key(
         ]
     )
     gateway = await start_gateway(**overrides)
-    assert (await post(gateway, NAMED_KEYS["web-app"]))[0] == 200
+    assert (await post(gateway, key=NAMED_KEYS["web-app"]))[0] == 200
     await gateway.settled()
     config = gateway.config_file(tmp_path / "gateway.toml")
     code, out, err = await shell(
@@ -420,7 +401,7 @@ async def test_usage_cli_by_key_and_period(
 ) -> None:
     overrides = design(keys=[named("web-app")])
     gateway = await start_gateway(**overrides)
-    await post(gateway, NAMED_KEYS["web-app"], user="alice")
+    await post(gateway, key=NAMED_KEYS["web-app"], user="alice")
     await gateway.settled()
     config = gateway.config_file(tmp_path / "gateway.toml")
     env = gateway.cli_env()

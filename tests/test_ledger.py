@@ -17,12 +17,11 @@ import aiohttp
 import pytest
 
 from gateway.core.ledger import Usage
-from gateway.core.periods import period_at
 from gateway.http.keys import DB, GENERATIONS, METRICS, TASKS
 from gateway.store.base import LedgerQuery
+from tests.client import get_task, post, usage
 from tests.conftest import (
     ADMIN_KEY,
-    TEAM_KEYS,
     Gateway,
     Upstream,
     base_config,
@@ -42,37 +41,6 @@ EXPORT_HEADER = (
     "request_id,team,created_at,settled_at,state,quality,n,images,unit_price_cny,amount_cny,"
     "upstream_id,task_id,reason,corrected_cny,upstream"
 )
-
-
-async def post(
-    gateway_url: str,
-    team: str = "design",
-    suffix: str = "",
-    headers: dict | None = None,
-    **body: Any,
-) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway_url + "/v1/images/generations" + suffix,
-            headers={"Authorization": f"Bearer {TEAM_KEYS[team]}", **(headers or {})},
-            json={"prompt": "a kite", **body},
-        ) as resp:
-            return resp.status, await resp.json()
-
-
-async def poll(gateway: Gateway, task_id: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{gateway.url}/v1/images/tasks/{task_id}", headers=gateway.headers()
-        ) as resp:
-            assert resp.status == 200
-            return await resp.json()
-
-
-async def usage(gateway: Gateway, team: str = "design") -> Usage:
-    settings = gateway.settings
-    period = period_at(settings.teams[team].period, gateway.clock(), settings.server.tz)
-    return await gateway.db.usage(team, period.key)
 
 
 async def cli(*args: str) -> tuple[int, str, str]:
@@ -97,16 +65,18 @@ async def test_the_access_log_adds_up_to_usage_for_a_mixed_run(
     assert (await post(url))[0] == 500  # released
     served = asyncio.Event()
     upstream.faults.add(lost_answer(served))
-    status, _ = await post(url, quality="low")  # generated, the answer lost: uncertain 0.1
+    status, _, _ = await post(url, quality="low")  # generated, the answer lost: uncertain 0.1
     assert status == 504
     await served.wait()  # ... and resolved below as captured
     await gateway.settled()
     (lost,) = [e for e in await gateway.db.entries(LedgerQuery()) if e.state == "uncertain"]
-    _, polled_task = await post(url, suffix="?async=1", quality="medium")  # async, polled: 0.2
-    _, background_task = await post(url, suffix="?async=1", quality="high")  # never polled
+    _, polled_task, _ = await post(url, suffix="?async=1", quality="medium")  # async, polled: 0.2
+    _, background_task, _ = await post(url, suffix="?async=1", quality="high")  # never polled
     upstream.sim.finish_task(polled_task["task_id"])
-    assert (await poll(gateway, polled_task["task_id"]))["status"] == "completed"
-    assert (await poll(gateway, polled_task["task_id"]))["status"] == "completed"  # carries 0
+    assert (await get_task(gateway, polled_task["task_id"])).body["status"] == "completed"
+    assert (await get_task(gateway, polled_task["task_id"])).body[
+        "status"
+    ] == "completed"  # carries 0
     upstream.sim.finish_task(background_task["task_id"])
     gateway.clock.advance(seconds=10)
     await gateway.app[TASKS].settle_due()  # the settler finds it: a line of its own
@@ -203,13 +173,13 @@ async def test_a_task_billed_above_its_hold_is_an_explicit_overrun(
     start_gateway, upstream: Upstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     gateway = await start_gateway(teams={"design": {"budget_cny": 100.0}})
-    _, task = await post(gateway.url, suffix="?async=1")
+    _, task, _ = await post(gateway.url, suffix="?async=1")
     upstream.faults.add(
         respond({"task_id": task["task_id"], "status": "completed", "cost": 500,
                  "result_url": "https://api.icodeeasy.cc/v1/images/files/x-1.png"}),
         kind="TASK",
     )  # fmt: skip
-    assert (await poll(gateway, task["task_id"]))["status"] == "completed"
+    assert (await get_task(gateway, task["task_id"])).body["status"] == "completed"
     assert await usage(gateway) == Usage(spent=5_000_000, overrun=4_998_000)
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert (entry.settled_amount, entry.overrun) == (2000, 4_998_000)
@@ -230,18 +200,18 @@ async def test_a_task_billed_above_its_hold_is_an_explicit_overrun(
 async def test_an_unreadable_task_cost_is_charged_at_the_price_table(
     gateway: Gateway, upstream: Upstream, cost: Any
 ) -> None:
-    _, task = await post(gateway.url, suffix="?async=1", quality="high")
+    _, task, _ = await post(gateway.url, suffix="?async=1", quality="high")
     upstream.faults.add(
         respond({"task_id": task["task_id"], "status": "completed", "cost": cost}), kind="TASK"
     )
-    assert (await poll(gateway, task["task_id"]))["status"] == "completed"
+    assert (await get_task(gateway, task["task_id"])).body["status"] == "completed"
     assert await usage(gateway) == Usage(spent=4000)
     await books_balance(gateway)
 
 
 async def test_a_bad_task_never_stops_the_settler(gateway: Gateway, upstream: Upstream) -> None:
-    _, bad = await post(gateway.url, suffix="?async=1")
-    _, good = await post(gateway.url, suffix="?async=1", quality="low")
+    _, bad, _ = await post(gateway.url, suffix="?async=1")
+    _, good, _ = await post(gateway.url, suffix="?async=1", quality="low")
     upstream.sim.finish_task(good["task_id"])
     upstream.faults.add(respond({"task_id": bad["task_id"], "status": 7}), kind="TASK")
     gateway.clock.advance(seconds=10)
@@ -255,7 +225,7 @@ async def test_a_202_to_a_sync_request_is_followed_to_its_images(
 ) -> None:
     gateway = await start_gateway(tasks={"poll_cache_ttl_s": 0.05})
     upstream.faults.add(as_task(upstream.sim.finish_task))
-    status, body = await post(gateway.url, n=2)
+    status, body, _ = await post(gateway.url, n=2)
     assert status == 200, body
     assert body["id"] and body["data"][0]["url"].startswith(upstream.url)
     await gateway.settled()
@@ -272,11 +242,11 @@ async def test_a_200_to_an_async_request_is_a_completed_task(
         respond({"created": 1, "id": "gen-answered-at-once-0123456789",
                  "data": [{"url": "https://api.icodeeasy.cc/v1/images/files/a-1.png"}]})
     )  # fmt: skip
-    status, body = await post(gateway.url, suffix="?async=1")
+    status, body, _ = await post(gateway.url, suffix="?async=1")
     assert status == 200, body
     assert (body["status"], body["task_id"]) == ("completed", "gen-answered-at-once-0123456789")
     assert body["data"][0]["url"].endswith("a-1.png")
-    assert (await poll(gateway, body["task_id"]))["status"] == "completed"
+    assert (await get_task(gateway, body["task_id"])).body["status"] == "completed"
     assert upstream.sim.task_polls() == []  # answered from the ledger
     assert await usage(gateway) == Usage(spent=2000)
     await books_balance(gateway)

@@ -18,6 +18,8 @@ from gateway.ops.accesslog import FIELDS
 from tests.conftest import ADMIN_KEY, PNG, TEAM_KEYS, UPSTREAM_KEY, Gateway, Upstream
 from tests.fakes import hang, json_error
 
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
+
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)")
 NUMBER = (int, float)
 TYPES: dict[str, tuple[type, ...]] = {

@@ -73,9 +73,10 @@ async def test_connections_the_server_killed_are_unavailable_then_replaced(
     pool never hands a dead connection out again. (``pg_terminate_backend(pid, timeout)``
     waits for the backend to exit: without it a backend may still answer once.)"""
     from gateway.core.errors import StorageUnavailable
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    store = await PostgresStore.open(postgres_dsn, register=False)
+    store = Store(await PostgresEngine.open(postgres_dsn, register=False))
     admin = await asyncpg.connect(postgres_server.dsn)
     name = urlsplit(postgres_dsn).path.lstrip("/")
     try:

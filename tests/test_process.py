@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.client import post
 from tests.conftest import ADMIN_KEY, TEAM_KEYS, Upstream, base_config, merge
 from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml
@@ -50,14 +51,6 @@ def headers(team: str = "design") -> dict[str, str]:
     return {"Authorization": f"Bearer {TEAM_KEYS[team]}"}
 
 
-async def generate(url: str, **payload: Any) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            url + "/v1/images/generations", headers=headers(), json={"prompt": "a kite", **payload}
-        ) as resp:
-            return resp.status, await resp.json()
-
-
 def ledger(tmp_path: Path) -> list[tuple[str, int]]:
     with sqlite3.connect(f"file:{tmp_path / 'gateway.db'}?mode=ro", uri=True) as db:
         return [
@@ -86,17 +79,17 @@ async def test_sighup_applies_a_new_budget_and_ignores_a_broken_config(
     start_process: Start, tmp_path: Path, upstream: Upstream
 ) -> None:
     process = await start_process()
-    assert (await generate(process.url))[0] == 200
+    assert (await post(process.url))[0] == 200
     write_config(tmp_path, upstream, teams={"design": {"budget_cny": 0.3}})
     process.signal(signal.SIGHUP)
     await process.expect("READY=1")
-    status, body = await generate(process.url)
+    status, body, _ = await post(process.url)
     assert status == 402 and "budget 0.3000 CNY" in body["error"]["message"]
     (tmp_path / "gateway.toml").write_text("[server]\nport = 'not a number'\n")
     process.signal(signal.SIGHUP)
     await process.expect("READY=1")
-    assert (await generate(process.url, quality="low"))[0] == 200  # the 0.3 budget still rules
-    assert (await generate(process.url))[0] == 402
+    assert (await post(process.url, quality="low"))[0] == 200  # the 0.3 budget still rules
+    assert (await post(process.url))[0] == 402
     code, stderr = await process.stop()
     assert code == 0
     assert "reload refused" in stderr and "server.port" in stderr
@@ -108,15 +101,15 @@ async def test_sigterm_drains_a_slow_request(
     process = await start_process()
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
-    slow = asyncio.create_task(generate(process.url))
+    slow = asyncio.create_task(post(process.url))
     await arrived.wait()
     process.signal(signal.SIGTERM)
     await process.expect("STOPPING=1")
     with pytest.raises(aiohttp.ClientConnectionError):
-        await generate(process.url)  # no new connections while draining
+        await post(process.url)  # no new connections while draining
     process.signal(signal.SIGTERM)  # a second SIGTERM while draining changes nothing
     release.set()
-    status, body = await slow
+    status, body, _ = await slow
     assert status == 200 and body["data"][0]["url"]
     code, _ = await process.stop(signal_it=False)
     assert code == 0
@@ -129,7 +122,7 @@ async def test_sigkill_during_the_upstream_call_leaves_an_uncertain_hold(
     process = await start_process()
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
-    request = asyncio.create_task(generate(process.url, quality="high"))
+    request = asyncio.create_task(post(process.url, quality="high"))
     await arrived.wait()
     assert ledger(tmp_path) == [("held", 4000)]
     await process.kill()
@@ -148,12 +141,12 @@ async def test_sigkill_after_the_upstream_answered_before_capture(
     process = await start_process()
     release, arrived = asyncio.Event(), asyncio.Event()
     upstream.faults.add(gate(release, arrived))
-    request = asyncio.create_task(generate(process.url))
+    request = asyncio.create_task(post(process.url))
     await arrived.wait()
     blocker = sqlite3.connect(tmp_path / "gateway.db", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")  # the capture will wait for this lock
     release.set()
-    status, _ = await request  # the answer does not wait for the capture to commit
+    status, *_ = await request  # the answer does not wait for the capture to commit
     assert status == 200
     await process.kill()  # ... which is still waiting for the lock
     blocker.execute("ROLLBACK")

@@ -9,8 +9,12 @@ import threading
 import time
 from urllib.parse import urlsplit
 
+import pytest
+
 from gateway.http.queueing import LAST_DATA_RECV_OFFSET, last_data_recv_ms
 from tests.conftest import Gateway
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 HELD_S = 0.3
 

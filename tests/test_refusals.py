@@ -10,28 +10,13 @@ import aiohttp
 import openai
 import pytest
 
+from tests.client import assert_openai_error, post
 from tests.conftest import PNG, Gateway, Upstream
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 GOOD = {"model": "gpt-image-2", "prompt": "a cat"}
 DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
-
-
-def assert_openai_error(body: dict, *, param: str | None = None) -> dict:
-    assert set(body) == {"error"}
-    error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if param is not None:
-        assert error["param"] == param
-    return error
-
-
-async def post(gateway: Gateway, payload: object, *, path: str = "/v1/images/generations", **kw):
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + path, headers=gateway.headers(), json=payload, **kw
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
 
 
 @pytest.mark.parametrize(
@@ -75,7 +60,7 @@ async def test_invalid_json_fields(
     payload = {**GOOD, **change}
     if change.get("prompt", "") is None:
         del payload["prompt"]
-    status, body, headers = await post(gateway, payload)
+    status, body, headers = await post(gateway, payload=payload)
     assert status == 400
     assert_openai_error(body, param=param)
     assert headers["x-should-retry"] == "false"
@@ -83,7 +68,7 @@ async def test_invalid_json_fields(
 
 
 async def test_unknown_size_lists_supported_values(gateway: Gateway) -> None:
-    _, body, _ = await post(gateway, {**GOOD, "size": "7:3"})
+    _, body, _ = await post(gateway, payload={**GOOD, "size": "7:3"})
     assert "16:9" in body["error"]["message"] and "auto" in body["error"]["message"]
 
 
@@ -168,7 +153,7 @@ async def test_sdk_sees_authentication_error(gateway: Gateway) -> None:
 
 async def test_body_over_limit_is_413(start_gateway, upstream: Upstream) -> None:
     gateway = await start_gateway(server={"max_body_mb": 0.01, "max_image_mb": 0.005})
-    status, body, _ = await post(gateway, {**GOOD, "prompt": "x" * 20_000})
+    status, body, _ = await post(gateway, payload={**GOOD, "prompt": "x" * 20_000})
     assert status == 413
     assert_openai_error(body)
     form = aiohttp.FormData()

@@ -13,7 +13,8 @@ from gateway.core.config_digest import config_sha256
 from gateway.core.restore import Position, Watermark, further, gap
 from gateway.ops import watermark as watermark_file
 from gateway.services.restores import RestoredLedger, check_restored
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import build_settings
 
 AHEAD = Watermark(Position(10, 9, 1, 2000.0, 40_000), written_at=3000.0)
@@ -59,7 +60,7 @@ def test_the_file_is_replaced_whole_and_a_broken_one_is_named(tmp_path: Path) ->
 
 
 async def test_a_fleet_instance_follows_a_restore_accepted_elsewhere(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(tmp_path / "gateway.db")
+    store = Store(await SQLiteEngine.open(tmp_path / "gateway.db"))
     mine, theirs = tmp_path / "a.watermark", tmp_path / "b.watermark"
     try:
         for path in (mine, theirs):  # both saw a ledger further than the (restored) one

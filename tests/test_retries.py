@@ -15,18 +15,11 @@ from gateway.core.normalize import Rules, normalize
 from gateway.core.wire import upstream_body
 from gateway.http.keys import CONFIG, GENERATIONS, METRICS
 from gateway.upstream.client import HttpUpstream
+from tests.client import PROMPT, post
 from tests.conftest import Gateway, Upstream, build_settings
 from tests.fakes import gate, json_error
 
-
-async def post(gateway: Gateway, team: str = "design", headers: dict | None = None, **payload: Any):
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations",
-            headers={**gateway.headers(team), **(headers or {})},
-            json={"prompt": "a windmill", **payload},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 
 def spy_on_attach(gateway: Gateway) -> asyncio.Event:
@@ -59,7 +52,7 @@ async def test_sdk_timeout_with_default_retries_buys_one_image(
 
     helper = asyncio.create_task(release_once_the_retry_attached())
     client = gateway.async_openai(max_retries=2, timeout=1.0)
-    result = await client.images.generate(prompt="a windmill")
+    result = await client.images.generate(prompt=PROMPT)
     await helper
     assert len(upstream.sim.generation_requests()) == 1
     assert upstream.faults.seen == 1
@@ -67,9 +60,9 @@ async def test_sdk_timeout_with_default_retries_buys_one_image(
     retry = [line for line in lines if line["retry_count"] and line["status"] == 200]
     assert retry and retry[-1]["dedupe_of"] is not None
     assert retry[-1]["cost_cny"] == 0.0
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("captured", 2000)]
-    stored = json.loads((await gateway.db._rows("SELECT result FROM settlements"))[0][0])
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("captured", 2000)]
+    stored = json.loads((await gateway.stored_results())[0])
     assert result.data[0].url == stored["data"][0]["url"]
 
 
@@ -80,7 +73,7 @@ async def test_caller_gets_the_result_after_the_sdk_gave_up(
     upstream.faults.add(gate(release))
     client = gateway.async_openai(max_retries=0, timeout=0.3)
     with pytest.raises(openai.APITimeoutError):
-        await client.images.generate(prompt="a windmill")
+        await client.images.generate(prompt=PROMPT)
     (running,) = gateway.app[GENERATIONS]._by_request.values()
     release.set()
     first = await running.ready
@@ -108,7 +101,7 @@ async def test_dedupe_needs_the_same_request_team_and_window(
     await post(gateway)
     assert "X-Gateway-Deduplicated" in (await post(gateway, headers=retry))[2]
     assert "X-Gateway-Deduplicated" not in (await post(gateway, headers=retry, prompt="other"))[2]
-    assert "X-Gateway-Deduplicated" not in (await post(gateway, "ops", headers=retry))[2]
+    assert "X-Gateway-Deduplicated" not in (await post(gateway, team="ops", headers=retry))[2]
     gateway.clock.advance(minutes=11)
     assert "X-Gateway-Deduplicated" not in (await post(gateway, headers=retry))[2]
     assert len(upstream.sim.generation_requests()) == 4
@@ -122,8 +115,7 @@ async def test_a_retry_after_a_failure_generates_again(
     status, _, headers = await post(gateway, headers={"x-stainless-retry-count": "1"})
     assert status == 200 and "X-Gateway-Deduplicated" not in headers
     await gateway.settled()
-    rows = await gateway.db._rows("SELECT state FROM ledger ORDER BY created_at")
-    assert sorted(r[0] for r in rows) == ["captured", "released"]
+    assert sorted(e.state for e in await gateway.ledger()) == ["captured", "released"]
 
 
 # -- Idempotency-Key --------------------------------------------------------------------------
@@ -190,7 +182,7 @@ async def test_malformed_keys_are_400(gateway: Gateway, upstream: Upstream, key:
 async def test_keys_are_scoped_per_team(gateway: Gateway, upstream: Upstream) -> None:
     key = {"Idempotency-Key": "shared"}
     await post(gateway, headers=key)
-    status, _, headers = await post(gateway, "ops", headers=key)
+    status, _, headers = await post(gateway, team="ops", headers=key)
     assert status == 200 and "Idempotent-Replayed" not in headers
     assert len(upstream.sim.generation_requests()) == 2
 

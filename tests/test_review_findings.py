@@ -12,19 +12,11 @@ import pytest
 from gateway.core.ledger import Usage
 from gateway.http.keys import TASKS
 from gateway.store.base import LedgerQuery
+from tests.client import get_task, post, usage
 from tests.conftest import Gateway, Upstream, books_balance
 from tests.fakes import respond
-from tests.test_ledger import post, usage
 
 URL = "https://api.icodeeasy.cc/v1/images/files/gpt-image-2/20261126/x-1.png"
-
-
-async def get_task(gateway: Gateway, task_id: str) -> tuple[int, dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(
-            f"{gateway.url}/v1/images/tasks/{task_id}", headers=gateway.headers()
-        ) as resp:
-            return resp.status, await resp.json()
 
 
 # -- F1: a completed task reporting more images than were held -------------------------------
@@ -35,11 +27,11 @@ async def test_a_task_with_more_images_than_held_settles_instead_of_500(
 ) -> None:
     """task_settlement counts len(data) unclamped; the schema refuses images > n, so the poll
     is a 500 and the task never settles (capture_reply clamps; task_settlement does not)."""
-    _, task = await post(gateway.url, suffix="?async=1")  # n=1, held 0.20
+    _, task, _ = await post(gateway.url, suffix="?async=1")  # n=1, held 0.20
     answer = {"task_id": task["task_id"], "status": "completed", "cost": 0.2,
               "result_url": URL, "data": [{"url": URL}, {"url": URL}]}  # fmt: skip
     upstream.faults.add(respond(answer), kind="TASK")
-    status, body = await get_task(gateway, task["task_id"])
+    status, body, _ = await get_task(gateway, task["task_id"])
     assert status == 200, body
     assert await usage(gateway) == Usage(spent=2000)
     await books_balance(gateway)
@@ -57,9 +49,10 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
 
     from gateway.core.ledger import Capture, Hold
     from gateway.core.settlement import late_outcome
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    store = await PostgresStore.open(postgres_dsn)
+    store = Store(await PostgresEngine.open(postgres_dsn))
     try:
         hold = Hold("r1", "t", "p", 0.0, "generations", "async", "medium", 1, 2000, 10_000, "fp")
         await store.reserve(hold)
@@ -83,7 +76,7 @@ async def test_pg_task_ending_while_its_hold_expires_is_still_resolved(postgres_
                 now=2.0,
             )
         )
-        await asyncio.sleep(0.5)  # finish_task is now waiting on the settlement's key
+        await _until_a_gateway_waits_on_a_lock(postgres_dsn)  # on the settlement's key
         await tx.commit()
         await expiring.close()
         closed = await finishing
@@ -116,7 +109,7 @@ async def test_an_upstream_refusal_with_unstorable_text_is_released(
     upstream.faults.add(
         lambda request, handler: _refuse(request, text)  # type: ignore[arg-type,return-value]
     )
-    status, _ = await post(gateway.url)
+    status, _, _ = await post(gateway.url)
     assert status == 400
     await gateway.settled()
     assert await usage(gateway) == Usage()
@@ -161,7 +154,7 @@ async def test_a_reservation_whose_ack_was_lost_does_not_stay_held(gateway: Gate
     from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "reserve")
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     assert status == 503, body
     await gateway.settled()
     assert await usage(gateway) == Usage()  # nothing was sent: nothing may stay reserved
@@ -174,7 +167,7 @@ async def test_a_settlement_whose_ack_was_lost_is_still_logged(gateway: Gateway)
     from gateway.http.keys import DB
 
     _commit_then_fail(gateway.app[DB], "settle")
-    status, _ = await post(gateway.url)
+    status, _, _ = await post(gateway.url)
     assert status == 200
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
@@ -191,10 +184,11 @@ async def test_pg_idempotency_claim_survives_a_release_between_its_statements(
     (its request failed before spending); the SELECT that follows (READ COMMITTED: a new
     snapshot) returns None and row[0] raises TypeError: a 500 for an ordinary retry. The
     interleaving is forced here; adversarial/idem_race.py hits it ~2% of the time unforced."""
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    a = await PostgresStore.open(postgres_dsn)
-    b = await PostgresStore.open(postgres_dsn)
+    a = Store(await PostgresEngine.open(postgres_dsn))
+    b = Store(await PostgresEngine.open(postgres_dsn))
     try:
         assert (
             await a.claim_idempotency_key(
@@ -202,23 +196,14 @@ async def test_pg_idempotency_claim_survives_a_release_between_its_statements(
             )
             is None
         )
-        run = b._in_transaction
+        run = b.engine._step  # type: ignore[attr-defined]
 
-        async def interleaved(work: Any) -> Any:
-            class Conn:
-                def __init__(self, conn: Any) -> None:
-                    self._conn = conn
+        async def interleaved(conn: Any, step: Any) -> Any:
+            if step.query == "idempotency_key":  # B's INSERT found A's row; now its SELECT
+                await a.release_idempotency_key("t", "k")  # A's request ends, unspent
+            return await run(conn, step)
 
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(self._conn, name)
-
-                async def fetchrow(self, *args: Any) -> Any:
-                    await a.release_idempotency_key("t", "k")  # A's request ends, unspent
-                    return await self._conn.fetchrow(*args)
-
-            return await run(lambda conn: work(Conn(conn)))
-
-        b._in_transaction = interleaved  # type: ignore[method-assign]
+        b.engine._step = interleaved  # type: ignore[attr-defined]
         claimed = await b.claim_idempotency_key(
             "t", "k", fingerprint="f", request_id="rb", now=1.0, keep_s=86400
         )
@@ -245,7 +230,7 @@ async def test_pg_a_task_poll_racing_an_admin_resolution_is_not_a_500(
     from tests.conftest import PG_URL_ENV
 
     gateway = await start_gateway(tasks={"max_pending_age_s": 60})
-    _, task = await post(gateway.url, suffix="?async=1")
+    _, task, _ = await post(gateway.url, suffix="?async=1")
     gateway.clock.advance(seconds=120)
     await gateway.app[TASKS].settle_due()  # expired: the hold is uncertain now
     (entry,) = await gateway.db.entries(LedgerQuery())
@@ -261,10 +246,10 @@ async def test_pg_a_task_poll_racing_an_admin_resolution_is_not_a_500(
         entry.request_id,
     )
     polling = asyncio.ensure_future(get_task(gateway, task["task_id"]))
-    await asyncio.sleep(0.5)
+    await _until_a_gateway_waits_on_a_lock(gateway.env[PG_URL_ENV])  # on the resolution's key
     await tx.commit()
     await admin.close()
-    status, body = await polling
+    status, body, _ = await polling
     assert status != 500, body
     assert body["status"] == "completed"
 
@@ -381,14 +366,14 @@ async def test_a_failed_admission_release_does_not_turn_a_paid_image_into_a_503(
         await original(request_id, scopes)
 
     db.release = release
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
     assert status == 200, body
     worker = gateway.app[DURABLE]._worker  # the release, retried in the background
     assert worker is not None
     await worker
-    status, body = await post(gateway.url)  # the team's one slot was given back
+    status, body, _ = await post(gateway.url)  # the team's one slot was given back
     assert status == 200, body
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=4000)
@@ -407,8 +392,8 @@ async def test_an_upstream_reusing_a_task_id_is_neither_a_500_nor_logged_whole(
     task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
     for _ in range(2):
         upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
-    first, _ = await post(gateway.url, suffix="?async=1")
-    second, body = await post(gateway.url, suffix="?async=1")
+    first, _, _ = await post(gateway.url, suffix="?async=1")
+    second, body, _ = await post(gateway.url, suffix="?async=1")
     assert first == 202
     assert second == 502, body
     assert body["error"]["code"] == "upstream_bad_response"
@@ -430,15 +415,16 @@ async def test_a_crash_between_recording_an_instant_task_and_settling_it_is_reco
     ever although the images were served."""
     from gateway.core.ledger import Hold
     from gateway.services.tasks import NEVER
-    from gateway.store.sqlite import SQLiteStore
+    from gateway.store.manager import Store
+    from gateway.store.sqlite import SQLiteEngine
 
     path = tmp_path / "ledger.db"
-    store = await SQLiteStore.open(path)
+    store = Store(await SQLiteEngine.open(path))
     hold = Hold("r1", "t", "p", 0.0, "generations", "async", "medium", 1, 2000, 10_000, "fp")
     await store.reserve(hold)
     await store.record_task("up-1", "t", "r1", 0.0, NEVER)
     await store.close()  # the process dies here
-    store = await SQLiteStore.open(path)
+    store = Store(await SQLiteEngine.open(path))
     try:
         await store.recover_in_flight(1.0)
         entry = await store.find_entry("r1")
@@ -455,7 +441,7 @@ async def test_a_crash_between_recording_an_instant_task_and_settling_it_is_reco
 async def test_pg_a_start_without_create_privilege_is_one_line(
     postgres_server: Any, tmp_path: Any
 ) -> None:
-    """PostgresStore.open: _migrate's InsufficientPrivilegeError (SQLSTATE 42501) is neither
+    """PostgresEngine.open: _migrate's InsufficientPrivilegeError (SQLSTATE 42501) is neither
     caught there nor in STORE_ERRORS, so `serve` dies with a 60-line traceback."""
     import os
     import secrets
@@ -506,16 +492,15 @@ async def test_a_retry_from_another_key_does_not_get_this_keys_image(
     its own key cap (exhausted here) and outside its own attribution."""
     from tests.conftest import NAMED_KEYS
     from tests.test_keys import design, named
-    from tests.test_keys import post as key_post
 
     gateway = await start_gateway(
         **design(keys=[named("web-app"), named("contractor", budget_cny="0")])
     )
-    status, original = await key_post(gateway, NAMED_KEYS["web-app"], prompt="secret plan")
+    status, original, _ = await post(gateway, key=NAMED_KEYS["web-app"], prompt="secret plan")
     assert status == 200
-    status, body = await key_post(
+    status, body, _ = await post(
         gateway,
-        NAMED_KEYS["contractor"],
+        key=NAMED_KEYS["contractor"],
         headers={"x-stainless-retry-count": "1"},
         prompt="secret plan",
     )
@@ -534,9 +519,9 @@ async def test_an_admission_whose_ack_was_lost_gives_its_slot_back(start_gateway
 
     gateway = await start_gateway(teams={"design": {"max_concurrent": 1}})
     _commit_then_fail(gateway.app[DB], "admit")
-    status, body = await post(gateway.url)
+    status, body, _ = await post(gateway.url)
     assert (status, body["error"]["code"]) == (503, "storage_unavailable")
-    status, body = await post(gateway.url)  # the one slot is free again
+    status, body, _ = await post(gateway.url)  # the one slot is free again
     assert status == 200, body
     await gateway.settled()
     assert await usage(gateway) == Usage(spent=2000)
@@ -553,7 +538,7 @@ async def test_a_task_record_whose_ack_was_lost_is_not_a_reused_id(
     task_id = "d142c93a-5b1e-4c2f-9a77-0123456789ab"
     upstream.faults.add(respond({"status": "pending", "task_id": task_id}, status=202))
     _commit_then_fail(gateway.app[DB], "record_task")
-    status, body = await post(gateway.url, suffix="?async=1")
+    status, body, _ = await post(gateway.url, suffix="?async=1")
     assert (status, body["task_id"]) == (202, task_id), body
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert (entry.state, entry.task_id) == ("held", task_id)
@@ -566,6 +551,23 @@ async def _until(check: Any, seconds: float = 20) -> None:
     while not await check():
         assert loop.time() < deadline, "condition never held"
         await asyncio.sleep(0.01)
+
+
+async def _until_a_gateway_waits_on_a_lock(dsn: str) -> None:
+    """Until a statement of the gateway is blocked behind another transaction's row: watched
+    from a connection of its own, outside any transaction (pg_stat_activity is read once per
+    transaction)."""
+    import asyncpg
+
+    watcher = await asyncpg.connect(dsn)
+    try:
+
+        async def blocked() -> bool:
+            return await _gateway_backends(watcher, waiting="Lock") > 0
+
+        await _until(blocked)
+    finally:
+        await watcher.close()
 
 
 async def _gateway_backends(admin: Any, waiting: str | None = None) -> int:
@@ -586,12 +588,13 @@ async def test_pg_a_connection_dropped_mid_statement_is_storage_unavailable(
     import asyncpg
 
     from gateway.core.errors import StorageUnavailable
-    from gateway.store.postgres import PostgresStore
+    from gateway.store.manager import Store
+    from gateway.store.postgres import PostgresEngine
 
-    store = await PostgresStore.open(postgres_dsn)
+    store = Store(await PostgresEngine.open(postgres_dsn))
     admin = await asyncpg.connect(postgres_dsn)
     try:
-        sleeping = asyncio.create_task(store._fetch("SELECT pg_sleep(30)"))
+        sleeping = asyncio.create_task(store.engine._fetch("SELECT pg_sleep(30)"))
 
         async def sleeping_on_server() -> bool:
             return await _gateway_backends(admin, waiting="Timeout") > 0
@@ -619,9 +622,10 @@ async def test_pg_a_timed_out_reservation_does_not_commit_after_its_release(
     from gateway.core.errors import StorageUnavailable
     from gateway.core.ledger import Hold
     from gateway.store import postgres as pg
+    from gateway.store.manager import Store
 
     monkeypatch.setattr(pg, "COMMAND_TIMEOUT_S", 1.0)
-    store = await pg.PostgresStore.open(postgres_dsn)
+    store = Store(await pg.PostgresEngine.open(postgres_dsn))
     admin = await asyncpg.connect(postgres_dsn)
     try:
         locked = admin.transaction()

@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from gateway.core.ledger import Usage
-from gateway.core.periods import period_at
 from gateway.http.keys import METRICS
+from tests.client import post, usage
 from tests.conftest import Gateway, Upstream, books_balance
 from tests.fakes import gate
 from tests.process import GatewayProcess, to_toml
@@ -64,21 +64,6 @@ def fill(disk: Path) -> Path:
     finally:
         os.close(fd)
     return filler
-
-
-async def post(gateway: Gateway, headers: dict[str, str] | None = None, **body: Any):
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            gateway.url + "/v1/images/generations",
-            headers=gateway.headers(**(headers or {})),
-            json={"prompt": "a harbour", **body},
-        ) as resp:
-            return resp.status, await resp.json(), resp.headers
-
-
-async def usage(gateway: Gateway) -> Usage:
-    period = period_at("monthly", gateway.clock(), gateway.settings.server.tz)
-    return await gateway.db.usage("design", period.key)
 
 
 async def eventually(check: Any, seconds: float = 10) -> None:

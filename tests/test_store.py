@@ -1,5 +1,6 @@
-"""The ledger store against real database files: atomic reservations, settle-once, the schema's
-caps, resolutions, recovery, verification, migrations and the one-process lock."""
+"""The storage contract on every engine (in memory, SQLite, PostgreSQL): atomic reservations,
+settle-once, the schema's caps, resolutions, recovery, verification; and against real database
+files: the schema's own refusals, migrations and the one-process lock."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import shutil
 import sqlite3
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -27,18 +29,27 @@ from gateway.core.ledger import (
     Uncertain,
     Usage,
 )
-from gateway.core.settlement import Correct, NotResolvable, admin_resolution
-from gateway.store import migrations
-from gateway.store.base import LedgerQuery, Store, UnknownEntry
+from gateway.core.settlement import (
+    Correct,
+    Ignore,
+    NotResolvable,
+    Resolve,
+    admin_resolution,
+    late_outcome,
+)
+from gateway.store import migrations, queries
+from gateway.store.base import DuplicateTask, LedgerQuery, Refused, UnknownEntry
+from gateway.store.manager import Store
+from gateway.store.memory import MemoryDatabase, MemoryEngine
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore, StoreLocked, StoreOpenError
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine, StoreLocked, StoreOpenError
 from tests.postgres import fresh_database
 
 BUDGET = 10_000
 PERIOD = "monthly:2026-11"
 FIXTURE_01 = Path(__file__).parent / "fixtures" / "ledger" / "gateway-0.1.0.db"
-REFUSED = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
+TAMPERING_REFUSED = (sqlite3.IntegrityError, asyncpg.IntegrityConstraintViolationError)
 
 
 def hold(
@@ -54,29 +65,52 @@ def hold(
     )  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-async def db(request: pytest.FixtureRequest, tmp_path: Path):
-    """The same tests on both engines (PostgreSQL: a fresh database of the test server)."""
+@contextlib.asynccontextmanager
+async def opened(engine: str, request: pytest.FixtureRequest, tmp_path: Path):
+    """A store on ``engine`` (PostgreSQL: a fresh database of the test server), its books
+    checked when the test is done."""
     async with contextlib.AsyncExitStack() as stack:
-        if request.param == "sqlite":
-            store: Store = await SQLiteStore.open(tmp_path / "ledger.db")
+        if engine == "memory":
+            store = Store(MemoryEngine())
+        elif engine == "sqlite":
+            store = Store(await SQLiteEngine.open(tmp_path / "ledger.db"))
         else:
             server = request.getfixturevalue("postgres_server")
-            store = await PostgresStore.open(
-                await stack.enter_async_context(fresh_database(server))
-            )
+            dsn = await stack.enter_async_context(fresh_database(server))
+            store = Store(await PostgresEngine.open(dsn))
         yield store
         assert (await store.verify()).mismatches == ()
         await store.close()
 
 
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def db(request: pytest.FixtureRequest, tmp_path: Path):
+    """The same contract on every engine."""
+    async with opened(request.param, request, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def local_db(request: pytest.FixtureRequest, tmp_path: Path):
+    """An engine one process owns (no fleet: recovery at start, limits in the process)."""
+    async with opened(request.param, request, tmp_path) as store:
+        yield store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def real_db(request: pytest.FixtureRequest, tmp_path: Path):
+    """A database, for what its schema itself must refuse."""
+    async with opened(request.param, request, tmp_path) as store:
+        yield store
+
+
 async def raw(db: Store, sql: str) -> None:
     """A statement the gateway itself never runs (tampering, to see the schema refuse it)."""
-    if isinstance(db, SQLiteStore):
-        await db._write(sql)
+    if isinstance(db.engine, SQLiteEngine):
+        await db.engine._write(sql)
     else:
-        assert isinstance(db, PostgresStore)
-        await db._execute(sql)
+        assert isinstance(db.engine, PostgresEngine)
+        await db.engine._execute(sql)
 
 
 def admin(state: str, images: int | None = None, reason: str = "checked with the provider"):
@@ -102,7 +136,8 @@ async def test_settle_exactly_once(db: Store) -> None:
     assert await db.usage("t", PERIOD) == Usage(spent=4000, reserved=0, uncertain=0)
 
 
-async def test_ledger_is_append_only(db: Store) -> None:
+async def test_ledger_is_append_only(real_db: Store) -> None:
+    db = real_db
     await db.reserve(hold("r1"))
     await db.settle("r1", Uncertain(2000, "timeout"), 1.0)
     await db.resolve("r1", admin("released"), 2.0, logged=True)
@@ -114,7 +149,7 @@ async def test_ledger_is_append_only(db: Store) -> None:
         "UPDATE resolutions SET amount = 1",
         "DELETE FROM resolutions",
     ):
-        with pytest.raises(REFUSED, match="append-only"):
+        with pytest.raises(TAMPERING_REFUSED, match="append-only"):
             await raw(db, sql)
 
 
@@ -129,7 +164,7 @@ async def test_ledger_is_append_only(db: Store) -> None:
 )
 async def test_the_schema_refuses_a_settlement_above_its_hold(db: Store, settlement) -> None:
     await db.reserve(hold("r1"))
-    with pytest.raises(REFUSED, match="settlement_above_hold"):
+    with pytest.raises(Refused, match="settlement_above_hold"):
         await db.settle("r1", settlement, 1.0)
     assert await db.usage("t", PERIOD) == Usage(reserved=2000)
 
@@ -175,13 +210,13 @@ async def test_the_schema_refuses_a_resolution_the_rules_would_never_make(
     def too_much(entry: LedgerEntry) -> Resolution:
         return Resolution("captured", 1, 2001, "wrong", "admin")
 
-    with pytest.raises(REFUSED, match="resolution_above_hold"):
+    with pytest.raises(Refused, match="resolution_above_hold"):
         await db.resolve("r1", too_much, 2.0, logged=False)
     assert await db.usage("t", PERIOD) == Usage(uncertain=2000)
 
 
-async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(tmp_path: Path) -> None:
-    db = await SQLiteStore.open(tmp_path / "ledger.db")  # one process: everything held is left
+async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(local_db: Store) -> None:
+    db = local_db  # one process: everything held at start was left by a stopped one
     await db.reserve(hold("sync-in-flight", n=2))
     await db.reserve(hold("settled"))
     await db.settle("settled", Capture(images=1, amount=2000), 1.0)
@@ -193,15 +228,14 @@ async def test_recovery_marks_in_flight_holds_uncertain_but_not_tasks(tmp_path: 
     ]
     assert (await db.hold_state("async-task"))[0] == "held"
     assert await db.usage("t", PERIOD) == Usage(spent=2000, reserved=2000, uncertain=4000)
-    await db.close()
 
 
 async def test_a_silent_instances_holds_turn_uncertain_after_its_lease_and_not_before(
     postgres_dsn: str,
 ) -> None:
     lease = 2.0
-    alive = await PostgresStore.open(postgres_dsn, lease_s=lease)
-    other = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    alive = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
+    other = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
     await other.reserve(hold("in-flight-elsewhere", n=2))
     await other.reserve(hold("its-task"))
     await other.record_task("task-1", "t", "its-task", 0.0, 5.0)
@@ -221,18 +255,19 @@ async def test_a_silent_instances_holds_turn_uncertain_after_its_lease_and_not_b
     await alive.close()
 
 
-async def _watching_for(store: PostgresStore, seconds: float) -> None:
+async def _watching_for(store: Store, seconds: float) -> None:
     """As if ``store`` had reached the database without a break for ``seconds`` (it just
     started), on a server up that long (the suite's may have just started: waited for, with a
     deadline)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + seconds + 10
-    while (await store._fetch(
+    while (await store.engine._fetch(  # type: ignore[attr-defined]
+
         "SELECT pg_postmaster_start_time() < now() - make_interval(secs => $1)", seconds
     ))[0][0] is not True:  # fmt: skip
         assert loop.time() < deadline
         await asyncio.sleep(0.1)
-    await store._execute(
+    await store.engine._execute(  # type: ignore[attr-defined]
         "UPDATE instances SET heartbeat_at = now(),"
         " reachable_since = now() - make_interval(secs => $2) WHERE instance_id = $1",
         store.instance_id,
@@ -240,8 +275,8 @@ async def _watching_for(store: PostgresStore, seconds: float) -> None:
     )
 
 
-async def _silent_for(store: PostgresStore, other: PostgresStore, seconds: float) -> None:
-    await store._execute(
+async def _silent_for(store: Store, other: Store, seconds: float) -> None:
+    await store.engine._execute(  # type: ignore[attr-defined]
         "UPDATE instances SET heartbeat_at = now() - make_interval(secs => $2)"
         " WHERE instance_id = $1",
         other.instance_id,
@@ -255,17 +290,17 @@ async def test_an_instance_cut_off_from_the_database_reaps_nobody_for_a_lease(
     """A database outage stops every heartbeat: silence counts only from when the reaper
     itself could reach the database again (issue 19)."""
     lease = 2.0
-    alive = await PostgresStore.open(postgres_dsn, lease_s=lease)
-    other = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    alive = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
+    other = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
     await other.reserve(hold("in-flight-elsewhere"))
     await _watching_for(alive, lease)
     await _silent_for(alive, other, lease)
-    alive._failures += 1  # what a statement failing for want of the database records
+    alive.engine.failures += 1  # what a statement failing for want of the database records
     assert await alive.reap_silent_instances(10.0, lease) == []
     assert (await alive.hold_state("in-flight-elsewhere"))[0] == "held"
     # A heartbeat gap of half a lease (paused, or hung on a dead server) counts the same.
     await _watching_for(alive, lease)
-    await alive._execute(
+    await alive.engine._execute(  # type: ignore[attr-defined]
         "UPDATE instances SET heartbeat_at = now() - make_interval(secs => $2)"
         " WHERE instance_id = $1",
         alive.instance_id,
@@ -287,8 +322,8 @@ async def test_an_instance_taken_for_dead_registers_again_when_it_reserves(
     """Paused past its lease and reaped, an instance's next reservation registers it again in
     the same transaction: its new holds are never orphans, and it never reaps itself."""
     lease = 2.0
-    reaper = await PostgresStore.open(postgres_dsn, lease_s=lease)
-    paused = await PostgresStore.open(postgres_dsn, lease_s=lease)
+    reaper = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
+    paused = Store(await PostgresEngine.open(postgres_dsn, lease_s=lease))
     await paused.reserve(hold("before-the-pause"))
     await _watching_for(reaper, lease)
     await _silent_for(reaper, paused, lease)
@@ -309,11 +344,11 @@ async def test_an_instance_taken_for_dead_registers_again_when_it_reserves(
 
 
 async def test_verify_finds_a_hand_corrupted_counter(tmp_path: Path) -> None:
-    store = await SQLiteStore.open(tmp_path / "ledger.db")
+    store = Store(await SQLiteEngine.open(tmp_path / "ledger.db"))
     await store.reserve(hold("r1"))
     await store.settle("r1", Capture(images=1, amount=2000), 1.0)
     assert (await store.verify()).mismatches == ()
-    await store._write("UPDATE usage SET spent = spent - 1")
+    await store.engine._write("UPDATE usage SET spent = spent - 1")
     result = await store.verify()
     assert [(m.counter, m.stored, m.entries) for m in result.mismatches] == [("spent", 1999, 2000)]
     await store.close()
@@ -337,6 +372,223 @@ async def test_a_lower_budget_applies_to_the_next_hold(db: Store) -> None:
     await db.reserve(hold("c", budget=8000))
 
 
+async def test_a_capped_key_is_refused_on_its_own_budget_and_counted_apart(db: Store) -> None:
+    def keyed(request_id: str, key_budget: int | None) -> Hold:
+        return Hold(request_id, "t", PERIOD, 1.0, "generations", "sync", "medium", 1, 2000,
+                    BUDGET, "fp", key_id="web", key_fp="kfp", key_budget=key_budget)  # fmt: skip
+
+    await db.reserve(keyed("k1", 4000))
+    await db.reserve(keyed("k2", 4000))
+    with pytest.raises(BudgetRefused) as refused:
+        await db.reserve(keyed("k3", 4000))
+    assert refused.value.scope == "key" and refused.value.usage == Usage(reserved=4000)
+    await db.reserve(keyed("k3", None))  # no cap of its own: counted, never refused
+    await db.settle("k1", Capture(images=1, amount=2000), 2.0)
+    assert await db.key_usage("t", "kfp", PERIOD) == Usage(spent=2000, reserved=4000)
+    assert await db.usage("t", PERIOD) == Usage(spent=2000, reserved=4000)
+    assert await db.key_last_used() == {"kfp": 1.0}
+
+
+async def test_entries_filter_and_reports_group_the_ledger(db: Store) -> None:
+    for index, (quality, user, created) in enumerate(
+        [("low", "ann", 10.0), ("high", "bob", 20.0), ("low", None, 90_000.0)]
+    ):
+        request = Hold(f"r{index}", "t", PERIOD, created, "generations", "sync", quality, 1,
+                       1000, BUDGET, "fp", key_id="web", key_fp="kfp", end_user=user)  # fmt: skip
+        await db.reserve(request)
+    await db.reserve(hold("other-team", team="u"))
+    await db.settle("r0", Capture(images=1, amount=1000), 1.0)
+    await db.settle("r1", Uncertain(1000, "timeout"), 1.0)
+    newest_first = [e.request_id for e in await db.entries(LedgerQuery(team="t"))]
+    assert newest_first == ["r2", "r1", "r0"]
+    assert [e.request_id for e in await db.entries(LedgerQuery(since=10.0, until=90_000.0))] == [
+        "r1", "r0",
+    ]  # fmt: skip
+    assert [e.request_id for e in await db.entries(LedgerQuery(state="uncertain"))] == ["r1"]
+    assert len(await db.entries(LedgerQuery(limit=2))) == 2
+    (total,) = await db.report("t", since=None, until=None, by=None, tz="UTC")
+    assert (total.spent, total.reserved, total.uncertain, total.images, total.requests) == (
+        1000, 1000, 1000, 1, 3,
+    )  # fmt: skip
+    by_quality = await db.report("t", since=None, until=None, by="quality", tz="UTC")
+    assert [(r.group, r.requests, r.spent) for r in by_quality] == [
+        ("high", 1, 0),
+        ("low", 2, 1000),
+    ]
+    by_day = await db.report("t", since=0.0, until=100_000.0, by="day", tz="Asia/Shanghai")
+    assert [(r.group, r.requests) for r in by_day] == [("1970-01-01", 2), ("1970-01-02", 1)]
+    (by_key,) = await db.report("t", since=None, until=None, by="key", tz="UTC")
+    assert (by_key.group, by_key.key_id, by_key.requests) == ("kfp", "web", 3)
+    users = await db.report("t", since=None, until=None, by="end_user", tz="UTC")
+    assert sorted((r.group or "", r.requests) for r in users) == [("", 1), ("ann", 1), ("bob", 1)]
+    assert await db.report("t", since=1e9, until=None, by=None, tz="UTC") == []
+
+
+async def test_a_task_is_recorded_once_polled_and_finished_once(db: Store) -> None:
+    await db.reserve(hold("r1", mode="async"))
+    await db.record_task("task-1", "t", "r1", 1.0, 5.0)
+    with pytest.raises(DuplicateTask):
+        await db.record_task("task-1", "t", "r1", 1.0, 5.0)
+    assert await db.due_tasks(4.0, 10) == []
+    assert await db.next_task_due() == 5.0 and await db.unsettled_task_count() == 1
+    (due,) = await db.due_tasks(5.0, 10)
+    assert (due.task_id, due.request_id, due.hold_amount, due.settled, due.resolved) == (
+        "task-1", "r1", 2000, None, False,
+    )  # fmt: skip
+    await db.reschedule_task("task-1", 50.0)
+    row = await db.task("task-1")
+    assert row is not None and (row.polls, row.next_poll_at) == (1, 50.0)
+
+    def never(entry: LedgerEntry) -> Any:
+        raise AssertionError("a held hold is settled, not decided late")
+
+    closed = await db.finish_task(row, status="completed", result='{"status": "completed"}',
+                                  settlement=Capture(images=1, amount=2000, overrun=500),
+                                  late=never, now=60.0)  # fmt: skip
+    assert closed is not None and closed.late is None  # settled
+    assert (closed.entry.state, closed.entry.charged, closed.entry.task_id) == (
+        "captured", 2500, "task-1",
+    )  # fmt: skip
+    late = await db.finish_task(row, status="failed", result="{}", settlement=Release("late"),
+                                late=never, now=61.0)  # fmt: skip
+    assert late is None  # the first answer stands
+    row = await db.task("task-1")
+    assert row is not None and (row.status, row.result, row.settled) == (
+        "completed", '{"status": "completed"}', "captured",
+    )  # fmt: skip
+    assert await db.next_task_due() is None and await db.unsettled_task_count() == 0
+    assert await db.usage("t", PERIOD) == Usage(spent=2500, overrun=500)
+
+
+async def test_a_task_ending_after_its_hold_closed_resolves_or_corrects_it(db: Store) -> None:
+    for request_id in ("uncertain", "released", "unknown"):
+        await db.reserve(hold(request_id, n=2, mode="async", budget=100_000))
+        await db.record_task(f"task-{request_id}", "t", request_id, 1.0, 5.0)
+    await db.settle("uncertain", Uncertain(4000, "still pending after the maximum age"), 9.0)
+    await db.settle("released", Release("given up"), 9.0)
+    await db.settle("unknown", Uncertain(4000, "timeout"), 9.0)
+    served = Capture(images=1, amount=2000, upstream_id="up-1")
+    due = {r.task_id: r for r in await db.due_tasks(10.0, 10)}  # whatever their money
+    assert set(due) == {"task-uncertain", "task-released", "task-unknown"}
+
+    async def finish(request_id: str, learned: Any) -> Any:
+        return await db.finish_task(
+            due[f"task-{request_id}"], status="completed", result="{}", settlement=learned,
+            late=lambda entry: late_outcome(entry, learned), now=11.0,
+        )  # fmt: skip
+
+    resolved = await finish("uncertain", served)
+    assert isinstance(resolved.late, Resolve)
+    assert (resolved.entry.state, resolved.entry.charged, resolved.entry.upstream_id) == (
+        "captured", 2000, "up-1",
+    )  # fmt: skip
+    assert resolved.entry.resolution.actor == "gateway"
+    assert await db.unlogged_resolutions() == []  # the gateway writes its line itself
+    corrected = await finish("released", served)
+    assert isinstance(corrected.late, Correct)
+    assert (corrected.entry.state, corrected.entry.charged, corrected.entry.charged_images) == (
+        "released", 2000, 1,
+    )  # fmt: skip
+    assert [(c.images, c.amount) for c in corrected.entry.corrections] == [(1, 2000)]
+    ignored = await finish("unknown", Uncertain(4000, "still unknown"))
+    assert isinstance(ignored.late, Ignore) and ignored.entry.state == "uncertain"
+    assert (await db.task("task-unknown")).status == "completed"  # the answer is kept
+    assert await db.usage("t", PERIOD) == Usage(spent=4000, uncertain=4000)
+    with pytest.raises(Refused, match="correction_above_hold"):  # never past the hold
+        await db.settle_late("released", lambda e: Correct(Correction(2, 4000, "x")), 12.0)
+    assert await db.settle_late("nobody", lambda e: Ignore("none"), 12.0) is None
+    (report,) = await db.report("t", since=None, until=None, by=None, tz="UTC")
+    assert (report.spent, report.images) == (4000, 2)
+
+
+async def test_a_task_complete_at_once_is_recorded_and_settled_together(db: Store) -> None:
+    await db.reserve(hold("r1", mode="async"))
+    closed = await db.record_completed_task(
+        "up-1",
+        "t",
+        "r1",
+        1.0,
+        result="{}",
+        settlement=Capture(images=1, amount=2000),
+        late=lambda e: Ignore("settled"),
+        now=2.0,
+    )
+    assert closed is not None and closed.late is None
+    entry = closed.entry
+    assert (entry.state, entry.task_id, entry.settled_at) == (
+        "captured", "up-1", 2.0,
+    )  # fmt: skip
+    await db.reserve(hold("r2", mode="async"))
+    with pytest.raises(DuplicateTask):  # the upstream reused the id: nothing of r2 is written
+        await db.record_completed_task(
+            "up-1",
+            "t",
+            "r2",
+            1.0,
+            result="{}",
+            settlement=Capture(images=1, amount=2000),
+            late=lambda e: Ignore("settled"),
+            now=3.0,
+        )
+    assert (await db.hold_state("r2")) == ("held", None)
+    assert (await db.find_entry("up-1")).request_id == "r1"
+    assert await db.due_tasks(1e17, 10) == []  # complete: never polled
+
+
+async def test_an_idempotency_key_is_claimed_once_and_remembers_its_outcome(db: Store) -> None:
+    def claim(request_id: str, now: float = 1.0, fingerprint: str = "f1"):
+        return db.claim_idempotency_key(
+            "t", "k", fingerprint=fingerprint, request_id=request_id, now=now, keep_s=100.0
+        )
+
+    assert await claim("r1") is None
+    earlier = await claim("r2", fingerprint="f2")
+    assert earlier is not None and (earlier.request_id, earlier.fingerprint, earlier.status) == (
+        "r1", "f1", None,
+    )  # fmt: skip
+    assert not earlier.live
+    await db.release_idempotency_key("t", "k")  # r1 ended before spending: the key is free
+    assert await claim("r3") is None
+    await db.store_idempotent_outcome("t", "k", 200, '{"data": []}', {"x-request-id": "r3"})
+    await db.release_idempotency_key("t", "k")  # an outcome is kept: not released
+    stored = await claim("r4")
+    assert stored is not None and (stored.request_id, stored.status, stored.body) == (
+        "r3", 200, '{"data": []}',
+    )  # fmt: skip
+    assert stored.headers == {"x-request-id": "r3"}
+    assert await claim("r5", now=102.0) is None  # past keep_s: forgotten, claimed anew
+    assert await db.purge_idempotency(103.0) == 1
+    assert await claim("r6", now=104.0) is None
+
+
+async def test_a_retry_finds_its_original_attempt(db: Store) -> None:
+    await db.reserve(hold("r1"))
+    await db.settle("r1", Capture(images=1, amount=2000, upstream_id="up-9", result="{}"), 1.0)
+    attempt = await db.latest_attempt("t", "fp", since=0.0)
+    assert attempt is not None and (attempt.request_id, attempt.state, attempt.result) == (
+        "r1", "captured", "{}",
+    )  # fmt: skip
+    assert attempt.live == db.engine.shared  # in a fleet: made by an instance still alive
+    assert await db.latest_attempt("t", "fp", since=1.0) is None  # before the window
+    assert await db.latest_attempt("t", "other", since=0.0) is None
+    assert (await db.find_entry("up-9")).request_id == "r1"
+    assert await db.find_entry("nobody") is None
+    assert await db.hold_state("nobody") is None
+
+
+def test_every_engine_answers_the_store_s_named_statements() -> None:
+    """The store asks for statements by name: each engine must know every name it may ask
+    for (the fleet's are PostgreSQL's own; recovery at start is for one process)."""
+    sqlite, postgres = set(queries.load("sqlite")), set(queries.load("postgres"))
+    opening = {"ready_probe", "tables"}  # the SQLite engine's own, at open and /readyz
+    assert sqlite - opening - {"in_flight_holds"} <= postgres
+    missing = [
+        n for n in sorted(sqlite - opening) if not callable(getattr(MemoryDatabase, n, None))
+    ]
+    assert missing == []
+    assert all(":" not in name for name in sqlite | postgres)
+
+
 # -- opening, migrating, locking -------------------------------------------------------------
 
 
@@ -358,7 +610,7 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
     assert len(before_entries) == 11 and {row[3] for row in before_entries} == {
         "held", "captured", "released", "uncertain",
     }  # fmt: skip
-    store = await SQLiteStore.open(path)
+    store = Store(await SQLiteEngine.open(path))
     assert not store.created
     entries = sorted(await store.entries(LedgerQuery()), key=lambda e: e.request_id)
     assert [
@@ -368,7 +620,7 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
     for team, period, spent, reserved, uncertain in before_usage:
         assert await store.usage(team, period) == Usage(spent, reserved, uncertain, 0)
     assert (await store.verify()).mismatches == ()
-    rows = await store._rows("SELECT value FROM meta WHERE key = 'schema_step'")
+    rows = await store.engine._rows("SELECT value FROM meta WHERE key = 'schema_step'")
     assert rows == [(str(migrations.load("sqlite")[-1].version),)]
     await store.close()
     with sqlite3.connect(path) as new:
@@ -376,39 +628,39 @@ async def test_a_0_1_database_migrates_with_every_entry_and_counter_intact(
         assert [row[: len(before_tasks[0])] for row in tasks] == before_tasks  # columns added
         kept = [row[: len(before_keys[0])] for row in new.execute("SELECT * FROM idempotency")]
         assert kept == before_keys
-    again = await SQLiteStore.open(path)  # a second start has nothing left to migrate
+    again = Store(await SQLiteEngine.open(path))  # a second start has nothing left to migrate
     assert len(await again.entries(LedgerQuery())) == 11
     await again.close()
 
 
 async def test_a_database_newer_than_the_code_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
-    store = await SQLiteStore.open(path)
+    store = await SQLiteEngine.open(path)
     await store._write("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
     await store.close()
     with pytest.raises(SchemaTooNew, match="schema version 99"):
-        await SQLiteStore.open(path)
+        await SQLiteEngine.open(path)
 
 
 async def test_tools_never_migrate(tmp_path: Path) -> None:
     path = tmp_path / "gateway.db"
     shutil.copy(FIXTURE_01, path)
     with pytest.raises(SchemaTooOld, match="Start the gateway once"):
-        await SQLiteStore.open_read_only(path)
+        await SQLiteEngine.open_read_only(path)
     with pytest.raises(SchemaTooOld):
-        await SQLiteStore.open(path, exclusive=False, migrate=False)
+        await SQLiteEngine.open(path, exclusive=False, migrate=False)
     with sqlite3.connect(path) as db:  # untouched
         assert db.execute("SELECT value FROM meta").fetchall() == [("1",)]
 
 
 async def test_a_second_gateway_on_the_same_file_is_refused(tmp_path: Path) -> None:
-    first = await SQLiteStore.open(tmp_path / "gateway.db")
+    first = await SQLiteEngine.open(tmp_path / "gateway.db")
     with pytest.raises(StoreLocked, match="in use by another gateway process"):
-        await SQLiteStore.open(tmp_path / "gateway.db")
-    tool = await SQLiteStore.open(tmp_path / "gateway.db", exclusive=False, migrate=False)
+        await SQLiteEngine.open(tmp_path / "gateway.db")
+    tool = await SQLiteEngine.open(tmp_path / "gateway.db", exclusive=False, migrate=False)
     await tool.close()
     await first.close()
-    second = await SQLiteStore.open(tmp_path / "gateway.db")  # the lock went with the first
+    second = await SQLiteEngine.open(tmp_path / "gateway.db")  # the lock went with the first
     await second.close()
 
 
@@ -426,7 +678,7 @@ async def test_a_file_that_is_not_a_ledger_is_refused_naming_it(
     else:
         path.write_bytes(content)
     with pytest.raises(StoreOpenError, match=why) as raised:
-        await SQLiteStore.open(path)
+        await SQLiteEngine.open(path)
     assert str(path) in str(raised.value)
 
 
@@ -449,7 +701,7 @@ def test_books_balance_for_any_interleaving(batches: list[list[tuple[str, int, i
 
 async def _run_batches(batches: list[list[tuple[str, int, int]]]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        db = await SQLiteStore.open(Path(tmp) / "ledger.db")
+        db = Store(await SQLiteEngine.open(Path(tmp) / "ledger.db"))
         holds: list[Hold] = []
         settled: dict[str, str] = {}
         ids = itertools.count()
@@ -529,12 +781,16 @@ async def test_daily_spend_counts_what_the_ledger_counts_by_day(db: Store) -> No
     await db.reserve(timed("e", 2 * DAY + 3, "low", 3))  # held: not spent
     await db.reserve(timed("f", 3 * DAY))  # past the last bound
     await db.settle("f", Capture(images=1, amount=2000), 3 * DAY + 1)
-    rows = await db.daily_spend("t", bounds)
+    rows = await db.daily_spend("t", since=bounds[0], until=bounds[-1], tz="UTC")
     assert [(r.day, r.quality, r.spent, r.images, r.key_id) for r in rows] == [
-        (0, "high", 8000, 2, "t/app"),
-        (1, "medium", 2000, 1, "t/app"),
-        (2, "low", 1000, 1, "t/app"),
+        ("1970-01-01", "high", 8000, 2, "t/app"),
+        ("1970-01-02", "medium", 2000, 1, "t/app"),
+        ("1970-01-03", "low", 1000, 1, "t/app"),
     ]
+    shifted = await db.daily_spend("t", since=bounds[0], until=bounds[-1], tz="Asia/Shanghai")
+    assert [(r.day, r.spent) for r in shifted] == [
+        ("1970-01-01", 8000), ("1970-01-02", 2000), ("1970-01-03", 1000),
+    ]  # fmt: skip
     by_day = await db.report("t", since=0.0, until=3 * DAY, by="day", tz="UTC")
     assert [r.spent for r in by_day if r.spent] == [r.spent for r in rows]
 

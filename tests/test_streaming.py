@@ -8,8 +8,11 @@ import base64
 from collections.abc import AsyncIterator
 
 import aiohttp
+import pytest
 
 from tests.conftest import PNG, Gateway, Upstream
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 IMAGE = base64.b64encode(PNG + bytes(3000)).decode()  # past the prefix: streamed, not decoded
 

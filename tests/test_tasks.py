@@ -12,10 +12,13 @@ import openai
 import pytest
 
 from gateway.core.ledger import Usage
-from gateway.core.periods import period_at, utc_now
+from gateway.core.periods import utc_now
 from gateway.http.keys import DB, TASKS
+from tests.client import usage
 from tests.conftest import Gateway, Upstream
 from tests.fakes import json_error
+
+pytestmark = pytest.mark.engines("memory")  # services above the store; engines: test_store.py
 
 
 async def submit(gateway: Gateway, team: str = "design", **payload: Any) -> dict[str, Any]:
@@ -35,12 +38,6 @@ async def poll(gateway: Gateway, task_id: str, team: str = "design") -> tuple[in
     except openai.APIStatusError as exc:
         response = exc.response
     return response.status_code, response.json()
-
-
-async def usage(gateway: Gateway, team: str = "design"):
-    settings = gateway.settings
-    period = period_at(settings.teams[team].period, gateway.clock(), settings.server.tz)
-    return await gateway.db.usage(team, period.key)
 
 
 async def test_submit_records_the_task_and_reserves(gateway: Gateway, upstream: Upstream) -> None:
@@ -135,8 +132,8 @@ async def test_concurrent_polls_and_the_settler_settle_once(
         tracker.settle_due(), *(poll(gateway, task_id) for _ in range(20))
     )
     assert {answer["status"] for _, answer in results[1:]} == {"completed"}
-    rows = await gateway.db._rows("SELECT state, settled FROM ledger")
-    assert [tuple(r) for r in rows] == [("captured", 3000)]
+    entries = await gateway.ledger()
+    assert [(e.state, e.settled_amount) for e in entries] == [("captured", 3000)]
     assert (await usage(gateway)).spent == 3000
 
 
@@ -240,10 +237,10 @@ async def test_async_submit_over_budget_and_upstream_refusal(
 async def test_sync_results_are_recorded_for_admins(gateway: Gateway) -> None:
     result = await gateway.async_openai().images.generate(prompt="x", n=2)
     await gateway.settled()
-    rows = await gateway.db._rows("SELECT s.result, s.images, s.upstream_id FROM settlements s")
-    stored = json.loads(rows[0][0])
+    (entry,), (result_text,) = await gateway.ledger(), await gateway.stored_results()
+    stored = json.loads(result_text)
     assert [item["url"] for item in stored["data"]] == [item.url for item in result.data]
-    assert rows[0][1] == 2 and rows[0][2] == stored["id"]
+    assert entry.images == 2 and entry.upstream_id == stored["id"]
 
 
 @pytest.mark.parametrize("path", ["/v1/images/tasks/{id}", "/images/tasks/{id}"])

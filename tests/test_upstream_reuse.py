@@ -63,8 +63,8 @@ async def assert_each_generated_once(
     assert [o for o in outcomes if o[1] != 200] == []
     prompts = [r.body["prompt"] for r in upstream.sim.generation_requests() if r.body]
     assert sorted(prompts) == sorted(p for p, _, _ in outcomes)  # each exactly once
-    states = await gateway.db._rows("SELECT state FROM ledger")
-    assert [s for (s,) in states if s != "captured"] == []  # nothing uncertain, nothing held
+    states = [e.state for e in await gateway.ledger()]
+    assert [s for s in states if s != "captured"] == []  # nothing uncertain, nothing held
     await books_balance(gateway, upstream)
 
 

@@ -12,10 +12,11 @@ from gateway.core.config import Settings
 from gateway.core.restore import Position, when
 from gateway.services.reconcile import mismatch_line
 from gateway.store.backup import BackupFailed, backup_postgres, backup_sqlite, pg_dump_line
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.sqlite import SQLiteEngine
 
 
-def add_backup_command(db: argparse._SubParsersAction) -> None:
+def add_backup_command(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     backup = db.add_parser(
         "backup",
         help="copy the ledger to FILE while the gateway serves",
@@ -43,7 +44,7 @@ async def _backup(args: argparse.Namespace, settings: Settings) -> int:
         await asyncio.to_thread(backup_sqlite, settings.database, args.target)
     except BackupFailed as exc:
         return fail(str(exc))
-    copy = await SQLiteStore.open_read_only(args.target)
+    copy = Store(await SQLiteEngine.open_read_only(args.target))
     try:
         checked = await copy.verify()
         position = await copy.position()

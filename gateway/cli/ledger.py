@@ -32,12 +32,13 @@ from gateway.services.reconcile import (
     table,
 )
 from gateway.services.resolutions import expire, resolve
-from gateway.store.base import Store, UnknownEntry
+from gateway.store.base import UnknownEntry
 from gateway.store.dbcopy import CopyRefused, copy_sqlite_to_postgres
 from gateway.store.factory import open_store
+from gateway.store.manager import Store
 
 
-def add_commands(commands: argparse._SubParsersAction) -> None:
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register ``ledger`` and its subcommands on the main parser."""
     ledger = commands.add_parser("ledger", help="list, resolve, export and verify ledger entries")
     sub = ledger.add_subparsers(required=True, metavar="ACTION")
@@ -244,7 +245,7 @@ async def _entries(
     return entries
 
 
-def add_db_commands(commands: argparse._SubParsersAction) -> None:
+def add_db_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``db copy``: move a SQLite history into PostgreSQL; ``db backup``: copy the ledger."""
     db = commands.add_parser("db", help="back up a ledger, or move it between backends")
     sub = db.add_subparsers(required=True, metavar="ACTION")

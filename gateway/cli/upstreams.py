@@ -29,7 +29,7 @@ ASK_TIMEOUT_S = 10.0
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
 
-def add_command(commands: argparse._SubParsersAction) -> None:
+def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     upstreams = commands.add_parser(
         "upstreams",
         help="each upstream's health, from the running gateway (or the config)",

@@ -12,11 +12,11 @@ import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -39,7 +39,7 @@ DEFAULT_ALIASES = dict.fromkeys(
     ),
     UPSTREAM_MODEL,
 )  # fmt: skip
-RESPONSE_FORMATS = ("url", "b64_json", "auto")
+RESPONSE_FORMATS: tuple[FormatSetting, ...] = ("url", "b64_json", "auto")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 PLACEHOLDER_SHA256 = "0" * 64  # the example config's: never a real key
 KEY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -398,6 +398,12 @@ def parse_settings(
     return settings
 
 
+V = TypeVar("V")
+D = TypeVar("D")
+C = TypeVar("C", bound=str)
+_MISSING = object()  # a key absent, or present with a value that was refused
+
+
 class _Table:
     """Typed access to one TOML table that remembers which keys were read, to refuse the rest."""
 
@@ -413,23 +419,49 @@ class _Table:
     def name(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any, check: Any = None) -> Any:
+    def get(
+        self, key: str, kind: type[V], default: D, check: Callable[[V], str | None] | None = None
+    ) -> V | D:
+        """The value of ``key`` if it is a ``kind`` (an int is a float) that ``check`` finds no
+        problem with; else ``default``, the problem noted."""
+        value = self._value(key, (kind,))
+        if value is _MISSING:
+            return default
+        typed = cast(V, value)
+        problem = check(typed) if check is not None else None
+        if problem:
+            self.errors.append(f"{self.name(key)} {problem}")
+            return default
+        return typed
+
+    def choice(self, key: str, choices: tuple[C, ...], default: C) -> C:
+        """One of ``choices`` (a string), typed as the choices are; else ``default``, noted."""
+        value = self.get(key, str, None)
+        for option in choices:
+            if value == option:
+                return option
+        if value is not None:
+            self.errors.append(
+                f"{self.name(key)} must be {', '.join(choices[:-1])} or {choices[-1]}"
+            )
+        return default
+
+    def get_either(self, key: str, kinds: tuple[type, ...], default: object) -> object:
+        """Like ``get`` for a value of one of several kinds (the caller tells them apart)."""
+        value = self._value(key, kinds)
+        return default if value is _MISSING else value
+
+    def _value(self, key: str, kinds: tuple[type, ...]) -> object:
         self.seen.add(key)
         if key not in self.data:
-            return default
+            return _MISSING
         value = self.data[key]
-        kinds = kind if isinstance(kind, tuple) else (kind,)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             wanted = " or ".join(k.__name__ for k in kinds)
             self.errors.append(f"{self.name(key)} must be {wanted}, got {type(value).__name__}")
-            return default
-        if check is not None:
-            problem = check(value)
-            if problem:
-                self.errors.append(f"{self.name(key)} {problem}")
-                return default
+            return _MISSING
         return value
 
     def table(self, key: str) -> _Table:
@@ -454,14 +486,6 @@ def _positive(value: float) -> str | None:
 
 def _at_least_one(value: int) -> str | None:
     return None if value >= 1 else "must be at least 1"
-
-
-def _response_format(value: str) -> str | None:
-    return None if value in RESPONSE_FORMATS else "must be url, b64_json or auto"
-
-
-def _period(value: str) -> str | None:
-    return None if value in PERIOD_KINDS else "must be monthly, daily or total"
 
 
 def _port(value: int) -> str | None:
@@ -772,7 +796,7 @@ def _prices(t: _Table, *, only_given: bool = False) -> dict[str, int]:
         if only_given and quality not in t.data:
             t.seen.add(quality)
             continue
-        value = t.get(quality, (float, str), DEFAULT_PRICES_CNY[quality])
+        value = t.get_either(quality, (float, str), DEFAULT_PRICES_CNY[quality])
         prices[quality] = _units(t, quality, value)
     t.finish()
     return prices
@@ -796,9 +820,9 @@ def _teams(t: _Table) -> dict[str, TeamConfig]:
         team = t.table(name)
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name):
             t.errors.append(f"{team.path}: team names are 1-64 letters, digits, _ . -")
-        period = team.get("period", str, "monthly", _period)
-        fmt = team.get("default_response_format", str, "auto", _response_format)
-        budget = _units(team, "budget_cny", team.get("budget_cny", (float, str), 0.0))
+        period = team.choice("period", PERIOD_KINDS, "monthly")
+        fmt = team.choice("default_response_format", RESPONSE_FORMATS, "auto")
+        budget = _units(team, "budget_cny", team.get_either("budget_cny", (float, str), 0.0))
         named = _named_keys(team, name, budget)
         teams[name] = TeamConfig(
             name=name,
@@ -840,7 +864,7 @@ def _named_keys(team: _Table, team_name: str, team_budget: int) -> tuple[KeyConf
             digest = None
         budget = None
         if "budget_cny" in entry.data:
-            budget = _units(entry, "budget_cny", entry.get("budget_cny", (float, str), 0.0))
+            budget = _units(entry, "budget_cny", entry.get_either("budget_cny", (float, str), 0.0))
             if budget > team_budget:
                 team.errors.append(
                     f"{entry.name('budget_cny')} is above the team's budget_cny: a key's cap "

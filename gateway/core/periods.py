@@ -65,3 +65,8 @@ def window(label: str, tz: ZoneInfo) -> tuple[datetime | None, datetime | None]:
         return start, period_at("daily", start, tz).end
     except (ValueError, OverflowError):  # no such day, or its end is past the year 9999
         raise ValueError(f"{label!r} is not a date the gateway can count") from None
+
+
+def local_day(ts: float, tz: str) -> str:
+    """``YYYY-MM-DD`` of a Unix time in an IANA zone: the day a daily budget counts it in."""
+    return datetime.fromtimestamp(ts, ZoneInfo(tz)).date().isoformat()

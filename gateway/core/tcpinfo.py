@@ -20,4 +20,5 @@ def last_data_recv_ms(tcp_info: bytes) -> int | None:
     """``tcpi_last_data_recv`` from a raw ``struct tcp_info``, or None if it is too short."""
     if len(tcp_info) < LAST_DATA_RECV_OFFSET + LAST_DATA_RECV.size:
         return None
-    return LAST_DATA_RECV.unpack_from(tcp_info, LAST_DATA_RECV_OFFSET)[0]
+    value: int = LAST_DATA_RECV.unpack_from(tcp_info, LAST_DATA_RECV_OFFSET)[0]
+    return value

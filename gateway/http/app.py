@@ -39,10 +39,12 @@ from gateway.http.keys import (
     IDEMPOTENCY,
     INSTANCE,
     METRICS,
+    OPEN_STORE,
     ROUTING,
     SIMULATED,
     TASKS,
     WATCH,
+    OpenStore,
 )
 from gateway.http.middleware import gateway_middleware
 from gateway.http.release import release_gate
@@ -59,8 +61,8 @@ from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
 from gateway.store import migrations
-from gateway.store.base import Store
 from gateway.store.factory import open_store
+from gateway.store.manager import Store
 from gateway.upstream.client import HttpUpstream
 from gateway.upstream.pool import UpstreamPool
 
@@ -83,10 +85,12 @@ def create_app(
     simulated: bool = False,
     accept_restored_ledger: bool = False,
     instance: str | None = None,
+    store: OpenStore = open_store,
 ) -> web.Application:
     """``simulated``: ``settings.upstreams`` are embedded simulators (``/readyz`` says so).
     ``accept_restored_ledger``: start on a ledger behind the watermark, recording that.
-    ``instance``: this instance's name (default: ``instance_name(settings)``)."""
+    ``instance``: this instance's name (default: ``instance_name(settings)``).
+    ``store`` opens the ledger at start (tests pass one that opens the in-memory engine)."""
     app = web.Application(
         middlewares=[gateway_middleware, release_gate],
         client_max_size=settings.server.max_body_bytes,
@@ -96,6 +100,7 @@ def create_app(
     app[SIMULATED] = simulated
     app[ACCEPT_RESTORED] = accept_restored_ledger
     app[INSTANCE] = instance or instance_name(settings)
+    app[OPEN_STORE] = store
     app.on_response_prepare.append(_name_instance)
     app[METRICS] = Metrics()
     app[BODIES] = ByteBudget(LARGE_BODIES_AT_ONCE * settings.server.max_body_bytes)
@@ -151,7 +156,7 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _database_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[CONFIG].current.settings
-    db = await open_store(settings, instance=app[INSTANCE])
+    db = await app[OPEN_STORE](settings, instance=app[INSTANCE])
     if db.created:
         where = settings.database if settings.storage.backend == "sqlite" else "PostgreSQL"
         log.warning(

@@ -325,7 +325,7 @@ async def _dispatch(
     outcome = await app[IDEMPOTENCY].run(
         job.team.name, scoped, job.fingerprint, job.request_id, fresh
     )
-    if outcome.extra.get("Idempotent-Replayed"):
+    if outcome.replayed:
         request[RECORD]["idempotency"] = "replayed"
     return outcome
 
@@ -353,7 +353,7 @@ async def _respond(
         upstream=outcome.upstream,
         failovers=list(outcome.failovers) if outcome.upstream is not None else None,
     )
-    headers = dict(outcome.extra)
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
     if req.ignored:
         headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
     if outcome.dedupe_of is not None:

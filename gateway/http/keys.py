@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from gateway.core.config import Settings
 from gateway.core.live import LiveConfig
 from gateway.http.admission import ByteBudget
 from gateway.ops.accesslog import AccessLog
@@ -20,7 +21,7 @@ from gateway.services.idempotency import Idempotency
 from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
-from gateway.store.base import Store
+from gateway.store.manager import Store
 from gateway.upstream.downloader import Downloader
 
 CONFIG = web.AppKey("config", LiveConfig)
@@ -30,6 +31,15 @@ ACCESS_LOG = web.AppKey("access_log", AccessLog)
 BOOKS = web.AppKey("books", Books)
 DB = web.AppKey("db", Store)
 ROUTING = web.AppKey("routing", Routing)  # every upstream: routing, failover, health
+
+
+class OpenStore(Protocol):
+    """How the app opens its ledger at start (``store.factory.open_store``)."""
+
+    async def __call__(self, settings: Settings, *, instance: str | None = None) -> Store: ...
+
+
+OPEN_STORE = web.AppKey[OpenStore]("open_store")
 DOWNLOADER = web.AppKey("downloader", Downloader)
 TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)

@@ -14,6 +14,7 @@ import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -98,7 +99,9 @@ async def gateway_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
-async def _handle(request: web.Request, handler: Handler, record: dict) -> web.StreamResponse:
+async def _handle(
+    request: web.Request, handler: Handler, record: dict[str, Any]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except GatewayError as exc:
@@ -115,7 +118,7 @@ async def _handle(request: web.Request, handler: Handler, record: dict) -> web.S
 
 
 def _from_http_exception(
-    request: web.Request, exc: web.HTTPException, record: dict
+    request: web.Request, exc: web.HTTPException, record: dict[str, Any]
 ) -> GatewayError:
     # record["path"] is the redacted path: a result file's path is a credential, even in a 404.
     if exc.status == 404:

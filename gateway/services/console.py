@@ -24,7 +24,8 @@ from gateway.ops.accesslog import short_id
 from gateway.services.keylist import key_listing
 from gateway.services.reconcile import counted, rfc3339
 from gateway.services.usage import NO_KEY, standing
-from gateway.store.base import DaySpend, LedgerQuery, Store
+from gateway.store.base import DaySpend, LedgerQuery
+from gateway.store.manager import Store
 
 RECENT = 50
 CHART_DAYS = 30
@@ -157,15 +158,16 @@ async def _spend_by_day(db: Store, settings: Settings, now: datetime, team: str)
     tz = settings.server.tz
     today = now.astimezone(tz).date()
     dates = [today - timedelta(days=CHART_DAYS - 1 - i) for i in range(CHART_DAYS + 1)]
-    bounds = [datetime.combine(day, time(), tz).timestamp() for day in dates]
+    since, until = (datetime.combine(day, time(), tz).timestamp() for day in (dates[0], dates[-1]))
     days = [day.isoformat() for day in dates[:-1]]
     names = {key.fingerprint: key.identity for key in settings.teams[team].all_keys()}
     by_key: dict[str, dict[str, int]] = {}
     by_quality: dict[str, dict[str, int]] = {q: {} for q in QUALITIES}
-    for row in await db.daily_spend(team, bounds):
+    spent = await db.daily_spend(team, since=since, until=until, tz=settings.server.timezone)
+    for row in spent:
         key, quality = _key_label(row, names), row.quality
         for series in (by_key.setdefault(key, {}), by_quality.setdefault(quality, {})):
-            series[days[row.day]] = series.get(days[row.day], 0) + row.spent
+            series[row.day] = series.get(row.day, 0) + row.spent
     return {
         "days": days,
         "by_key": _in_cny(by_key),

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -42,7 +42,8 @@ from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
 from gateway.services.routing import Plan, Routed, Routing
 from gateway.services.tasks import TaskTracker
-from gateway.store.base import Attempt, Closed, DuplicateTask, Store
+from gateway.store.base import Attempt, Closed, DuplicateTask
+from gateway.store.manager import Store
 from gateway.upstream.base import Reply, SendState
 
 log = logging.getLogger("gateway.generation")
@@ -86,7 +87,7 @@ class Outcome:
     final: bool = False
     dedupe_of: str | None = None
     usage: Usage | None = None  # the team's usage once this request's hold was placed
-    extra: Mapping[str, str] = field(default_factory=dict)
+    replayed: bool = False  # an Idempotency-Key's earlier outcome, answered again
     upstream: str | None = None  # the upstream that answered (or was last tried)
     failovers: tuple[str, ...] = ()  # the upstreams tried before it
 

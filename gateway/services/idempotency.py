@@ -27,11 +27,11 @@ from gateway.core.errors import (
 )
 from gateway.services.durable import Durable
 from gateway.services.generation import Outcome
-from gateway.store.base import Store, StoredOutcome
+from gateway.store.base import StoredOutcome
+from gateway.store.manager import Store
 
 MAX_KEY_LENGTH = 255
 HEADER = "Idempotency-Key"
-REPLAYED = {"Idempotent-Replayed": "true"}
 
 Slot = tuple[str, str]  # (team, key)
 
@@ -227,7 +227,7 @@ class Idempotency:
             code="outcome_unknown",
             uncertain=True,
         )
-        return Outcome(error.status, earlier.request_id, error=error, final=True, extra=REPLAYED)
+        return Outcome(error.status, earlier.request_id, error=error, final=True, replayed=True)
 
 
 def _in_flight() -> IdempotencyConflict:
@@ -245,7 +245,7 @@ def _mismatch() -> IdempotencyMismatch:
 
 
 def _replay_of(outcome: Outcome) -> Outcome:
-    return replace(outcome, raw=None, reserved=0, attempts=0, usage=None, extra=REPLAYED)
+    return replace(outcome, raw=None, reserved=0, attempts=0, usage=None, replayed=True)
 
 
 def _stored_form(outcome: Outcome) -> tuple[int, str, dict[str, str]]:
@@ -267,7 +267,7 @@ def _replayed(
             request_id,
             error=StoredError(status, body, headers),
             final=True,
-            extra=REPLAYED,
+            replayed=True,
         )
     return Outcome(
         status,
@@ -276,7 +276,7 @@ def _replayed(
         upstream_id=body.get("id"),
         task_id=body.get("task_id"),
         final=True,
-        extra=REPLAYED,
+        replayed=True,
     )
 
 

@@ -18,7 +18,8 @@ from gateway.core.ledger import LedgerEntry, Settlement
 from gateway.core.money import format_cny
 from gateway.core.settlement import Correct, Ignore, Resolve, landed, late_landed, late_outcome
 from gateway.services.books import Books, LogSlot, MoneyMoved
-from gateway.store.base import Closed, Store
+from gateway.store.base import Closed
+from gateway.store.manager import Store
 
 log = logging.getLogger("gateway.ledger")
 

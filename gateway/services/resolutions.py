@@ -13,7 +13,7 @@ from __future__ import annotations
 from gateway.core.ledger import LedgerEntry, ResolvedState
 from gateway.core.settlement import admin_expiry, admin_resolution
 from gateway.services.books import Books, MoneyMoved
-from gateway.store.base import Store
+from gateway.store.manager import Store
 
 
 async def resolve(

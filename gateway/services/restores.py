@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gateway.core.restore import Position, Watermark, gap
 from gateway.ops import watermark as watermark_file
-from gateway.store.base import Store
+from gateway.store.manager import Store
 
 log = logging.getLogger("gateway")
 

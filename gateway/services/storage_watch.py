@@ -24,7 +24,7 @@ from gateway.core.money import units_to_cny
 from gateway.core.periods import period_at
 from gateway.core.pricing import remaining
 from gateway.ops.metrics import Metrics
-from gateway.store.base import Store
+from gateway.store.manager import Store
 from gateway.store.migrations import SchemaState, too_old
 
 log = logging.getLogger("gateway")

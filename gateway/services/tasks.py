@@ -31,7 +31,8 @@ from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.routing import Routing
-from gateway.store.base import NEVER, DuplicateTask, Store, TaskRow
+from gateway.store.base import NEVER, DuplicateTask, TaskRow
+from gateway.store.manager import Store
 
 log = logging.getLogger("gateway.tasks")
 

@@ -18,7 +18,8 @@ from gateway.core.normalize import QUALITIES
 from gateway.core.periods import Period, period_at, period_label, window
 from gateway.core.pricing import remaining
 from gateway.core.tables import aligned
-from gateway.store.base import Grouping, ReportRow, Store
+from gateway.store.base import Grouping, ReportRow
+from gateway.store.manager import Store
 
 GROUPINGS: tuple[str, ...] = get_args(Grouping)
 NO_KEY = "(none)"

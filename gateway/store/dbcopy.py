@@ -27,7 +27,7 @@ import asyncpg
 
 from gateway.store import migrations
 from gateway.store.postgres import verify_on
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.sqlite import SQLiteEngine
 
 # In the order that keeps every reference satisfied (settlements of a task's hold may carry an
 # overrun only once the task is there).
@@ -65,7 +65,7 @@ async def copy_sqlite_to_postgres(source: Path, dsn: str) -> Copied:
         with tempfile.TemporaryDirectory(prefix="image-gateway-copy-") as folder:
             migrated = Path(folder) / "migrated.db"
             await asyncio.to_thread(_backup, sqlite, migrated)
-            await (await SQLiteStore.open(migrated)).close()  # migrated at open
+            await (await SQLiteEngine.open(migrated)).close()  # migrated at open
             with contextlib.closing(_read_only(migrated)) as copy:
                 copied = await _copy_into(copy, dsn)
         return Copied(copied.rows, copied.entries, migrated_from=current.step)

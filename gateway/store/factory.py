@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Literal
 
 from gateway.core.config import Settings
-from gateway.store.base import Store
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.engine import Engine
+from gateway.store.manager import Store
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
 
 Role = Literal["gateway", "reader", "writer"]
 
@@ -18,10 +19,16 @@ async def open_store(
     """``gateway``: migrated, registered (PostgreSQL, as ``instance``) or locked (SQLite).
     ``reader`` and ``writer`` are for tools: they never migrate, and a SQLite reader never
     writes."""
+    return Store(await open_engine(settings, role, instance=instance))
+
+
+async def open_engine(
+    settings: Settings, role: Role = "gateway", *, instance: str | None = None
+) -> Engine:
     storage = settings.storage
     if storage.backend == "postgres":
         assert storage.dsn is not None, "validated by the config"
-        return await PostgresStore.open(
+        return await PostgresEngine.open(
             storage.dsn.reveal(),
             migrate=role == "gateway",
             register=role == "gateway",
@@ -29,7 +36,7 @@ async def open_store(
             name=instance,
         )
     if role == "reader":
-        return await SQLiteStore.open_read_only(settings.database)
+        return await SQLiteEngine.open_read_only(settings.database)
     if role == "writer":
-        return await SQLiteStore.open(settings.database, exclusive=False, migrate=False)
-    return await SQLiteStore.open(settings.database)
+        return await SQLiteEngine.open(settings.database, exclusive=False, migrate=False)
+    return await SQLiteEngine.open(settings.database)

@@ -219,7 +219,7 @@ class HttpUpstream:
         return scrub(raw, self._secret)
 
     def _jitter(self, attempt: int) -> float:
-        return self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        return float(self._backoff_s * (2 ** (attempt - 1)) * random.uniform(0.5, 1.0))
 
 
 class _NotSent(Exception):

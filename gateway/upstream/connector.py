@@ -32,6 +32,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.connector import Connection
 from yarl import URL
 
@@ -127,16 +128,14 @@ class UpstreamConnector(aiohttp.TCPConnector):
             self._skip_next_get = False
 
     async def _get(
-        self, key: aiohttp.connector.ConnectionKey, traces: list[aiohttp.tracing.Trace]
+        self, key: ConnectionKey, traces: list[aiohttp.tracing.Trace]
     ) -> Connection | None:
         if self._skip_next_get:
             self._skip_next_get = False
             return None
         return await super()._get(key, traces)
 
-    def _take_recent(
-        self, key: aiohttp.connector.ConnectionKey, window: float
-    ) -> Connection | None:
+    def _take_recent(self, key: ConnectionKey, window: float) -> Connection | None:
         """The newest pooled connection, if it was idle under ``window`` and is still open;
         closed ones met on the way are dropped, older idle ones are left for GETs."""
         conns = self._conns.get(key)

@@ -73,7 +73,7 @@ class SignInThrottle:
         return len(self._records)
 
     def _delay(self, failures: int) -> float:
-        return min(self._first_s * 2 ** min(failures - 1, 30), self._max_s)
+        return min(self._first_s * 2.0 ** min(failures - 1, 30), self._max_s)
 
 
 def _bucket(address: str) -> str:
