@@ -27,7 +27,7 @@ import pytest
 
 from gateway.core.config import parse_settings
 from gateway.core.money import cny_to_units
-from gateway.http.keys import CONFIG, DB, METRICS, TASKS
+from gateway.http.keys import ACCESS_LOG, CONFIG, DB, METRICS, TASKS
 from gateway.services.reconcile import rfc3339
 from gateway.store.base import LedgerQuery
 from tests.conftest import (
@@ -132,14 +132,19 @@ async def health(gateway: Gateway) -> dict[str, dict[str, Any]]:
             return {u["name"]: u for u in (await resp.json())["upstreams"]}
 
 
-async def lines(gateways: list[Gateway]) -> list[dict[str, Any]]:
-    """Every generation's access-log line (the instances share the file), once written."""
+async def shared_log(gateways: list[Gateway]) -> list[dict[str, Any]]:
+    """The access log the instances share, once every instance has written its lines (each
+    flushes its own, so reading through one instance alone can miss another's last line)."""
     for gateway in gateways:
         await gateway.settled()
+        gateway.app[ACCESS_LOG].flush()
+    return await gateways[0].log_lines()
+
+
+async def lines(gateways: list[Gateway]) -> list[dict[str, Any]]:
+    """Every generation's access-log line, once written."""
     return [
-        line
-        for line in await gateways[0].log_lines()
-        if line["endpoint"] in ("generations", "edits")
+        line for line in await shared_log(gateways) if line["endpoint"] in ("generations", "edits")
     ]
 
 
@@ -170,7 +175,7 @@ async def balanced(gateways: list[Gateway], found: dict[str, UpstreamProcess]) -
         if entry.state == "captured":
             captured[entry.upstream or "?"] += entry.charged_images
     logged = Counter[str]()
-    for line in await gateways[0].log_lines():
+    for line in await shared_log(gateways):
         if line["team"] is not None:
             logged[line["team"]] += cny_to_units(line["cost_cny"])
     assert +logged == +spent
