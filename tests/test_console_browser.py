@@ -44,6 +44,8 @@ DOCS = Path(__file__).resolve().parent.parent / "docs"
 def shots(tmp_path: Path) -> Path:
     """Where screenshots go: ``docs/`` when asked for (to refresh the README's), else aside."""
     return DOCS if os.environ.get("IMAGE_GATEWAY_SCREENSHOTS") == "1" else tmp_path
+
+
 ML_KEY = NAMED_KEYS["contractor"]  # the key of a third team, "ml"
 KEYS = {"design": TEAM_KEYS["design"], "ops": TEAM_KEYS["ops"], "ml": ML_KEY,
         "web-app": NAMED_KEYS["web-app"], "batch": NAMED_KEYS["batch"]}  # fmt: skip

@@ -30,6 +30,7 @@ from gateway.core.limits import Scope
 from gateway.core.restore import Position
 from gateway.core.settlement import LateDecision
 from gateway.store.migrations import SchemaState
+from gateway.store.results import ResultIndex
 
 NEVER = 1e18  # next_poll_at of a task nobody needs to poll again
 
@@ -181,6 +182,11 @@ class Store(abc.ABC):
 
     closed: bool = False
     created: bool = False  # opening made a new, empty ledger
+
+    @property
+    @abc.abstractmethod
+    def results(self) -> ResultIndex:
+        """The result store's index (``gateway.store.results``), in this database."""
 
     # -- lifecycle ---------------------------------------------------------------------------
 

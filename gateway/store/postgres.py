@@ -85,6 +85,7 @@ from gateway.store.common import (
     to_task_row,
     verification,
 )
+from gateway.store.results import ResultIndex, SqlResultIndex
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.store")
@@ -262,11 +263,19 @@ class PostgresStore(Store):
         async with self._connection() as conn, conn.transaction():
             return await work(conn)
 
-    async def _rows(self, sql: str, params: tuple[Any, ...] = ()) -> list[asyncpg.Record]:
-        """For tests and tools: ``?`` placeholders, as on SQLite."""
-        parts = sql.split("?")
-        numbered = parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
-        return await self._fetch(numbered, *params)
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[asyncpg.Record]:
+        """For tests, tools and statements written once for both engines: ``?`` placeholders,
+        as on SQLite."""
+        return await self._fetch(_numbered(sql), *params)
+
+    async def _changed(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """A ``?``-placeholder write: the number of rows it changed."""
+        done = await self._execute(_numbered(sql), *params)
+        return int(done.split()[-1])
+
+    @property
+    def results(self) -> ResultIndex:
+        return SqlResultIndex(self._changed, self._rows)
 
     # -- money -------------------------------------------------------------------------------
 
@@ -854,6 +863,11 @@ class PostgresStore(Store):
     async def purge_idempotency(self, before: float) -> int:
         done = await self._execute("DELETE FROM idempotency WHERE created_at < $1", before)
         return int(done.split()[-1])
+
+
+def _numbered(sql: str) -> str:
+    parts = sql.split("?")
+    return parts[0] + "".join(f"${i}{part}" for i, part in enumerate(parts[1:], 1))
 
 
 def _discard(conn: asyncpg.Connection) -> None:

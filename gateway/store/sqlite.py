@@ -80,6 +80,7 @@ from gateway.store.common import (
     to_task_row,
     verification,
 )
+from gateway.store.results import ResultIndex, SqlResultIndex
 from gateway.store.sqlite_writer import Writer
 
 T = TypeVar("T")
@@ -216,6 +217,10 @@ class SQLiteStore(Store):
             "SELECT key, value FROM meta WHERE key LIKE ? ORDER BY key", (RESTORE_PREFIX + "%",)
         )
         return [value for key, value in rows if float(key.removeprefix(RESTORE_PREFIX)) >= since]
+
+    @property
+    def results(self) -> ResultIndex:
+        return SqlResultIndex(self._write, self._rows)
 
     # -- plumbing ----------------------------------------------------------------------------
 
