@@ -7,15 +7,17 @@ import asyncio
 import base64
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from gateway.http.keys import METRICS, RESULTS
+from gateway.http.keys import CONFIG, METRICS, RESULTS
 from gateway.store.base import LedgerQuery
-from tests.conftest import PNG, Gateway, Upstream, books_balance
+from tests.conftest import PNG, TEAM_KEYS, Gateway, Upstream, books_balance
+from tests.console import ConsoleUser
 
 PROXY = {"upstream": {"proxy_results": True}}
 FILES = "/v1/images/files/"
@@ -132,7 +134,7 @@ async def test_the_owner_deletes_a_result_and_the_ledger_keeps_it(
     start_gateway: Any, upstream: Upstream
 ) -> None:
     gateway = await start_gateway(**PROXY)
-    status, answer, headers = await generate(gateway, n=2)
+    status, answer, _ = await generate(gateway, n=2)
     assert status == 200
     await kept(gateway)
     request_id = await ledger_id(gateway)
@@ -168,7 +170,7 @@ async def test_a_deletion_before_the_fetch_ends_keeps_nothing(
             await release.wait()
         return await handler(request)
 
-    upstream.faults.add(lambda request, handler: slow_file(request, handler), kind="GET")
+    upstream.faults.add(slow_file, kind="GET")
     status, _, _ = await generate(gateway)
     assert status == 200
     await gateway.settled()
@@ -208,21 +210,18 @@ async def test_beyond_max_gb_the_oldest_go_first(start_gateway: Any, upstream: U
         answers.append((await generate(gateway, prompt=prompt))[1])
         gateway.clock.advance(seconds=10)
     await kept(gateway)
-    sizes = sorted(p.stat().st_size for p in stored_files(gateway))
-    room = sizes[-1] + sizes[-2]  # room for the two newest whatever their order of size
-    gateway.app[RESULTS]._settings = lambda: _with_max(gateway, room)  # noqa: SLF001
-    assert await gateway.app[RESULTS].sweep() >= 1
+    files = stored_files(gateway)
+    assert len(files) == 3
+    room = sum(p.stat().st_size for p in files) - 1  # one byte too many
+    gateway.app[CONFIG].reload(
+        replace(gateway.settings, results=replace(gateway.settings.results, max_bytes=room))
+    )  # as a SIGHUP would
+    assert await gateway.app[RESULTS].sweep() == 1
     assert (await get(answers[0]["data"][0]["url"]))[0] == 410
-    assert (await get(answers[2]["data"][0]["url"]))[0] == 200
-    assert metric(gateway, "gateway_results_bytes") <= room
+    assert [(await get(a["data"][0]["url"]))[0] for a in answers[1:]] == [200, 200]
+    assert 0 < metric(gateway, "gateway_results_bytes") <= room
+    assert len(stored_files(gateway)) == 2
     await books_balance(gateway, upstream)
-
-
-def _with_max(gateway: Gateway, max_bytes: int) -> Any:
-    from dataclasses import replace
-
-    settings = gateway.settings
-    return replace(settings, results=replace(settings.results, max_bytes=max_bytes))
 
 
 async def test_reuse_answers_an_identical_request_for_nothing(
@@ -354,4 +353,24 @@ async def test_the_store_can_be_off(start_gateway: Any, upstream: Upstream) -> N
     request_id = await ledger_id(gateway)
     assert (await delete(gateway, request_id))[0] == 200
     assert (await get(answer["data"][0]["url"]))[0] == 410
+    await books_balance(gateway, upstream)
+
+
+async def test_the_console_shows_images_from_the_store(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    gateway = await start_gateway()
+    assert (await generate(gateway))[0] == 200
+    request_id = await ledger_id(gateway)
+    await kept(gateway)
+    (path,) = stored_files(gateway)
+    fetched = file_fetches(upstream)
+    async with ConsoleUser(gateway) as user:
+        await user.sign_in(TEAM_KEYS["design"])
+        async with user.http.get(f"{gateway.url}/console/images/{request_id}/0") as resp:
+            assert resp.status == 200 and resp.content_type == "image/png"
+            assert await resp.read() == path.read_bytes()
+        assert file_fetches(upstream) == fetched
+        assert (await delete(gateway, request_id))[0] == 200
+        assert (await user.get(f"/console/images/{request_id}/0"))[0] == 404
     await books_balance(gateway, upstream)

@@ -279,9 +279,8 @@ class Results:
         return len(deleted) or None
 
     async def delete(self, which: Deletion) -> list[ResultImage]:
-        deleted = await self._index.delete(which, self._now())
+        deleted = await delete_images(self._index, self._blobs, which, self._now())
         if deleted:
-            await self._forget([row.digest for row in deleted if row.digest is not None])
             await self.count()
         return deleted
 
@@ -323,12 +322,7 @@ class Results:
         return totals
 
     async def _forget(self, digests: Sequence[str]) -> None:
-        """Remove the files of ``digests`` that no live image names any more."""
-        if self._blobs is None or not digests:
-            return
-        keep = await self._index.live_digests(digests)
-        for digest in set(digests) - keep:
-            await asyncio.to_thread(self._blobs.remove, digest)
+        await forget_files(self._index, self._blobs, digests)
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -342,6 +336,25 @@ class Results:
         if now - self._warned.get(reason, -WARN_EVERY_S) >= WARN_EVERY_S:
             self._warned[reason] = now
             log.warning("result store: %s; the upstream's URL still serves it", message)
+
+
+async def delete_images(
+    index: ResultIndex, blobs: Blobs | None, which: Deletion, now: float
+) -> list[ResultImage]:
+    """Mark the images chosen deleted, then remove the files no live image names."""
+    deleted = await index.delete(which, now)
+    await forget_files(index, blobs, [row.digest for row in deleted if row.digest is not None])
+    return deleted
+
+
+async def forget_files(index: ResultIndex, blobs: Blobs | None, digests: Sequence[str]) -> None:
+    """Remove the files of ``digests`` that no live image names any more (identical bytes of
+    another request keep theirs)."""
+    if blobs is None or not digests:
+        return
+    keep = await index.live_digests(digests)
+    for digest in set(digests) - keep:
+        await asyncio.to_thread(blobs.remove, digest)
 
 
 def open_blobs(directory: Path | None) -> Blobs | None:
