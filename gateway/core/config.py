@@ -405,7 +405,7 @@ def parse_settings(
         storage=storage_config,
         admin_keys=named_admin_keys,
         console=_console(root.table("console"), base_dir, env),
-        results=_results(root.table("results"), database, storage_config, base_dir),
+        results=_results(root.table("results"), database, storage_config, base_dir, env),
     )
     for table in (storage, log_table, admin, models):
         table.finish()
@@ -999,16 +999,20 @@ RESULT_STORES = ("directory", "off")
 GIB = 1024 * MIB
 
 
-def _results(t: _Table, database: Path, storage: StorageConfig, base_dir: Path) -> ResultsConfig:
-    """``[results]``: ``store``, ``directory`` (default ``results`` beside the SQLite database,
-    or beside the config on PostgreSQL), ``keep_days``, ``max_gb``."""
+def _results(
+    t: _Table, database: Path, storage: StorageConfig, base_dir: Path, env: Mapping[str, str]
+) -> ResultsConfig:
+    """``[results]``: ``store``, ``directory`` (a relative one beside the SQLite database; on
+    PostgreSQL in ``$STATE_DIRECTORY`` when systemd gives one, as the watermark, else beside
+    the config), ``keep_days``, ``max_gb``."""
     store = t.get(
         "store",
         str,
         "directory",
         lambda v: None if v in RESULT_STORES else "must be directory or off",
     )
-    beside = database.parent if storage.backend == "sqlite" else base_dir
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]  # systemd's StateDirectory=
+    beside = database.parent if storage.backend == "sqlite" else Path(state) if state else base_dir
     directory = _resolve(t.get("directory", str, "results", _non_empty), beside)
     config = ResultsConfig(
         directory=directory if store == "directory" else None,
