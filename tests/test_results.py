@@ -18,6 +18,7 @@ from gateway.http.keys import CONFIG, METRICS, RESULTS
 from gateway.store.base import LedgerQuery
 from tests.conftest import PNG, TEAM_KEYS, Gateway, Upstream, books_balance
 from tests.console import ConsoleUser
+from tests.fakes import json_error
 
 PROXY = {"upstream": {"proxy_results": True}}
 FILES = "/v1/images/files/"
@@ -373,4 +374,39 @@ async def test_the_console_shows_images_from_the_store(
         assert file_fetches(upstream) == fetched
         assert (await delete(gateway, request_id))[0] == 200
         assert (await user.get(f"/console/images/{request_id}/0"))[0] == 404
+    await books_balance(gateway, upstream)
+
+
+async def test_identical_reuse_requests_share_one_generation_when_nothing_can_be_stored(
+    start_gateway: Any, upstream: Upstream, tmp_path: Path
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("in the way")
+    gateway = await start_gateway(results={"directory": str(blocked)})
+    answers = await asyncio.gather(
+        *(generate(gateway, headers={"X-Gateway-Cache": "reuse"}) for _ in range(5))
+    )
+    assert [status for status, _, _ in answers] == [200] * 5
+    assert sorted(h["X-Gateway-Cache-Status"] for _, _, h in answers) == ["hit"] * 4 + ["miss"]
+    assert len(upstream.sim.generation_requests()) == 1
+    await books_balance(gateway, upstream)
+
+
+async def test_a_failing_file_host_is_tried_again_then_given_up_on(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    gateway = await start_gateway(**PROXY)
+    upstream.faults.add(json_error(503, "server_error", "busy"), kind="GET")
+    await generate(gateway, prompt="second try")
+    await kept(gateway)
+    assert len(stored_files(gateway)) == 1 and file_fetches(upstream) == 1  # + the failed one
+    assert metric(gateway, "gateway_results_fetch_failures_total", reason="fetch") == 0
+    for _ in range(3):
+        upstream.faults.add(json_error(503, "server_error", "busy"), kind="GET")
+    _, answer, _ = await generate(gateway, prompt="never")
+    await kept(gateway)
+    assert metric(gateway, "gateway_results_fetch_failures_total", reason="fetch") == 1
+    assert len(stored_files(gateway)) == 1
+    status, _, _ = await get(answer["data"][0]["url"])  # the host is back: fetched and kept
+    assert status == 200 and len(stored_files(gateway)) == 2
     await books_balance(gateway, upstream)

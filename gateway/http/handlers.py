@@ -383,7 +383,12 @@ async def _dispatch(
             return await generate()
         since = job.now.timestamp() - window_s
         outcome, status = await app[REUSE].run(
-            job.team.name, job.reuse_key, since, generate, lambda: _kept(app, job.request_id)
+            job.request_id,
+            job.team.name,
+            job.reuse_key,
+            since,
+            generate=generate,
+            kept=lambda: _kept(app, job.request_id),
         )
         request[RECORD]["cache"] = status
         if status == "hit":

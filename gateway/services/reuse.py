@@ -4,7 +4,8 @@ Only on request (``X-Gateway-Cache: reuse``, or a team's ``reuse_identical_s``):
 means a new image, and so does the same prompt without the opt-in. A hit is the stored answer of
 the newest identical request of the team within the window whose every image is stored: nothing
 is reserved or sent. Identical ``reuse`` requests in flight on this instance share one
-generation: the first generates, the others wait until its images are stored, then hit.
+generation: the first generates, the others wait until its images are stored (or given up on: a
+store that cannot be written must not make each of them buy its own), then get its answer.
 """
 
 from __future__ import annotations
@@ -34,36 +35,53 @@ class Reuse:
     def __init__(self, db: Store, metrics: Metrics) -> None:
         self._db = db
         self._metrics = metrics
-        self._in_flight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._releases: set[asyncio.Task[None]] = set()
 
     async def run(
         self,
+        request_id: str,
         team: str,
         key: str,
         since: float,
+        *,
         generate: Callable[[], Awaitable[Outcome]],
         kept: Callable[[], Awaitable[None]],
     ) -> tuple[Outcome, Status]:
-        """A hit, or the outcome of ``generate`` (a miss). ``kept`` waits until what
-        ``generate`` started is stored; identical requests wait for it meanwhile."""
+        """A hit, or the outcome of ``generate`` (a miss) for ``request_id``. ``kept`` waits
+        until what ``generate`` started is settled and stored; identical requests wait for it
+        meanwhile, then answer with its result (captured, whether or not it could be stored)."""
         while True:
-            hit = await self._hit(team, key, since)
+            try:
+                found = await self._db.results.reusable(team, key, since)
+            except StorageUnavailable as exc:
+                log.warning("the opt-in cache could not be read (%s): generating", exc)
+                found = None
+            hit = None if found is None else await self._hit(team, found)
             if hit is not None:
                 return hit, "hit"
             waiting = self._in_flight.get((team, key))
             if waiting is None:
                 break
-            await asyncio.shield(waiting)
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            shared = await self._hit(team, await asyncio.shield(waiting))
+            if shared is not None:
+                return shared, "hit"
+        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[team, key] = done
         try:
             return await generate(), "miss"
         finally:
-            task = asyncio.ensure_future(self._release(team, key, done, kept))
-            task.add_done_callback(lambda _: None)
+            release = asyncio.ensure_future(self._release(team, key, done, request_id, kept))
+            self._releases.add(release)
+            release.add_done_callback(self._releases.discard)
 
     async def _release(
-        self, team: str, key: str, done: asyncio.Future[None], kept: Callable[[], Awaitable[None]]
+        self,
+        team: str,
+        key: str,
+        done: asyncio.Future[str],
+        request_id: str,
+        kept: Callable[[], Awaitable[None]],
     ) -> None:
         try:
             await kept()
@@ -72,20 +90,18 @@ class Reuse:
         finally:
             if self._in_flight.get((team, key)) is done:
                 del self._in_flight[team, key]
-            done.set_result(None)
+            done.set_result(request_id)
 
-    async def _hit(self, team: str, key: str, since: float) -> Outcome | None:
+    async def _hit(self, team: str, request_id: str) -> Outcome | None:
+        """The captured answer of ``request_id`` (of ``team``), as a hit; None if it has none."""
         try:
-            request_id = await self._db.results.reusable(team, key, since)
-            if request_id is None:
-                return None
             stored = (await self._db.stored_results([request_id])).get(request_id)
             entry = await self._db.find_entry(request_id)
         except StorageUnavailable as exc:
             log.warning("the opt-in cache could not be read (%s): generating", exc)
             return None
         payload = _answer(stored)
-        if payload is None or entry is None:
+        if payload is None or entry is None or entry.team != team or entry.state != "captured":
             return None
         self._metrics.cache_saved.labels(team).inc(units_to_cny(entry.charged))
         return Outcome(200, request_id, payload=payload, upstream_id=entry.upstream_id)
