@@ -204,18 +204,24 @@ SETTLE_AT_TEARDOWN_S = 60
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Every in-process gateway test runs on both storage engines (``sqlite_only`` tests, which
-    reach into the SQLite file itself, only on the first)."""
+    reach into the SQLite file itself, only on the first; ``postgres_only`` ones, a fleet on one
+    database, only on the second)."""
     return str(request.param)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def other_engine(item: pytest.Item) -> str | None:
+        if item.get_closest_marker("sqlite_only"):
+            return "postgres"
+        return "sqlite" if item.get_closest_marker("postgres_only") else None
+
     kept = [
         item
         for item in items
         if not (
-            item.get_closest_marker("sqlite_only")
+            other_engine(item) is not None
             and getattr(item, "callspec", None) is not None
-            and item.callspec.params.get("backend") == "postgres"  # type: ignore[attr-defined]
+            and item.callspec.params.get("backend") == other_engine(item)  # type: ignore[attr-defined]
         )
     ]
     if len(kept) != len(items):

@@ -165,3 +165,15 @@ def test_a_read_only_directory_fails_the_write_only(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         blobs.put(PNG)
     assert blocked.read_text() == "in the way"
+
+
+async def test_deleted_since_names_the_files_to_remove(index: ResultIndex) -> None:
+    await index.add([image("a"), image("b"), image("c")])
+    for name in "abc":
+        await index.stored(name, 0, blob(name), 1.0)
+    await index.delete(Deletion(request_id="a"), 100.0)
+    await index.delete(Deletion(request_id="b"), 200.0)
+    assert await index.deleted_since(0.0) == sorted([blob("a").digest, blob("b").digest])
+    assert await index.deleted_since(150.0) == [blob("b").digest]
+    many = [blob(str(n)).digest for n in range(1200)]  # more than one statement's worth
+    assert await index.live_digests([*many, blob("c").digest]) == {blob("c").digest}

@@ -183,6 +183,25 @@ async def test_a_deletion_before_the_fetch_ends_keeps_nothing(
     await books_balance(gateway, upstream)
 
 
+@pytest.mark.postgres_only
+async def test_an_instance_removes_its_copies_of_images_deleted_elsewhere(
+    start_gateway: Any, upstream: Upstream, tmp_path: Path
+) -> None:
+    first = await start_gateway(results={"directory": str(tmp_path / "a")}, **PROXY)
+    second = await start_gateway(results={"directory": str(tmp_path / "b")}, **PROXY)
+    _, answer, headers = await generate(first)
+    await kept(first)
+    url = answer["data"][0]["url"].replace(first.url, second.url)
+    assert (await get(url))[0] == 200  # the second keeps a copy of its own
+    assert len(stored_files(second)) == 1
+    assert (await delete(first, headers["X-Request-ID"]))[0] == 200
+    assert stored_files(first) == [] and len(stored_files(second)) == 1
+    await second.app[RESULTS].sweep()
+    assert stored_files(second) == []
+    assert (await get(url))[0] == 410
+    await books_balance(first, upstream)
+
+
 async def test_keep_days_and_max_gb_evict_with_the_clock(
     start_gateway: Any, upstream: Upstream
 ) -> None:

@@ -71,7 +71,7 @@ from gateway.upstream.pool import UpstreamPool
 log = logging.getLogger("gateway")
 
 PURGE_EVERY_S = 3600.0
-RESULTS_SWEEP_S = 600.0  # the result store's retention pass
+RESULTS_SWEEP_S = 60.0  # the result store's retention pass (index queries; files only if due)
 LARGE_BODIES_AT_ONCE = 2  # max_body_mb-sized bodies read and checked at the same time
 INSTANCE_HEADER = "X-Gateway-Instance"
 NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.:@-]")

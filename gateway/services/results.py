@@ -40,6 +40,7 @@ FETCH_CONCURRENCY = 4  # background downloads at once (a b64_json answer does no
 FETCH_ATTEMPTS = 3
 BACKOFF_S = (1.0, 4.0)  # before the second and third attempt
 EVICT_BATCH = 100
+SWEEP_OVERLAP_S = 3600.0  # deletions are looked at again for this long (clocks of a fleet differ)
 DAY_S = 86400.0
 WARN_EVERY_S = 60.0  # a full disk fails every image: one warning a minute says so
 
@@ -91,6 +92,7 @@ class Results:
         self._wanted: dict[str, str] = {}  # url_key -> the request whose job keeps it
         self._slots = asyncio.Semaphore(FETCH_CONCURRENCY)
         self._warned: dict[str, float] = {}
+        self._swept_at = 0.0  # deletions seen up to here (0: every one, at start)
 
     @property
     def enabled(self) -> bool:
@@ -285,12 +287,16 @@ class Results:
         return deleted
 
     async def sweep(self) -> int:
-        """The retention pass: each team's images older than its ``keep_days`` (a team no
-        longer configured: the longest ``keep_days`` of all), then the oldest beyond ``max_gb``.
-        The number of images deleted."""
+        """The retention pass: this instance's copies of images deleted anywhere (by a team, a
+        purge, another instance's pass), then each team's images older than its ``keep_days``
+        (a team no longer configured: the longest ``keep_days`` of all), then the oldest beyond
+        ``max_gb``. The number of images deleted."""
         settings = self._settings()
         config = settings.results
         now = self._now()
+        elsewhere = await self._index.deleted_since(self._swept_at)  # by other instances too
+        await self._forget(elsewhere)
+        self._swept_at = now - SWEEP_OVERLAP_S
         deleted = 0
         for team in settings.teams.values():
             before = now - config.keep_days_of(team) * DAY_S

@@ -98,6 +98,11 @@ class ResultIndex(abc.ABC):
         """Those of ``digests`` a live image still refers to (its file must stay)."""
 
     @abc.abstractmethod
+    async def deleted_since(self, since: float) -> list[str]:
+        """The digests of images deleted at ``since`` or later (another instance of a fleet
+        may have deleted them: this one removes its own copies)."""
+
+    @abc.abstractmethod
     async def totals(self) -> Totals: ...
 
     @abc.abstractmethod
@@ -126,7 +131,10 @@ SQL = {
     " AND (CAST(? AS DOUBLE PRECISION) IS NULL OR created_at < ?)",
     "delete": "UPDATE result_images SET deleted_at = ? WHERE deleted_at IS NULL"
     " AND request_id = ? AND position = ?",
-    "live_digest": "SELECT 1 FROM result_images WHERE digest = ? AND deleted_at IS NULL LIMIT 1",
+    "live_digests": "SELECT DISTINCT digest FROM result_images WHERE deleted_at IS NULL"
+    " AND digest IN ({marks})",
+    "deleted_since": "SELECT DISTINCT digest FROM result_images WHERE deleted_at >= ?"
+    " AND digest IS NOT NULL ORDER BY digest",
     "totals": "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM result_images"
     " WHERE deleted_at IS NULL AND digest IS NOT NULL",
     "distinct_bytes": "SELECT COALESCE(SUM(size), 0) FROM (SELECT MAX(bytes) AS size"
@@ -135,6 +143,7 @@ SQL = {
     " AND digest IS NOT NULL ORDER BY created_at, request_id, position LIMIT ?",
 }
 
+DIGESTS_AT_ONCE = 500  # bound parameters per statement (SQLite allows 32,766, PostgreSQL 65,535)
 Execute = Callable[[str, Sequence[Any]], Awaitable[int]]  # rows changed
 Fetch = Callable[[str, Sequence[Any]], Awaitable[Sequence[Sequence[Any]]]]
 
@@ -177,7 +186,15 @@ class SqlResultIndex(ResultIndex):
         return deleted
 
     async def live_digests(self, digests: Sequence[str]) -> set[str]:
-        return {d for d in set(digests) if await self._fetch(SQL["live_digest"], (d,))}
+        wanted, live = sorted(set(digests)), set[str]()
+        for start in range(0, len(wanted), DIGESTS_AT_ONCE):
+            chunk = wanted[start : start + DIGESTS_AT_ONCE]
+            sql = SQL["live_digests"].format(marks=",".join("?" * len(chunk)))
+            live.update(str(row[0]) for row in await self._fetch(sql, chunk))
+        return live
+
+    async def deleted_since(self, since: float) -> list[str]:
+        return [str(row[0]) for row in await self._fetch(SQL["deleted_since"], (float(since),))]
 
     async def totals(self) -> Totals:
         (count, _), *_ = await self._fetch(SQL["totals"], ())
@@ -244,6 +261,12 @@ class MemoryResultIndex(ResultIndex):
 
     async def live_digests(self, digests: Sequence[str]) -> set[str]:
         return {r.digest for r in self.rows.values() if r.live and r.digest in digests}  # type: ignore[misc]
+
+    async def deleted_since(self, since: float) -> list[str]:
+        return sorted({
+            r.digest for r in self.rows.values()
+            if r.digest and r.deleted_at is not None and r.deleted_at >= since
+        })  # fmt: skip
 
     async def totals(self) -> Totals:
         stored = [r for r in self.rows.values() if r.live and r.digest]
