@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import os
+import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,3 +174,57 @@ async def test_a_fleet_answers_a_result_made_on_the_other_instance(
         await delete(second.url, headers["X-Request-ID"]) == 200
     )  # deleted through the other instance
     assert [(await get(item["url"]))[0] for item in answer["data"]] == [410, 410]
+
+
+@pytest.fixture
+def full_disk(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a filesystem with no room left: a 64 KiB tmpfs, filled."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs as root)")
+    mount = tmp_path / "full"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        (mount / "results").mkdir()
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as fh:
+            while True:
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        yield mount / "results"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+async def test_a_full_disk_never_fails_a_paid_request(
+    gateways: Start, fake: UpstreamProcess, full_disk: Path
+) -> None:
+    gateway = await gateways(results={"directory": str(full_disk)}, **PROXY)
+    status, answer, _ = await generate(gateway.url, response_format="b64_json")
+    assert status == 200 and base64.b64decode(answer["data"][0]["b64_json"])[:4] == b"\x89PNG"
+    status, by_url, _ = await generate(gateway.url, prompt="by url")
+    assert status == 200
+    status, body = await get(by_url["data"][0]["url"])  # streamed from the upstream
+    assert status == 200 and body[:4] == b"\x89PNG"
+    assert await failures(gateway.url, "disk") >= 2
+    assert not any(full_disk.rglob("*/*/*"))
+    await gateway.stop()
+    assert "No space left on device" in await gateway.stderr()
+    assert "WARNING" in await gateway.stderr()
+
+
+async def failures(url: str, reason: str, seconds: float = 20) -> float:
+    """``gateway_results_fetch_failures_total{reason}`` once it is above zero (or at the
+    deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    while True:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(
+                url + "/metrics", headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+            ) as resp:
+                text = await resp.text()
+        wanted = f'gateway_results_fetch_failures_total{{reason="{reason}"}} '
+        value = float(next(ln for ln in text.splitlines() if ln.startswith(wanted)).split()[1])
+        if value >= 2 or loop.time() > deadline:
+            return value
+        await asyncio.sleep(0.05)

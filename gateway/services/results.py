@@ -359,8 +359,7 @@ async def forget_files(index: ResultIndex, blobs: Blobs | None, digests: Sequenc
     if blobs is None or not digests:
         return
     keep = await index.live_digests(digests)
-    for digest in set(digests) - keep:
-        await asyncio.to_thread(blobs.remove, digest)
+    await asyncio.to_thread(blobs.remove_all, set(digests) - keep)
 
 
 def open_blobs(directory: Path | None) -> Blobs | None:

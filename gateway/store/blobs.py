@@ -17,6 +17,7 @@ import hashlib
 import os
 import secrets
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from gateway.core.images import sniff_image_type
@@ -95,10 +96,12 @@ class Blobs:
         self._remember(digest, target)
         return data
 
-    def remove(self, digest: str) -> None:
-        self._checked.pop(digest, None)
-        with contextlib.suppress(FileNotFoundError):
-            self.path(digest).unlink()
+    def remove_all(self, digests: Iterable[str]) -> None:
+        """Remove these files (those already gone are no error)."""
+        for digest in digests:
+            self._checked.pop(digest, None)
+            with contextlib.suppress(FileNotFoundError):
+                self.path(digest).unlink()
 
     def _intact(self, digest: str, target: Path) -> bool:
         try:
