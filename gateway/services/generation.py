@@ -281,8 +281,16 @@ class Generations:
     def _kept(self, job: Job, outcome: Outcome, created_at: float) -> None:
         """Hand a paid result's images to the result store (it fetches them in the background)."""
         urls = tuple(payload_urls(outcome.payload))
-        reuse_key = job.reuse_key if job.mode == "sync" else None
-        paid = Paid(job.request_id, job.team.name, outcome.upstream, urls, reuse_key, created_at)
+        sync = job.mode == "sync"
+        paid = Paid(
+            job.request_id,
+            job.team.name,
+            outcome.upstream,
+            urls,
+            job.reuse_key if sync else None,
+            created_at,
+            urgent=sync and job.request.response_format != "url",
+        )
         try:
             self._on_paid(paid)
         except Exception:  # never the paid answer's problem

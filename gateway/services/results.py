@@ -59,6 +59,7 @@ class Paid:
     urls: tuple[str, ...]
     reuse_key: str | None  # set where the opt-in cache may answer it again
     created_at: float
+    urgent: bool = False  # its answer waits for the bytes (b64_json): fetched at once, first
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +120,9 @@ class Results:
             for key in keys:
                 if self._wanted.get(key) == paid.request_id:
                     del self._wanted[key]
+                    download = self._downloads.get(key)
+                    if download is not None and download.done():
+                        del self._downloads[key]
 
         task.add_done_callback(done)
 
@@ -158,12 +162,17 @@ class Results:
         except StorageUnavailable as exc:
             self._failed("index", f"result images of {paid.request_id} not indexed: {exc}")
             return
-        await asyncio.gather(*(self._keep_one(row) for row in rows))
+        await asyncio.gather(*(self._keep_one(row, urgent=paid.urgent) for row in rows))
         await self.count()
 
-    async def _keep_one(self, row: ResultImage) -> None:
+    async def _keep_one(self, row: ResultImage, *, urgent: bool) -> None:
         try:
-            data = await self._download(row.url, background=True)
+            try:
+                data = await self._download(row.url, background=not urgent)
+            except DownloadError:
+                if not urgent:
+                    raise
+                data = await self._download(row.url, background=True)  # the client has its URL
         except DownloadError as exc:
             self._failed("fetch", f"result image {row.position} of {row.request_id}: {exc}")
             return
@@ -192,14 +201,22 @@ class Results:
         return Found(blob.kind, path=self._blobs.path(blob.digest))
 
     async def _download(self, url: str, *, background: bool) -> bytes:
-        """The image at ``url``, joining a download of it already under way."""
+        """The image at ``url``, joining a download of it under way, or (for an image a job is
+        keeping) one done and not yet stored: fetched once, whoever asks first."""
         key = url_key(url)
         running = self._downloads.get(key)
+        if running is not None and running.done() and not _succeeded(running):
+            running = None  # a failed try is not the last word
         if running is None:
             running = asyncio.ensure_future(self._fetch(url, background=background))
             self._downloads[key] = running
-            running.add_done_callback(lambda _: self._downloads.pop(key, None))
+            running.add_done_callback(lambda done: self._downloaded(key, done))
         return await asyncio.shield(running)
+
+    def _downloaded(self, key: str, download: asyncio.Future[bytes]) -> None:
+        """Forgotten once done, unless a job is keeping that image (then when the job ends)."""
+        if key not in self._wanted and self._downloads.get(key) is download:
+            del self._downloads[key]
 
     async def _fetch(self, url: str, *, background: bool) -> bytes:
         """Background fetches wait for a slot and retry with backoff; an answer's own fetch
@@ -222,11 +239,9 @@ class Results:
         """An image's bytes (``b64_json``): from the store, else fetched (and kept if it is a
         stored result's). Expired if deleted; DownloadError if it cannot be had.
 
-        A result being kept right now (a fresh ``b64_json`` answer) is waited for: its image is
-        fetched once, by its job."""
-        job = self._jobs.get(self._wanted.get(url_key(url), ""))
-        if job is not None:
-            await asyncio.wait([job])
+        An image being kept right now (a fresh ``b64_json`` answer) shares its job's download."""
+        if url_key(url) in self._wanted:
+            return await self._download(url, background=False)
         row = await self._row(url)
         if self._blobs is not None and row is not None and row.digest is not None:
             data = await asyncio.to_thread(self._blobs.read, row.digest)
@@ -360,6 +375,10 @@ async def forget_files(index: ResultIndex, blobs: Blobs | None, digests: Sequenc
         return
     keep = await index.live_digests(digests)
     await asyncio.to_thread(blobs.remove_all, set(digests) - keep)
+
+
+def _succeeded(download: asyncio.Future[bytes]) -> bool:
+    return not download.cancelled() and download.exception() is None
 
 
 def open_blobs(directory: Path | None) -> Blobs | None:
