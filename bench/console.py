@@ -41,9 +41,9 @@ from gateway.core.auth import key_digest
 from gateway.core.ledger import Hold, Uncertain
 from gateway.core.periods import period_at
 from gateway.core.settlement import capture_reply
-from gateway.store.base import Store
-from gateway.store.postgres import PostgresStore
-from gateway.store.sqlite import SQLiteStore
+from gateway.store.manager import Store
+from gateway.store.postgres import PostgresEngine
+from gateway.store.sqlite import SQLiteEngine
 from tests.process import to_toml
 
 TEAM, TEAM_KEY = "bench", "igw_bench_team_key_000000000000000000"
@@ -243,14 +243,14 @@ async def _database(
     backend: str, work: Path
 ) -> AsyncIterator[tuple[dict[str, Any], dict[str, str], Store]]:
     if backend == "sqlite":
-        db = await SQLiteStore.open(work / "gateway.db")
+        db = Store(await SQLiteEngine.open(work / "gateway.db"))
         yield {"database": str(work / "gateway.db")}, {}, db
         return
     from bench.pg import DURABLE, local_server, migrated_database
 
     with local_server(DURABLE, work) as (server, _):
         dsn = await migrated_database(server.dsn, "console")
-        db = await PostgresStore.open(dsn, register=False)
+        db = Store(await PostgresEngine.open(dsn, register=False))
         yield (
             {"backend": "postgres", "dsn_env": "BENCH_DATABASE_URL"},
             {"BENCH_DATABASE_URL": dsn},

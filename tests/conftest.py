@@ -218,13 +218,16 @@ SETTLE_AT_TEARDOWN_S = 60
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """The storage engines an in-process gateway test runs on (its ``backend``): both real
     ones unless the test or its module says ``@pytest.mark.engines(...)``; ``sqlite_only``
-    tests reach into the SQLite file itself."""
+    tests reach into the SQLite file itself, ``postgres_only`` ones run a fleet on one
+    database."""
     if "backend" not in metafunc.fixturenames:
         return
     chosen = metafunc.definition.get_closest_marker("engines")
     engines = chosen.args if chosen is not None else REAL_ENGINES
     if metafunc.definition.get_closest_marker("sqlite_only"):
         engines = ("sqlite",)
+    if metafunc.definition.get_closest_marker("postgres_only"):
+        engines = ("postgres",)
     metafunc.parametrize("backend", engines)
 
 

@@ -90,11 +90,46 @@ def test_minimal_config_and_defaults() -> None:
         ),
         ({**MINIMAL, "admin": {"keys_sha256": [HASH]}}, "admin.keys_sha256"),
         ({**MINIMAL, "models": {"aliases": {"dall-e-3": "gpt-4o"}}}, "models.aliases.dall-e-3"),
+        ({**MINIMAL, "results": {"store": "s3"}}, "results.store must be directory or off"),
+        ({**MINIMAL, "results": {"keep_days": 0}}, "results.keep_days"),
+        ({**MINIMAL, "results": {"max_gb": -1}}, "results.max_gb"),
+        ({**MINIMAL, "results": {"directory": " "}}, "results.directory"),
+        ({**MINIMAL, "results": {"keep": 1}}, "results.keep is not a known setting"),
+        (
+            {"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "keep_days": -2}}},
+            "teams.design.keep_days",
+        ),
+        (
+            {
+                "teams": {
+                    "design": {"keys_sha256": [HASH], "budget_cny": 1, "reuse_identical_s": "1h"}
+                }
+            },
+            "teams.design.reuse_identical_s must be float",
+        ),
     ],
 )
 def test_problems_name_the_key(data: dict, named: str) -> None:
     found = problems(data)
     assert any(named in problem for problem in found), found
+
+
+def test_the_result_store_defaults_beside_the_database() -> None:
+    settings = parse({**MINIMAL, "storage": {"database": "/var/lib/gw/gateway.db"}})
+    results = settings.results
+    assert results.directory == Path("/var/lib/gw/results")
+    assert (results.keep_days, results.max_bytes) == (7.0, 20 * 1024**3)
+    team = parse({"teams": {"design": {"keys_sha256": [HASH], "budget_cny": 1, "keep_days": 2,
+                                       "reuse_identical_s": 600}}}).teams["design"]  # fmt: skip
+    assert (team.keep_days, team.reuse_identical_s) == (2.0, 600.0)
+    assert settings.results.keep_days_of(team) == 2.0
+    assert settings.results.keep_days_of(settings.teams["design"]) == 7.0
+    assert parse({**MINIMAL, "results": {"store": "off"}}).results.directory is None
+    postgres = {**MINIMAL, "storage": {"backend": "postgres", "dsn_env": "DB"}}
+    env = {**ENV, "DB": "postgresql://gw@db/gw"}
+    assert parse(postgres, env).results.directory == Path("/tmp/results")  # beside the config
+    env["STATE_DIRECTORY"] = "/var/lib/image-gateway"
+    assert parse(postgres, env).results.directory == Path("/var/lib/image-gateway/results")
 
 
 def test_missing_central_key() -> None:

@@ -1,5 +1,6 @@
-"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger, upstreams. The only
-reader of argv. Every failure a user can cause ends in one line on stderr and exit status 1."""
+"""The ``image-gateway`` command: serve, new-key, check-config, usage, ledger, upstreams, results.
+The only reader of argv. Every failure a user can cause ends in one line on stderr and exit
+status 1."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from gateway import __version__
 from gateway.cli import ledger as cli_ledger
+from gateway.cli import results as cli_results
 from gateway.cli import upstreams as cli_upstreams
 from gateway.cli.support import (
     CONFIG_HELP,
@@ -211,6 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     cli_ledger.add_commands(commands)
     cli_ledger.add_db_commands(commands)
     cli_upstreams.add_command(commands)
+    cli_results.add_command(commands)
     return parser
 
 

@@ -187,6 +187,8 @@ class TeamConfig:
     max_concurrent: int | None = None
     default_response_format: FormatSetting = "auto"
     keys: tuple[KeyConfig, ...] = ()
+    keep_days: float | None = None  # how long its result images are kept (None: [results])
+    reuse_identical_s: float | None = None  # answer identical requests from the store (opt-in)
 
     def all_keys(self) -> tuple[KeyConfig, ...]:
         """Unnamed keys (``keys_sha256``) and named ones (``[[teams.X.keys]]``)."""
@@ -241,6 +243,18 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class ResultsConfig:
+    """``[results]``: the store of paid result images. ``directory`` None: ``store = "off"``."""
+
+    directory: Path | None
+    keep_days: float = 7.0
+    max_bytes: int = 20 * 1024 * MIB
+
+    def keep_days_of(self, team: TeamConfig | None) -> float:
+        return team.keep_days if team is not None and team.keep_days is not None else self.keep_days
+
+
+@dataclass(frozen=True)
 class SignInLink:
     """A one-time console sign-in (the demo's banner link): the SHA-256 of its token, and of the
     key it signs in as. Made by the program, never read from a file."""
@@ -275,6 +289,7 @@ class Settings:
     storage: StorageConfig = field(default_factory=StorageConfig)
     admin_keys: tuple[AdminKey, ...] = ()  # [[admin.keys]]: named
     console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    results: ResultsConfig = field(default_factory=lambda: ResultsConfig(None))
 
     def all_admin_keys(self) -> tuple[AdminKey, ...]:
         """Unnamed admin keys (``keys_sha256``) and named ones (``[[admin.keys]]``)."""
@@ -300,6 +315,7 @@ class Settings:
                 ("tasks", self.tasks, new.tasks),
                 ("idempotency.keep_hours", self.idempotency.keep_hours, new.idempotency.keep_hours),
                 ("console", self.console, new.console),
+                ("results.directory", self.results.directory, new.results.directory),
             )
             if old_value != new_value
         ]
@@ -313,6 +329,7 @@ class Settings:
             tasks=self.tasks,
             idempotency=replace(new.idempotency, keep_hours=self.idempotency.keep_hours),
             console=self.console,
+            results=replace(new.results, directory=self.results.directory),
         )
         return merged, kept
 
@@ -388,6 +405,7 @@ def parse_settings(
         storage=storage_config,
         admin_keys=named_admin_keys,
         console=_console(root.table("console"), base_dir, env),
+        results=_results(root.table("results"), database, storage_config, base_dir, env),
     )
     for table in (storage, log_table, admin, models):
         table.finish()
@@ -833,6 +851,8 @@ def _teams(t: _Table) -> dict[str, TeamConfig]:
             max_concurrent=team.get("max_concurrent", int, None, _at_least_one),
             default_response_format=fmt,
             keys=named,
+            keep_days=team.get("keep_days", float, None, _positive),
+            reuse_identical_s=team.get("reuse_identical_s", float, None, _positive),
         )
         if "budget_cny" not in team.data:
             t.errors.append(f"{team.name('budget_cny')} is required")
@@ -994,6 +1014,34 @@ def _metrics(t: _Table, admin_keys: tuple[str, ...]) -> MetricsConfig:
         enabled=t.get("enabled", bool, True),
         port=t.get("port", int, 0, _port),
         require_admin=bool(admin_keys) if require_admin is None else require_admin,
+    )
+    t.finish()
+    return config
+
+
+RESULT_STORES = ("directory", "off")
+GIB = 1024 * MIB
+
+
+def _results(
+    t: _Table, database: Path, storage: StorageConfig, base_dir: Path, env: Mapping[str, str]
+) -> ResultsConfig:
+    """``[results]``: ``store``, ``directory`` (a relative one beside the SQLite database; on
+    PostgreSQL in ``$STATE_DIRECTORY`` when systemd gives one, as the watermark, else beside
+    the config), ``keep_days``, ``max_gb``."""
+    store = t.get(
+        "store",
+        str,
+        "directory",
+        lambda v: None if v in RESULT_STORES else "must be directory or off",
+    )
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]  # systemd's StateDirectory=
+    beside = database.parent if storage.backend == "sqlite" else Path(state) if state else base_dir
+    directory = _resolve(t.get("directory", str, "results", _non_empty), beside)
+    config = ResultsConfig(
+        directory=directory if store == "directory" else None,
+        keep_days=t.get("keep_days", float, 7.0, _positive),
+        max_bytes=int(t.get("max_gb", float, 20.0, _positive) * GIB),
     )
     t.finish()
     return config

@@ -6,6 +6,7 @@
     ├── PermissionDenied               403    permission_error
     ├── BudgetExceeded                 402    insufficient_quota
     ├── NotFound                       404    invalid_request_error
+    ├── Gone                           410    invalid_request_error (a deleted result)
     ├── MethodNotAllowed               405    invalid_request_error
     ├── Conflict                       409    invalid_request_error
     │   └── IdempotencyConflict
@@ -102,6 +103,13 @@ class NotFound(GatewayError):
     status = 404
     type = "invalid_request_error"
     code = "not_found"
+    should_retry = False
+
+
+class Gone(GatewayError):
+    status = 410
+    type = "invalid_request_error"
+    code = "result_expired"
     should_retry = False
 
 

@@ -6,8 +6,10 @@ result URL is a credential.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
+from urllib.parse import urlsplit
 
 
 def result_urls(stored: str | None) -> list[str]:
@@ -31,3 +33,22 @@ def result_urls(stored: str | None) -> list[str]:
 
 def _is_url(value: object) -> bool:
     return isinstance(value, str) and value.startswith(("https://", "http://"))
+
+
+def url_key(url: str) -> str:
+    """What finds a result image by its URL in the store's index: the SHA-256 of the URL's path
+    and query, which the gateway's own ``/v1/images/files/...`` URL keeps from the upstream's."""
+    parts = urlsplit(url)
+    return hashlib.sha256(
+        (parts.path + ("?" + parts.query if parts.query else "")).encode()
+    ).hexdigest()
+
+
+def payload_urls(payload: dict[str, Any] | None) -> list[str]:
+    """``data[].url`` of an answer about to be sent (a dict, not yet text)."""
+    items = (payload or {}).get("data")
+    return [
+        item["url"]
+        for item in (items if isinstance(items, list) else [])
+        if isinstance(item, dict) and _is_url(item.get("url"))
+    ]

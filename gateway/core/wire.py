@@ -76,6 +76,18 @@ def fingerprint(request: ImageRequest, *, async_mode: bool, key_fp: str) -> str:
     return digest.hexdigest()
 
 
+def reuse_key(request: ImageRequest, team: str) -> str:
+    """What makes two requests the same for the opt-in cache: the team, the endpoint and every
+    field sent upstream, the references by the hash of their content (not the answer's format,
+    which the gateway makes from the same images, nor the key, which pays from the same budget)."""
+    digest = hashlib.sha256()
+    meta = {**request.upstream_fields(), "endpoint": request.endpoint, "team": team}
+    digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())
+    for ref in request.references:
+        digest.update(b"\x00" + reference_digest(ref))
+    return digest.hexdigest()
+
+
 def reference_digest(ref: Reference) -> bytes:
     """The sha256 of an upload's bytes or a URL's text (a ``DataUrl`` hashes as its ``str``),
     precomputed off the loop where the body reader did so."""

@@ -40,6 +40,8 @@ from gateway.http.keys import (
     INSTANCE,
     METRICS,
     OPEN_STORE,
+    RESULTS,
+    REUSE,
     ROUTING,
     SIMULATED,
     TASKS,
@@ -57,6 +59,8 @@ from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
 from gateway.services.resolutions import log_outside
 from gateway.services.restores import KEEP_EVERY_S, RestoredLedger, WatermarkKeeper, check_restored
+from gateway.services.results import Results, open_blobs
+from gateway.services.reuse import Reuse
 from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
@@ -69,6 +73,7 @@ from gateway.upstream.pool import UpstreamPool
 log = logging.getLogger("gateway")
 
 PURGE_EVERY_S = 3600.0
+RESULTS_SWEEP_S = 60.0  # the result store's retention pass (index queries; files only if due)
 LARGE_BODIES_AT_ONCE = 2  # max_body_mb-sized bodies read and checked at the same time
 INSTANCE_HEADER = "X-Gateway-Instance"
 NOT_IN_A_NAME = re.compile(r"[^A-Za-z0-9_.:@-]")
@@ -261,6 +266,15 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[CONFIG].current.settings
     db, clock, metrics, books = app[DB], app[CLOCK], app[METRICS], app[BOOKS]
     durable = Durable(metrics)
+    live = app[CONFIG]
+    results = Results(
+        index=db.results,
+        blobs=await asyncio.to_thread(open_blobs, settings.results.directory),
+        downloader=app[DOWNLOADER],
+        metrics=metrics,
+        clock=clock,
+        settings=lambda: live.current.settings,
+    )
     tasks = TaskTracker(
         db=db,
         routing=app[ROUTING],
@@ -268,6 +282,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         books=books,
         clock=clock,
         config=settings.tasks,
+        on_paid=results.paid,
     )
     generations = Generations(
         db=db,
@@ -277,12 +292,14 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
         books=books,
         durable=durable,
         clock=clock,
+        on_paid=results.paid,
     )
     idempotency = Idempotency(
         db, generations.is_running, clock, settings.idempotency.keep_hours, durable
     )
     app[TASKS], app[GENERATIONS], app[IDEMPOTENCY] = tasks, generations, idempotency
     app[DURABLE] = durable
+    app[RESULTS], app[REUSE] = results, Reuse(db, metrics)
     background = [
         asyncio.create_task(tasks.run_settler(), name="task settler"),
         asyncio.create_task(
@@ -296,6 +313,10 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
                 lambda: log_outside(db, books, clock().timestamp()),
             ),
             name="resolution log",
+        ),
+        asyncio.create_task(
+            _every(RESULTS_SWEEP_S, "the result store's retention pass", results.sweep),
+            name="result retention",
         ),
     ]
     if settings.storage.backend == "postgres":
@@ -316,6 +337,7 @@ async def _services_ctx(app: web.Application) -> AsyncIterator[None]:
             left,
         )
     await idempotency.drain()
+    await results.close()  # images not stored yet stay at the upstream
     await durable.close()
     for task in background:
         task.cancel()

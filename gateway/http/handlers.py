@@ -20,6 +20,7 @@ from aiohttp import web
 from gateway.core.auth import check_expiry
 from gateway.core.config import KeyConfig, Settings, TeamConfig
 from gateway.core.errors import (
+    Gone,
     NotFound,
     StorageUnavailable,
     Unauthorized,
@@ -37,7 +38,8 @@ from gateway.core.normalize import (
 )
 from gateway.core.periods import period_at
 from gateway.core.pricing import remaining
-from gateway.core.wire import fingerprint
+from gateway.core.results import result_urls
+from gateway.core.wire import fingerprint, reuse_key
 from gateway.http.admission import body_cost
 from gateway.http.body import BodyLimits, read_body
 from gateway.http.keys import (
@@ -52,6 +54,8 @@ from gateway.http.keys import (
     LEDGER_ID,
     METRICS,
     RECORD,
+    RESULTS,
+    REUSE,
     ROUTING,
     SETTLING,
     SLOT,
@@ -63,6 +67,10 @@ from gateway.ops.accesslog import FILES_PATH, result_id, short_id
 from gateway.services.generation import Job, Outcome
 from gateway.services.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.services.idempotency import check_key
+from gateway.services.results import Expired, Found
+from gateway.services.reuse import HEADER as CACHE_HEADER
+from gateway.services.reuse import STATUS_HEADER as CACHE_STATUS_HEADER
+from gateway.services.reuse import choose
 from gateway.services.usage import standing
 from gateway.upstream.base import DownloadError
 
@@ -128,9 +136,19 @@ async def create_image(request: web.Request) -> web.Response:
             now=now,
             slot=request[SLOT],
             key=key,
+            reuse_key=reuse_key(image_request, team.name),
         )
         record["ledger_id"] = job.request_id
-        outcome = await _dispatch(request, job, idempotency_key, retry_count, settings)
+        window_s = choose(
+            request.headers.get(CACHE_HEADER),
+            team.reuse_identical_s,
+            app[RESULTS].enabled and mode == "sync",
+        )
+        if window_s is not None:
+            record["cache"] = "bypass"  # until the store is asked
+        outcome = await _dispatch(
+            request, job, idempotency_key, retry_count, settings, window_s=window_s
+        )
     settling = app[GENERATIONS].settling(job.request_id)
     if settling is not None and outcome.dedupe_of is None:
         request[SETTLING] = settling  # the log line waits for the money
@@ -170,6 +188,14 @@ async def result_file(request: web.Request) -> web.StreamResponse:
     url = upstream.files_origin + path + (f"?{query[1]}" if query[1] else "")
     record.update(result_ids=[result_id(url)], upstream=upstream.name)
     try:
+        found = await request.app[RESULTS].file(url, upstream.name)
+    except Expired:
+        raise _gone() from None
+    except DownloadError as exc:
+        raise NotFound(f"The result image could not be fetched: {exc}.") from None
+    if found is not None:
+        return stored_image(found, {"X-Request-ID": record["request_id"]})
+    try:
         async with request.app[DOWNLOADER].open_image(url) as image:
             response = web.StreamResponse(
                 headers={
@@ -192,6 +218,43 @@ async def result_file(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"The result image could not be fetched: {exc}.") from None
     await response.write_eof()
     return response
+
+
+def stored_image(found: Found, headers: dict[str, str]) -> web.StreamResponse:
+    """An image from the result store: its file (sent by the kernel), or bytes just fetched."""
+    headers = {"Content-Type": found.kind, "Cache-Control": "private, max-age=86400", **headers}
+    if found.path is not None:
+        return web.FileResponse(found.path, headers=headers)
+    return web.Response(body=found.data, headers=headers)
+
+
+def _gone() -> Gone:
+    return Gone("This result image was deleted from the gateway's store (by its team, a purge, "
+                "or after keep_days).")  # fmt: skip
+
+
+async def delete_result(request: web.Request) -> web.Response:
+    """DELETE /v1/images/results/{request_id}: the owning team deletes a request's images from
+    the store at once (another team's request, or an unknown one: 404; already deleted: 410).
+    The ledger keeps its entry."""
+    record = request[RECORD]
+    record["endpoint"] = "results"
+    team, _ = _caller(request, request.app[CONFIG].current)
+    unknown = "No request of your team has that id."
+    request_id = path_id(request, "request_id", unknown)
+    db = request.app[DB]
+    entry = await db.find_entry(request_id)
+    if entry is None or entry.request_id != request_id or entry.team != team.name:
+        raise NotFound(unknown, param="request_id")
+    record["ledger_id"] = request_id
+    urls = result_urls((await db.stored_results([request_id])).get(request_id))
+    if not urls:
+        raise NotFound("That request has no result images.", param="request_id")
+    deleted = await request.app[RESULTS].delete_request(request_id, team.name, urls)
+    if deleted is None:
+        raise _gone()
+    record["images"] = deleted
+    return json_response({"object": "result.deleted", "request_id": request_id, "deleted": deleted})
 
 
 def _origin(request: web.Request) -> str:
@@ -304,12 +367,35 @@ def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> N
 
 
 async def _dispatch(
-    request: web.Request, job: Job, key: str | None, retry_count: int, settings: Settings
+    request: web.Request,
+    job: Job,
+    key: str | None,
+    retry_count: int,
+    settings: Settings,
+    *,
+    window_s: float | None,
 ) -> Outcome:
     app = request.app
     generations = app[GENERATIONS]
 
     async def fresh() -> Outcome:
+        if not window_s or job.reuse_key is None:
+            return await generate()
+        since = job.now.timestamp() - window_s
+        outcome, status = await app[REUSE].run(
+            job.request_id,
+            job.team.name,
+            job.reuse_key,
+            since,
+            generate=generate,
+            kept=lambda: _kept(app, job.request_id),
+        )
+        request[RECORD]["cache"] = status
+        if status == "hit":
+            request[RECORD].update(ledger_id=None, upstream=None)
+        return outcome
+
+    async def generate() -> Outcome:
         if retry_count >= 1:
             window_s = settings.idempotency.retry_dedupe_minutes * 60
             since = job.now.timestamp() - window_s
@@ -328,6 +414,14 @@ async def _dispatch(
     if outcome.replayed:
         request[RECORD]["idempotency"] = "replayed"
     return outcome
+
+
+async def _kept(app: web.Application, request_id: str) -> None:
+    """Until a generation's images are stored (for the identical requests waiting on it)."""
+    settling = app[GENERATIONS].settling(request_id)
+    if settling is not None:
+        await asyncio.wait([settling])
+    await app[RESULTS].kept(request_id)
 
 
 async def _respond(
@@ -354,6 +448,8 @@ async def _respond(
         failovers=list(outcome.failovers) if outcome.upstream is not None else None,
     )
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
+    if record["cache"] is not None:
+        headers[CACHE_STATUS_HEADER] = record["cache"]
     if req.ignored:
         headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
     if outcome.dedupe_of is not None:
@@ -366,7 +462,7 @@ async def _respond(
     record["result_ids"] = _result_ids(payload)
     if outcome.status == 200 and req.response_format != "url" and "task_id" not in payload:
         keep_url = req.response_format == "both"
-        payload, warning = await as_b64_json(payload, request.app[DOWNLOADER], keep_url=keep_url)
+        payload, warning = await as_b64_json(payload, request.app[RESULTS].image, keep_url=keep_url)
         headers.update(warning)
     configs = list(request.app[ROUTING].known_configs())
     if any(c.proxy_results for c in configs):

@@ -18,6 +18,8 @@ from gateway.services.books import Books, LogSlot
 from gateway.services.durable import Durable
 from gateway.services.generation import Generations
 from gateway.services.idempotency import Idempotency
+from gateway.services.results import Results
+from gateway.services.reuse import Reuse
 from gateway.services.routing import Routing
 from gateway.services.storage_watch import StorageWatch
 from gateway.services.tasks import TaskTracker
@@ -45,6 +47,8 @@ TASKS = web.AppKey("tasks", TaskTracker)
 GENERATIONS = web.AppKey("generations", Generations)
 IDEMPOTENCY = web.AppKey("idempotency", Idempotency)
 DURABLE = web.AppKey("durable", Durable)
+RESULTS = web.AppKey("results", Results)  # the store of paid result images
+REUSE = web.AppKey("reuse", Reuse)  # the opt-in cache
 BODIES = web.AppKey("bodies", ByteBudget)
 SIMULATED = web.AppKey("simulated", bool)  # the upstream is the embedded simulator
 ACCEPT_RESTORED = web.AppKey("accept_restored", bool)  # serve --accept-restored-ledger

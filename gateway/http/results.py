@@ -12,15 +12,16 @@ import asyncio
 import base64
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 from multidict import MultiMapping
 
 from gateway.core.config import DEFAULT_UPSTREAM, UpstreamConfig
+from gateway.services.results import Expired
 from gateway.upstream.base import DownloadError
-from gateway.upstream.downloader import Downloader, is_result_origin
+from gateway.upstream.downloader import is_result_origin
 
 log = logging.getLogger("gateway.results")
 
@@ -30,14 +31,17 @@ RESULT_PATH = re.compile(r"/v1/images/files(?:/[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127
 
 
 async def as_b64_json(
-    payload: dict[str, Any], downloader: Downloader, *, keep_url: bool = False
+    payload: dict[str, Any], fetch: Callable[[str], Awaitable[bytes]], *, keep_url: bool = False
 ) -> tuple[dict[str, Any], dict[str, str]]:
     """``payload`` with ``b64_json`` in each ``data[]`` item (in place of ``url``, or beside it
-    with ``keep_url``), or as it was plus a warning."""
+    with ``keep_url``), or as it was plus a warning. ``fetch``: the result store's reader."""
     items = payload.get("data") or []
     urls = [item.get("url") for item in items]
     try:
-        images = await asyncio.gather(*(downloader.fetch_image(url) for url in urls))
+        images = await asyncio.gather(*(fetch(url) for url in urls))
+    except Expired:
+        warning = "b64_json unavailable (the images were deleted from the gateway); URLs only"
+        return payload, {WARNING_HEADER: warning}
     except DownloadError as exc:
         log.warning("b64_json download failed, answering with URLs: %s", exc)
         warning = f"b64_json unavailable ({exc}); returning URLs instead"

@@ -17,6 +17,7 @@ def add_routes(app: web.Application, settings: Settings) -> None:
         app.router.add_get(f"{prefix}/images/tasks/{{task_id}}", handlers.get_task)
         app.router.add_get(f"{prefix}/models", handlers.list_models)
     app.router.add_get("/v1/images/files/{path:.+}", handlers.result_file)
+    app.router.add_delete("/v1/images/results/{request_id}", handlers.delete_result)
     app.router.add_get("/v1/gateway/usage", handlers.team_usage)
     app.router.add_get("/healthz", monitoring.healthz)
     app.router.add_get("/readyz", monitoring.readyz)

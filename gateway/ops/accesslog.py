@@ -30,7 +30,7 @@ FIELDS: tuple[str, ...] = (
     # Added fields (never renamed, only added to):
     "error_code", "requested_model", "images", "attempts", "idempotency", "dedupe_of",
     "result_ids", "gateway_ms", "prompt", "ledger_id", "ledger_state", "key", "end_user",
-    "queued_ms", "client_ip", "instance", "actor", "upstream", "failovers",
+    "queued_ms", "client_ip", "instance", "actor", "upstream", "failovers", "cache",
 )  # fmt: skip
 MAX_CLIENT_CHARS = 200
 ROTATION_CHECK_S = 1.0

@@ -145,6 +145,30 @@ class Metrics:
             "Paid results held in memory because their settlement could not be stored yet",
             registry=r,
         )
+        self.results_bytes = Gauge(
+            "gateway_results_bytes",
+            "Bytes of result images in the store (each file once), as of the last count",
+            registry=r,
+        )
+        self.results_images = Gauge(
+            "gateway_results_images", "Result images in the store, as of the last count", registry=r
+        )
+        self.results_fetch_failures = Counter(
+            "gateway_results_fetch_failures",
+            "Result images not kept: the upstream's file could not be fetched (after retries), "
+            "was not an image, or the store's disk or index refused it",
+            ["reason"],
+            registry=r,
+        )
+        for reason in ("fetch", "not_image", "disk", "index"):
+            self.results_fetch_failures.labels(reason)
+        self.cache_saved = Counter(
+            "gateway_cache_saved_cny",
+            "CNY not spent: requests answered from the store (X-Gateway-Cache: reuse), at what "
+            "the request they repeat cost",
+            ["team"],
+            registry=r,
+        )
 
         self.storage_up = Gauge(
             "gateway_storage_up",

@@ -34,12 +34,14 @@ from gateway.core.ledger import BudgetRefused, Hold, Settlement, Usage
 from gateway.core.normalize import ImageRequest
 from gateway.core.periods import Period
 from gateway.core.pricing import budget_refusal, hold_for
+from gateway.core.results import payload_urls
 from gateway.core.settlement import capture_reply, interrupted, release, uncertain
 from gateway.core.wire import upstream_body
 from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
+from gateway.services.results import Paid
 from gateway.services.routing import Plan, Routed, Routing
 from gateway.services.tasks import TaskTracker
 from gateway.store.base import Attempt, Closed, DuplicateTask
@@ -66,6 +68,7 @@ class Job:
     now: datetime
     slot: LogSlot | None = None  # the request's access-log line, while money can join it
     key: KeyConfig | None = None
+    reuse_key: str | None = None  # what the opt-in cache finds its result by (core.wire)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,8 +116,10 @@ class Generations:
         durable: Durable,
         clock: Callable[[], datetime],
         attach_timeout_s: float = 300.0,
+        on_paid: Callable[[Paid], None] = lambda paid: None,
     ) -> None:
         self._db = db
+        self._on_paid = on_paid
         self._routing = routing
         self._tasks = tasks
         self._metrics = metrics
@@ -268,9 +273,29 @@ class Generations:
             cut = interrupted(hold, sent=state.whole, upstream=state.upstream, price=price)
             await asyncio.shield(self._commit(job, hold, cut))
             raise
+        if outcome.status == 200 and outcome.error is None:
+            self._kept(job, outcome, hold.created_at)
         ready.set_result(outcome)
         if settlement is not None:
             await self._commit(job, hold, settlement)
+
+    def _kept(self, job: Job, outcome: Outcome, created_at: float) -> None:
+        """Hand a paid result's images to the result store (it fetches them in the background)."""
+        urls = tuple(payload_urls(outcome.payload))
+        sync = job.mode == "sync"
+        paid = Paid(
+            job.request_id,
+            job.team.name,
+            outcome.upstream,
+            urls,
+            job.reuse_key if sync else None,
+            created_at,
+            urgent=sync and job.request.response_format != "url",
+        )
+        try:
+            self._on_paid(paid)
+        except Exception:  # never the paid answer's problem
+            log.exception("handing %s to the result store failed", job.request_id)
 
     async def _reserve(self, hold: Hold) -> Usage:
         """The durable hold. Cancelled while it is being written, the write may land all the

@@ -25,11 +25,13 @@ from cachetools import TTLCache
 from gateway.core.config import TasksConfig
 from gateway.core.errors import GatewayError, NotFound, UpstreamRejected
 from gateway.core.ledger import Capture, Hold
+from gateway.core.results import payload_urls
 from gateway.core.settlement import expired, late_outcome, task_settlement
 from gateway.ops.accesslog import short_id
 from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
+from gateway.services.results import Paid
 from gateway.services.routing import Routing
 from gateway.store.base import NEVER, DuplicateTask, TaskRow
 from gateway.store.manager import Store
@@ -53,8 +55,10 @@ class TaskTracker:
         books: Books,
         clock: Callable[[], datetime],
         config: TasksConfig,
+        on_paid: Callable[[Paid], None] = lambda paid: None,
     ) -> None:
         self._db = db
+        self._on_paid = on_paid
         self._routing = routing
         self._metrics = metrics
         self._books = books
@@ -352,6 +356,9 @@ class TaskTracker:
         if closed.late is None:
             self._metrics.pending_tasks.dec()
         late.report(self._books, closed, slot)
+        urls = tuple(payload_urls(present(answer)))
+        if status == "completed" and settlement.state == "captured" and urls:
+            self._on_paid(Paid(row.request_id, row.team, row.upstream, urls, None, row.created_at))
 
 
 def present(answer: dict[str, Any]) -> dict[str, Any]:

@@ -65,6 +65,7 @@ from gateway.store.common import (
     verification,
 )
 from gateway.store.engine import Engine, Script, Step, count, every, one, only
+from gateway.store.results import ResultIndex
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.store")
@@ -79,6 +80,7 @@ class Store:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.results = ResultIndex(engine)  # the result store's index, in the same database
         self._limiter = Limiter()
         self._failures_beaten = 0  # the engine's failures as of the last heartbeat committed
         self._opened_at = time.time()  # an unshared ledger's one instance started here

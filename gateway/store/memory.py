@@ -96,6 +96,7 @@ class MemoryDatabase:
         self.expiries: dict[str, Row] = {}
         self.corrections: dict[str, tuple[Row, ...]] = {}  # by request, oldest first
         self.meta: dict[str, str] = _migrated()
+        self.result_index: dict[tuple[str, int], Row] = {}  # by (request_id, position)
 
     def snapshot(self) -> MemoryDatabase:
         copied = copy.copy(self)
@@ -568,6 +569,94 @@ class MemoryDatabase:
         for k in gone:
             del self.idempotency[k]
         return len(gone)
+
+    # -- the result store's index --------------------------------------------------------------
+
+    def result_add(self, *, request_id: str, position: int, **image: Any) -> int:
+        if (request_id, position) in self.result_index:
+            return 0
+        self.result_index[request_id, position] = {
+            "request_id": request_id, "position": position, **image,
+        }  # fmt: skip
+        return 1
+
+    def result_stored(self, *, request_id: str, position: int, **stored: Any) -> int:
+        row = self.result_index.get((request_id, position))
+        if row is None or row["deleted_at"] is not None:
+            return 0
+        self.result_index[request_id, position] = {**row, **stored}
+        return 1
+
+    def _result_rows(self, keep: Callable[[Row], bool]) -> list[Row]:
+        return [row for row in self.result_index.values() if keep(row)]
+
+    def result_of_request(self, *, request_id: str) -> list[Row]:
+        found = self._result_rows(lambda r: r["request_id"] == request_id)
+        return sorted(found, key=lambda r: r["position"])
+
+    def result_by_url(self, *, url_sha256: str) -> list[Row]:
+        found = self._result_rows(lambda r: r["url_sha256"] == url_sha256)
+        return sorted(found, key=lambda r: r["created_at"], reverse=True)[:1]
+
+    def result_reusable(self, *, team: str, reuse_key: str, since: float) -> list[Row]:
+        groups: dict[str, list[Row]] = {}
+        for row in self._result_rows(
+            lambda r: (r["team"], r["reuse_key"]) == (team, reuse_key) and r["created_at"] >= since
+        ):
+            groups.setdefault(row["request_id"], []).append(row)
+        whole = [
+            rows
+            for rows in groups.values()
+            if len(rows) == rows[0]["images"]
+            and all(r["digest"] is not None and r["deleted_at"] is None for r in rows)
+        ]
+        newest = sorted(whole, key=lambda rows: rows[0]["created_at"], reverse=True)
+        return [{"request_id": rows[0]["request_id"]} for rows in newest[:1]]
+
+    def result_choose(self, *, request_id: str | None, team: str | None, before: float | None
+                      ) -> list[Row]:  # fmt: skip
+        return self._result_rows(
+            lambda r: (
+                r["deleted_at"] is None
+                and request_id in (None, r["request_id"])
+                and team in (None, r["team"])
+                and (before is None or r["created_at"] < before)
+            )
+        )
+
+    def result_delete(self, *, request_id: str, position: int, deleted_at: float) -> int:
+        row = self.result_index.get((request_id, position))
+        if row is None or row["deleted_at"] is not None:
+            return 0
+        self.result_index[request_id, position] = {**row, "deleted_at": deleted_at}
+        return 1
+
+    def result_live_digests(self, *, digests: str) -> list[Row]:
+        wanted = set(json.loads(digests))
+        live = self._result_rows(lambda r: r["deleted_at"] is None and r["digest"] in wanted)
+        return [{"digest": d} for d in sorted({r["digest"] for r in live})]
+
+    def result_deleted_since(self, *, since: float) -> list[Row]:
+        gone = self._result_rows(
+            lambda r: r["digest"] is not None and r["deleted_at"] is not None
+            and r["deleted_at"] >= since
+        )  # fmt: skip
+        return [{"digest": d} for d in sorted({r["digest"] for r in gone})]
+
+    def _result_stored_live(self) -> list[Row]:
+        return self._result_rows(lambda r: r["deleted_at"] is None and r["digest"] is not None)
+
+    def result_totals(self) -> list[Row]:
+        stored = self._result_stored_live()
+        sizes = {r["digest"]: r["bytes"] or 0 for r in stored}
+        return [{"images": len(stored), "bytes": sum(sizes.values())}]
+
+    def result_oldest(self, *, limit: int) -> list[Row]:
+        order = sorted(
+            self._result_stored_live(),
+            key=lambda r: (r["created_at"], r["request_id"], r["position"]),
+        )
+        return order[:limit]
 
 
 def _migrated() -> dict[str, str]:

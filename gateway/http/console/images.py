@@ -1,4 +1,5 @@
-"""A signed-in team's own result images, streamed from the upstream through the console.
+"""A signed-in team's own result images, from the result store (else streamed from the
+upstream) through the console.
 
 The page holds only ``/console/images/<ledger id>/<n>``: the result URL (a credential) is read
 from the ledger's stored answer here and never reaches the browser.
@@ -15,10 +16,11 @@ from gateway.core.errors import GatewayError, NotFound, PermissionDenied, Unauth
 from gateway.core.results import result_urls
 from gateway.http.console.render import error_page
 from gateway.http.console.session import viewer
-from gateway.http.handlers import path_id
-from gateway.http.keys import DB, DOWNLOADER, RECORD
+from gateway.http.handlers import path_id, stored_image
+from gateway.http.keys import DB, DOWNLOADER, RECORD, RESULTS
 from gateway.ops.accesslog import result_id
 from gateway.services.console import result_count
+from gateway.services.results import Expired
 from gateway.upstream.base import DownloadError
 
 log = logging.getLogger("gateway")
@@ -36,8 +38,15 @@ async def image(request: web.Request) -> web.StreamResponse:
         if who is None:
             raise Unauthorized("Sign in to the console first.", code="not_signed_in")
         url = await _result_url(request, who.team.name if who.team else None)
+        found = await request.app[RESULTS].file(url)
+    except Expired:
+        return error_page(request, NotFound("That image was deleted from the gateway."), who)
+    except DownloadError as exc:
+        return error_page(request, NotFound(f"The image could not be fetched: {exc}."), who)
     except GatewayError as exc:
         return error_page(request, exc, who)
+    if found is not None:
+        return stored_image(found, {})
     return await _stream(request, url)
 
 

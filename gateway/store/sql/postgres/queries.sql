@@ -387,3 +387,74 @@ SELECT t.task_id, t.team, t.request_id, t.created_at, t.status, t.result, t.poll
 SELECT instance_id, host, pid, extract(epoch FROM started_at)::float8 AS started_at,
        extract(epoch FROM heartbeat_at)::float8 AS heartbeat_at
   FROM instances ORDER BY started_at
+
+-- result_add --
+-- One image of a paid result, not stored yet (the result store's index, migration 0009); a row
+-- already there stays as it is.
+INSERT INTO result_images (request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at)
+VALUES (:request_id, :position, :team, :upstream, :url, :url_sha256, :reuse_key, :images,
+        :created_at, :digest, :bytes, :kind, :stored_at, :deleted_at)
+ON CONFLICT (request_id, position) DO NOTHING
+
+-- result_stored --
+-- The image's bytes are in the directory; nothing if it was deleted meanwhile.
+UPDATE result_images SET digest = :digest, bytes = :bytes, kind = :kind, stored_at = :stored_at
+ WHERE request_id = :request_id AND position = :position AND deleted_at IS NULL
+
+-- result_of_request --
+SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at
+  FROM result_images WHERE request_id = :request_id ORDER BY position
+
+-- result_by_url --
+-- The newest image with that URL (by the URL's SHA-256), deleted included.
+SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at
+  FROM result_images WHERE url_sha256 = :url_sha256 ORDER BY created_at DESC LIMIT 1
+
+-- result_reusable --
+-- The team's newest request since :since with that key whose every image is stored, none deleted.
+SELECT request_id FROM result_images
+ WHERE team = :team AND reuse_key = :reuse_key AND created_at >= :since
+ GROUP BY request_id, images, created_at
+HAVING COUNT(*) = images AND COUNT(digest) = images AND COUNT(deleted_at) = 0
+ ORDER BY created_at DESC LIMIT 1
+
+-- result_choose --
+-- The live images of a deletion: each of request, team and age narrows it unless NULL.
+SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at
+  FROM result_images
+ WHERE deleted_at IS NULL
+   AND (:request_id::text IS NULL OR request_id = :request_id)
+   AND (:team::text IS NULL OR team = :team)
+   AND (:before::double precision IS NULL OR created_at < :before)
+
+-- result_delete --
+UPDATE result_images SET deleted_at = :deleted_at
+ WHERE deleted_at IS NULL AND request_id = :request_id AND position = :position
+
+-- result_live_digests --
+-- Those of :digests (a JSON array) a live image still refers to.
+SELECT DISTINCT digest FROM result_images
+ WHERE deleted_at IS NULL AND digest IN (SELECT jsonb_array_elements_text(:digests::text::jsonb))
+
+-- result_deleted_since --
+SELECT DISTINCT digest FROM result_images
+ WHERE deleted_at >= :since AND digest IS NOT NULL ORDER BY digest
+
+-- result_totals --
+-- Live stored images, and the bytes of their files: each digest counted once.
+SELECT (SELECT COUNT(*) FROM result_images WHERE deleted_at IS NULL AND digest IS NOT NULL)
+           AS images,
+       (SELECT COALESCE(SUM(size), 0) FROM
+          (SELECT MAX(bytes) AS size FROM result_images
+            WHERE deleted_at IS NULL AND digest IS NOT NULL GROUP BY digest) d) AS bytes
+
+-- result_oldest --
+-- Live stored images, oldest first: what goes first beyond max_gb.
+SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at
+  FROM result_images WHERE deleted_at IS NULL AND digest IS NOT NULL
+ ORDER BY created_at, request_id, position LIMIT :limit

@@ -1,0 +1,181 @@
+"""The result store's index: one contract, answered alike by SQLite, PostgreSQL and the
+in-memory engine the service's tests may use; and the content-addressed directory."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.store.blobs import Blobs, NotAnImage
+from gateway.store.manager import Store
+from gateway.store.memory import MemoryEngine
+from gateway.store.postgres import PostgresEngine
+from gateway.store.results import Blob, Deletion, ResultImage, ResultIndex
+from gateway.store.sqlite import SQLiteEngine
+from tests.conftest import GIF, JPEG, PNG, WEBP
+from tests.postgres import fresh_database
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResultIndex]:
+    if request.param == "memory":
+        yield Store(MemoryEngine()).results
+    elif request.param == "sqlite":
+        store = Store(await SQLiteEngine.open(tmp_path / "gateway.db"))
+        yield store.results
+        await store.close()
+    else:
+        server = request.getfixturevalue("postgres_server")
+        async with fresh_database(server) as dsn:
+            pg = Store(await PostgresEngine.open(dsn))
+            yield pg.results
+            await pg.close()
+
+
+def image(request_id: str, position: int = 0, *, team: str = "design", images: int = 1,
+          created_at: float = 1000.0, reuse_key: str | None = "k") -> ResultImage:  # fmt: skip
+    url = f"https://files.example/{request_id}-{position}.png"
+    key = hashlib.sha256(url.encode()).hexdigest()
+    return ResultImage(request_id, position, team, "default", url, key, reuse_key, images,
+                       created_at)  # fmt: skip
+
+
+def blob(name: str, size: int = 100) -> Blob:
+    return Blob(hashlib.sha256(name.encode()).hexdigest(), size, "image/png")
+
+
+async def test_images_are_recorded_then_stored(index: ResultIndex) -> None:
+    first, second = image("r1", 0, images=2), image("r1", 1, images=2)
+    await index.add([first, second])
+    await index.add([first])  # recording twice changes nothing
+    assert [i.position for i in await index.of_request("r1")] == [0, 1]
+    assert await index.stored("r1", 0, blob("a"), 1001.0)
+    assert await index.stored("r1", 1, blob("b", 50), 1001.0)
+    found = await index.by_url(second.url_sha256)
+    assert found is not None and found.digest == blob("b").digest and found.bytes == 50
+    assert found.kind == "image/png" and found.stored_at == 1001.0
+    assert await index.by_url("0" * 64) is None
+    totals = await index.totals()
+    assert (totals.images, totals.bytes) == (2, 150)
+
+
+async def test_identical_bytes_count_once_in_the_totals(index: ResultIndex) -> None:
+    await index.add([image("r1"), image("r2")])
+    await index.stored("r1", 0, blob("same"), 1.0)
+    await index.stored("r2", 0, blob("same"), 1.0)
+    totals = await index.totals()
+    assert (totals.images, totals.bytes) == (2, 100)
+
+
+async def test_reusable_needs_every_image_stored_and_none_deleted(index: ResultIndex) -> None:
+    await index.add([image("r1", 0, images=2), image("r1", 1, images=2)])
+    await index.stored("r1", 0, blob("a"), 1.0)
+    assert await index.reusable("design", "k", 0.0) is None  # one of two stored
+    await index.stored("r1", 1, blob("b"), 1.0)
+    assert await index.reusable("design", "k", 0.0) == "r1"
+    assert await index.reusable("design", "k", 1000.5) is None  # outside the window
+    assert await index.reusable("ops", "k", 0.0) is None  # another team
+    assert await index.reusable("design", "other", 0.0) is None
+    await index.add([image("r2", created_at=2000.0)])
+    await index.stored("r2", 0, blob("c"), 1.0)
+    assert await index.reusable("design", "k", 0.0) == "r2"  # the newest
+    await index.delete(Deletion(request_id="r2"), 3000.0)
+    assert await index.reusable("design", "k", 0.0) == "r1"
+
+
+async def test_delete_narrows_by_request_team_and_age(index: ResultIndex) -> None:
+    await index.add([
+        image("old", team="design", created_at=100.0),
+        image("new", team="design", created_at=500.0),
+        image("ops", team="ops", created_at=100.0),
+    ])  # fmt: skip
+    for request_id in ("old", "new", "ops"):
+        await index.stored(request_id, 0, blob(request_id), 1.0)
+    gone = await index.delete(Deletion(team="design", before=200.0), 900.0)
+    assert [g.request_id for g in gone] == ["old"]
+    assert gone[0].deleted_at is None  # the row as it was
+    (old,) = await index.of_request("old")
+    assert old.deleted_at == 900.0 and not old.live
+    assert await index.delete(Deletion(team="design", before=200.0), 901.0) == []
+    assert not await index.stored("old", 0, blob("again"), 902.0)  # deleted stays deleted
+    await index.add([image("old")])
+    assert (await index.of_request("old"))[0].deleted_at == 900.0
+    assert await index.live_digests([blob("old").digest, blob("new").digest]) == {
+        blob("new").digest
+    }
+    gone = await index.delete(Deletion(), 950.0)
+    assert sorted(g.request_id for g in gone) == ["new", "ops"]
+    assert (await index.totals()).images == 0
+
+
+async def test_oldest_lists_live_stored_images_first_in_line(index: ResultIndex) -> None:
+    await index.add([image("b", created_at=200.0), image("a", created_at=100.0),
+                     image("c", created_at=50.0)])  # fmt: skip
+    await index.stored("a", 0, blob("a"), 1.0)
+    await index.stored("b", 0, blob("b"), 1.0)  # c is not stored: nothing on disk to free
+    assert [i.request_id for i in await index.oldest(10)] == ["a", "b"]
+    assert [i.request_id for i in await index.oldest(1)] == ["a"]
+
+
+# -- the directory -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("data", "kind"), [(PNG, "image/png"), (JPEG, "image/jpeg"),
+                                            (WEBP, "image/webp"), (GIF, "image/gif")])  # fmt: skip
+def test_blobs_are_named_by_their_digest_and_typed_by_magic(
+    tmp_path: Path, data: bytes, kind: str
+) -> None:
+    blobs = Blobs(tmp_path / "results")
+    blobs.prepare()
+    stored = blobs.put(data)
+    assert stored == Blob(hashlib.sha256(data).hexdigest(), len(data), kind)
+    path = blobs.path(stored.digest)
+    assert path.read_bytes() == data and path.parent.parent.parent == tmp_path / "results"
+    assert blobs.put(data) == stored  # stored once
+    assert list((tmp_path / "results" / "tmp").iterdir()) == []
+
+
+def test_blobs_refuse_what_is_not_an_image(tmp_path: Path) -> None:
+    blobs = Blobs(tmp_path)
+    with pytest.raises(NotAnImage):
+        blobs.put(b"<html>not found</html>")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_a_corrupt_blob_is_found_and_removed(tmp_path: Path) -> None:
+    blobs = Blobs(tmp_path)
+    stored = blobs.put(PNG)
+    assert blobs.verified(stored.digest) == blobs.path(stored.digest)
+    blobs.path(stored.digest).write_bytes(PNG[:-1] + b"\x00")
+    assert blobs.verified(stored.digest) is None
+    assert not blobs.path(stored.digest).exists()
+    stored = blobs.put(PNG)
+    blobs.path(stored.digest).write_bytes(PNG[:10])
+    assert blobs.read(stored.digest) is None
+    assert blobs.read(blobs.put(PNG).digest) == PNG
+
+
+def test_a_read_only_directory_fails_the_write_only(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("in the way")
+    blobs = Blobs(blocked)
+    with pytest.raises(OSError):
+        blobs.prepare()
+    with pytest.raises(OSError):
+        blobs.put(PNG)
+    assert blocked.read_text() == "in the way"
+
+
+async def test_deleted_since_names_the_files_to_remove(index: ResultIndex) -> None:
+    await index.add([image("a"), image("b"), image("c")])
+    for name in "abc":
+        await index.stored(name, 0, blob(name), 1.0)
+    await index.delete(Deletion(request_id="a"), 100.0)
+    await index.delete(Deletion(request_id="b"), 200.0)
+    assert await index.deleted_since(0.0) == sorted([blob("a").digest, blob("b").digest])
+    assert await index.deleted_since(150.0) == [blob("b").digest]
+    many = [blob(str(n)).digest for n in range(1200)]  # more than one statement's worth
+    assert await index.live_digests([*many, blob("c").digest]) == {blob("c").digest}
