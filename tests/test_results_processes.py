@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -100,6 +101,28 @@ async def until_stored(url: str, count: int, seconds: float = 20) -> None:
         await asyncio.sleep(0.05)
 
 
+async def books_balance(gateway: GatewayProcess, served: int, env: dict[str, str] | None = None
+                        ) -> None:  # fmt: skip
+    """The ledger read from outside, once nothing is held: its counters equal its entries,
+    every entry was captured, and it charged the images the fake upstream served (``served``,
+    read before the upstream was stopped)."""
+    config = gateway.config
+    assert config is not None
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while True:
+        code, out = await cli(config, "ledger", "list", "--json", "--period", "total", env=env)
+        assert code == 0, out
+        entries = json.loads(out)["entries"]
+        if all(e["state"] != "held" for e in entries) or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.05)  # a sync settlement follows its answer
+    assert {e["state"] for e in entries} == {"captured"}
+    assert sum(e["images"] for e in entries) == served
+    code, out = await cli(config, "ledger", "verify", env=env)
+    assert code == 0 and out.startswith("consistent"), out
+
+
 async def cli(config: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "gateway", *args, "--config", str(config),
@@ -124,6 +147,7 @@ async def test_a_paid_result_outlives_its_upstream(gateways: Start, fake: Upstre
         status, body = await get(item["url"])
         assert status == 200
         expected.append(body)
+    served = (await fake.state())["served_images"]
     await fake.kill()  # the upstream and its file host are gone
     for item, body in zip(by_url["data"], expected, strict=True):
         assert await get(item["url"]) == (200, body)
@@ -131,6 +155,7 @@ async def test_a_paid_result_outlives_its_upstream(gateways: Start, fake: Upstre
     assert status == 200 and headers["Idempotent-Replayed"] == "true"
     assert base64.b64decode(again["data"][0]["b64_json"]) == image
     assert "X-Gateway-Warning" not in headers
+    await books_balance(gateway, served)
 
 
 async def test_deleted_by_the_owner_or_by_purge_is_gone(
@@ -153,6 +178,7 @@ async def test_deleted_by_the_owner_or_by_purge_is_gone(
     assert files == []
     code, out = await cli(gateway.config, "results", "purge", "--before", "someday")  # type: ignore[arg-type]
     assert code == 1 and out.count("\n") == 1 and "--before" in out
+    await books_balance(gateway, (await fake.state())["served_images"])  # the ledger untouched
 
 
 async def test_a_fleet_answers_a_result_made_on_the_other_instance(
@@ -168,12 +194,14 @@ async def test_a_fleet_answers_a_result_made_on_the_other_instance(
     bodies = [await get(url) for url in urls]  # b has no file: fetched from the upstream, kept
     assert [status for status, _ in bodies] == [200, 200]
     assert len(list((tmp_path / "results-b").rglob("*/*/*"))) == 2
+    served = (await fake.state())["served_images"]
     await fake.kill()
     assert [await get(url) for url in urls] == bodies  # from b's own store now
     assert (
         await delete(second.url, headers["X-Request-ID"]) == 200
     )  # deleted through the other instance
     assert [(await get(item["url"]))[0] for item in answer["data"]] == [410, 410]
+    await books_balance(first, served, env)
 
 
 @pytest.fixture
@@ -207,6 +235,7 @@ async def test_a_full_disk_never_fails_a_paid_request(
     assert status == 200 and body[:4] == b"\x89PNG"
     assert await failures(gateway.url, "disk") >= 2
     assert not any(full_disk.rglob("*/*/*"))
+    await books_balance(gateway, (await fake.state())["served_images"])
     await gateway.stop()
     assert "No space left on device" in await gateway.stderr()
     assert "WARNING" in await gateway.stderr()
