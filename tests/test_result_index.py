@@ -4,6 +4,8 @@ in-memory engine the service's tests may use; and the content-addressed director
 from __future__ import annotations
 
 import hashlib
+import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -156,6 +158,43 @@ def test_a_corrupt_blob_is_found_and_removed(tmp_path: Path) -> None:
     blobs.path(stored.digest).write_bytes(PNG[:10])
     assert blobs.read(stored.digest) is None
     assert blobs.read(blobs.put(PNG).digest) == PNG
+
+
+def test_start_up_cleans_only_its_own_stale_temporary_files(tmp_path: Path) -> None:
+    """Only names ``put`` gives, and never through a symbolic link: a ``directory`` set to a
+    shared place, or a planted ``tmp`` link, loses nothing."""
+    old = time.time() - 2 * 3600
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    os.utime(victim / "precious", (old, old))
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "tmp").symlink_to(victim)
+    Blobs(linked).prepare()
+    assert (victim / "precious").exists()
+
+    root = tmp_path / "results"
+    (root / "tmp").mkdir(parents=True)
+    leftover = root / "tmp" / f"{'a' * 64}.0badf00d"
+    other = root / "tmp" / "notes.txt"
+    fresh = root / "tmp" / f"{'b' * 64}.12345678"
+    for path in (leftover, other, fresh):
+        path.write_bytes(b"x")
+    for path in (leftover, other):
+        os.utime(path, (old, old))
+    Blobs(root).prepare()
+    assert (leftover.exists(), other.exists(), fresh.exists()) == (False, True, True)
+
+
+def test_a_file_that_cannot_be_removed_is_named_not_raised(tmp_path: Path) -> None:
+    blobs = Blobs(tmp_path / "results")
+    stored = blobs.put(PNG)
+    stuck = "c" * 64
+    blobs.path(stuck).mkdir(parents=True)  # unlink fails, as on a read-only disk (even as root)
+    failed = blobs.remove_all([stored.digest, stuck, "0" * 64])
+    assert [type(e) for e in failed] == [IsADirectoryError]
+    assert not blobs.path(stored.digest).exists()
 
 
 def test_a_read_only_directory_fails_the_write_only(tmp_path: Path) -> None:

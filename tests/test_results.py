@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gateway.http.keys import CONFIG, METRICS, RESULTS
+from gateway.http.keys import CONFIG, METRICS, RESULTS, REUSE
 from gateway.store.base import LedgerQuery
 from tests.conftest import PNG, TEAM_KEYS, Gateway, Upstream, books_balance
 from tests.console import ConsoleUser
@@ -157,6 +157,24 @@ async def test_the_owner_deletes_a_result_and_the_ledger_keeps_it(
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert entry.state == "captured" and entry.images == 2
     assert metric(gateway, "gateway_results_images") == 0
+    await books_balance(gateway, upstream)
+
+
+async def test_a_deletion_on_a_disk_that_refuses_it_still_answers_and_says_so(
+    start_gateway: Any, upstream: Upstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = await start_gateway(**PROXY)
+    status, answer, _ = await generate(gateway)
+    await kept(gateway)
+    request_id = await ledger_id(gateway)
+    (stored,) = stored_files(gateway)
+    stored.unlink()
+    stored.mkdir()  # its removal now fails, as on a read-only disk (even as root)
+    with caplog.at_level(logging.WARNING, logger="gateway.results"):
+        status, body = await delete(gateway, request_id)
+    assert status == 200 and body["deleted"] == 1
+    assert (await get(answer["data"][0]["url"]))[0] == 410
+    assert "could not be removed" in caplog.text
     await books_balance(gateway, upstream)
 
 
@@ -318,6 +336,76 @@ async def test_twenty_identical_reuse_requests_in_flight_buy_one_image(
     assert len(upstream.sim.generation_requests()) == 1
     entries = await gateway.db.entries(LedgerQuery())
     assert [(e.state, e.charged) for e in entries] == [("captured", 2000)]
+    await books_balance(gateway, upstream)
+
+
+async def test_identical_reuse_requests_share_the_first_one_s_failure_and_never_send_again(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    """The first of 20 identical ``reuse`` requests fails upstream: the others get its failure,
+    and nothing more is sent (one of them sending again after another would turn a burst into
+    a queue of possibly billed sends)."""
+    gateway = await start_gateway()
+    release, arrived = asyncio.Event(), asyncio.Event()
+
+    async def refused_once_released(request: Any, handler: Any) -> Any:
+        arrived.set()
+        await release.wait()
+        return await json_error(400, "invalid_request_error", "moderation")(request, handler)
+
+    upstream.faults.add(refused_once_released)
+    reuse = {"X-Gateway-Cache": "reuse"}
+    first = asyncio.ensure_future(generate(gateway, headers=reuse))
+    await arrived.wait()  # the first is at the upstream: the others will wait on it
+    others = [asyncio.ensure_future(generate(gateway, headers=reuse)) for _ in range(19)]
+    await until_waiting(gateway, 19)
+    release.set()
+    answers = await asyncio.gather(first, *others)
+    assert [status for status, _, _ in answers] == [400] * 20
+    assert {answer["error"]["message"] for _, answer, _ in answers} == {
+        answers[0][1]["error"]["message"]
+    }
+    assert upstream.faults.seen == 1
+    entries = await gateway.db.entries(LedgerQuery())
+    assert [(e.state, e.charged) for e in entries] == [("released", 0)]
+    await books_balance(gateway, upstream)
+
+
+async def until_waiting(gateway: Gateway, count: int) -> None:
+    """Until ``count`` requests wait on an identical one in flight (polled, with a deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    reuse = gateway.app[REUSE]
+    while sum(len(f._callbacks or ()) for f in reuse._in_flight.values()) < count:
+        assert loop.time() < deadline, "the identical requests never waited"
+        await asyncio.sleep(0.005)
+
+
+async def test_identical_reuse_requests_do_not_wait_for_unrelated_downloads(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    """Every background download slot is taken by other results whose file host hangs: an
+    identical request is answered as soon as the first one's money is settled."""
+    gateway = await start_gateway()
+    hold = asyncio.Event()
+
+    async def slow_file(request: Any, handler: Any) -> Any:
+        await hold.wait()
+        return await handler(request)
+
+    for _ in range(4):  # four other results take every background slot
+        upstream.faults.add(slow_file, kind="GET")
+    for i in range(4):
+        assert (await generate(gateway, prompt=f"other {i}", response_format="url"))[0] == 200
+    reuse = {"X-Gateway-Cache": "reuse"}
+    first = await generate(gateway, headers=reuse, response_format="url")
+    second = await asyncio.wait_for(generate(gateway, headers=reuse, response_format="url"), 60)
+    assert [first[0], second[0]] == [200, 200]
+    assert first[2]["X-Gateway-Cache-Status"] == "miss"
+    assert second[1]["data"] == first[1]["data"]
+    hold.set()
+    await kept(gateway)
+    assert len(upstream.sim.generation_requests()) == 5
     await books_balance(gateway, upstream)
 
 

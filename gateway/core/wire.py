@@ -78,8 +78,9 @@ def fingerprint(request: ImageRequest, *, async_mode: bool, key_fp: str) -> str:
 
 def reuse_key(request: ImageRequest, team: str) -> str:
     """What makes two requests the same for the opt-in cache: the team, the endpoint and every
-    field sent upstream, the references by the hash of their content (not the answer's format,
-    which the gateway makes from the same images, nor the key, which pays from the same budget)."""
+    field sent upstream, uploaded references by the hash of their content, URL ones by their
+    text (the gateway never fetches them). Not the answer's format, which the gateway makes
+    from the same images, nor the key, which pays from the same budget."""
     digest = hashlib.sha256()
     meta = {**request.upstream_fields(), "endpoint": request.endpoint, "team": team}
     digest.update(json.dumps(meta, sort_keys=True, ensure_ascii=False).encode())

@@ -388,7 +388,8 @@ async def _dispatch(
             job.reuse_key,
             since,
             generate=generate,
-            kept=lambda: _kept(app, job.request_id),
+            settled=lambda outcome: _settled(app, outcome.request_id),
+            kept=lambda outcome: app[RESULTS].kept(outcome.request_id),
         )
         request[RECORD]["cache"] = status
         if status == "hit":
@@ -416,12 +417,12 @@ async def _dispatch(
     return outcome
 
 
-async def _kept(app: web.Application, request_id: str) -> None:
-    """Until a generation's images are stored (for the identical requests waiting on it)."""
+async def _settled(app: web.Application, request_id: str) -> None:
+    """Until a generation's settlement is committed (for the identical requests waiting on it:
+    then its stored answer is theirs)."""
     settling = app[GENERATIONS].settling(request_id)
     if settling is not None:
         await asyncio.wait([settling])
-    await app[RESULTS].kept(request_id)
 
 
 async def _respond(

@@ -377,7 +377,15 @@ async def forget_files(index: ResultIndex, blobs: Blobs | None, digests: Sequenc
     if blobs is None or not digests:
         return
     keep = await index.live_digests(digests)
-    await asyncio.to_thread(blobs.remove_all, set(digests) - keep)
+    failed = await asyncio.to_thread(blobs.remove_all, set(digests) - keep)
+    if failed:
+        log.warning(
+            "result store: %d deleted image file(s) could not be removed from %s (%s); the "
+            "retention pass tries again for an hour, then an operator must remove them",
+            len(failed),
+            blobs.root,
+            failed[0].strerror or type(failed[0]).__name__,
+        )
 
 
 def _succeeded(download: asyncio.Future[bytes]) -> bool:

@@ -4,8 +4,11 @@ Only on request (``X-Gateway-Cache: reuse``, or a team's ``reuse_identical_s``):
 means a new image, and so does the same prompt without the opt-in. A hit is the stored answer of
 the newest identical request of the team within the window whose every image is stored: nothing
 is reserved or sent. Identical ``reuse`` requests in flight on this instance share one
-generation: the first generates, the others wait until its images are stored (or given up on: a
-store that cannot be written must not make each of them buy its own), then get its answer.
+generation: the first generates, the others wait until its settlement is committed, then get its
+answer (its images are read from the store, or from the download keeping them), and so does any
+identical request until its images are stored. If it failed,
+they get its failure: none of them sends again (the failure may be an outcome the upstream
+still bills, and a burst of identical requests must never become a queue of paid retries).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ class Reuse:
     def __init__(self, db: Store, metrics: Metrics) -> None:
         self._db = db
         self._metrics = metrics
-        self._in_flight: dict[tuple[str, str], asyncio.Future[str]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Future[Outcome]] = {}
         self._releases: set[asyncio.Task[None]] = set()
 
     async def run(
@@ -46,11 +49,14 @@ class Reuse:
         since: float,
         *,
         generate: Callable[[], Awaitable[Outcome]],
-        kept: Callable[[], Awaitable[None]],
+        settled: Callable[[Outcome], Awaitable[None]],
+        kept: Callable[[Outcome], Awaitable[None]],
     ) -> tuple[Outcome, Status]:
-        """A hit, or the outcome of ``generate`` (a miss) for ``request_id``. ``kept`` waits
-        until what ``generate`` started is settled and stored; identical requests wait for it
-        meanwhile, then answer with its result (captured, whether or not it could be stored)."""
+        """A hit, or the outcome of ``generate`` (a miss) for ``request_id``. ``settled`` waits
+        until the settlement of an outcome of ``generate`` is committed, ``kept`` until its
+        images are stored (or given up on); identical requests wait for the first, then answer
+        with its result, or its failure (never sending again), until the second."""
+        shared_by: set[asyncio.Future[Outcome]] = set()  # each first request waited on once
         while True:
             try:
                 found = await self._db.results.reusable(team, key, since)
@@ -61,36 +67,67 @@ class Reuse:
             if hit is not None:
                 return hit, "hit"
             waiting = self._in_flight.get((team, key))
-            if waiting is None:
-                break
-            shared = await self._hit(team, await asyncio.shield(waiting))
+            if waiting is None or waiting in shared_by:
+                break  # none in flight, or its answer cannot be read (not captured): generate
+            shared_by.add(waiting)
+            try:
+                first = await asyncio.shield(waiting)  # its refusal (budget, limits) is ours
+            except asyncio.CancelledError:
+                if not waiting.cancelled():
+                    raise  # this request itself was cancelled
+                continue  # the first was cancelled (a shutdown): nothing came of it
+            if first.error is not None:
+                return Outcome(first.status, request_id, error=first.error), "miss"
+            shared = await self._hit(team, first.request_id)
             if shared is not None:
                 return shared, "hit"
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
         self._in_flight[team, key] = done
         try:
-            return await generate(), "miss"
-        finally:
-            release = asyncio.ensure_future(self._release(team, key, done, request_id, kept))
-            self._releases.add(release)
-            release.add_done_callback(self._releases.discard)
+            outcome = await generate()
+        except BaseException as exc:
+            self._fail(team, key, done, exc)
+            raise
+        release = asyncio.ensure_future(
+            self._release(team, key, done, outcome, settled=settled, kept=kept)
+        )
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+        return outcome, "miss"
 
     async def _release(
         self,
         team: str,
         key: str,
-        done: asyncio.Future[str],
-        request_id: str,
-        kept: Callable[[], Awaitable[None]],
+        done: asyncio.Future[Outcome],
+        outcome: Outcome,
+        *,
+        settled: Callable[[Outcome], Awaitable[None]],
+        kept: Callable[[Outcome], Awaitable[None]],
     ) -> None:
+        """Answer the identical requests once the outcome is settled; keep answering new ones
+        with it until its images are stored (until then the index cannot find it)."""
         try:
-            await kept()
+            try:
+                await settled(outcome)
+            finally:
+                done.set_result(outcome)
+            if outcome.error is None:
+                await kept(outcome)
         except Exception:
-            log.exception("waiting for a result to be stored failed")
+            log.exception("waiting for a settlement or a result to be stored failed")
         finally:
             if self._in_flight.get((team, key)) is done:
                 del self._in_flight[team, key]
-            done.set_result(request_id)
+
+    def _fail(self, team: str, key: str, done: asyncio.Future[Outcome], exc: BaseException) -> None:
+        if self._in_flight.get((team, key)) is done:
+            del self._in_flight[team, key]
+        if isinstance(exc, Exception):
+            done.set_exception(exc)
+            done.exception()  # nobody may be waiting: retrieved, so never reported as lost
+        else:
+            done.cancel()
 
     async def _hit(self, team: str, request_id: str) -> Outcome | None:
         """The captured answer of ``request_id`` (of ``team``), as a hit; None if it has none."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -26,6 +27,7 @@ from gateway.store.results import Blob
 STALE_TMP_S = 3600.0  # a temporary file this old was left by a crash (another instance's too)
 CHECKED_MAX = 100_000  # files whose digest this process has checked, remembered at most
 CHUNK = 1024 * 1024
+TEMPORARY = re.compile(r"[0-9a-f]{64}\.[0-9a-f]{8}")  # what put() names a file being written
 
 
 class NotAnImage(ValueError):
@@ -42,10 +44,14 @@ class Blobs:
         """Create the directory and remove temporary files left by a crash (OSError if it
         cannot be made: the caller decides whether that stops anything)."""
         self._tmp.mkdir(parents=True, exist_ok=True)
+        if self._tmp.is_symlink():
+            return  # never clean up somebody else's directory
         cutoff = time.time() - STALE_TMP_S
         for leftover in self._tmp.iterdir():
+            if TEMPORARY.fullmatch(leftover.name) is None:
+                continue  # only what put() names: a misconfigured directory loses nothing
             with contextlib.suppress(OSError):
-                if leftover.stat().st_mtime < cutoff:
+                if leftover.lstat().st_mtime < cutoff:
                     leftover.unlink()
 
     def path(self, digest: str) -> Path:
@@ -96,12 +102,19 @@ class Blobs:
         self._remember(digest, target)
         return data
 
-    def remove_all(self, digests: Iterable[str]) -> None:
-        """Remove these files (those already gone are no error)."""
+    def remove_all(self, digests: Iterable[str]) -> list[OSError]:
+        """Remove these files (those already gone are no error); why each of those that could
+        not be removed stayed (a read-only disk): a deletion is never undone by it."""
+        failed = []
         for digest in digests:
             self._checked.pop(digest, None)
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 self.path(digest).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                failed.append(exc)
+        return failed
 
     def _intact(self, digest: str, target: Path) -> bool:
         try:
