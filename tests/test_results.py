@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 from dataclasses import replace
 from pathlib import Path
@@ -128,6 +129,33 @@ async def test_proxy_results_are_served_from_the_store(
     (path,) = stored_files(gateway)
     assert body == path.read_bytes()
     assert file_fetches(upstream) == fetched
+    await books_balance(gateway, upstream)
+
+
+async def test_a_mistyped_result_path_is_never_logged_whole(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    """A result path is a credential wherever it is sent: a wrong method, a typo in the route,
+    an odd spelling of the right one."""
+    gateway = await start_gateway(**PROXY)
+    _, answer, _ = await generate(gateway)
+    path = answer["data"][0]["url"][len(gateway.url) :]
+    name = path.rsplit("/", 1)[-1]
+    tried = [
+        ("POST", path),
+        ("PUT", path),
+        ("GET", path.replace("/v1/images/files/", "/v1/images/file/")),
+        ("GET", path.replace("/v1/images/files/", "/v1/imges/files/")),
+        ("GET", "/v1/images/files/" + name + "%2e"),
+    ]
+    async with aiohttp.ClientSession() as http:
+        for method, odd in tried:
+            async with http.request(method, gateway.url + odd) as resp:
+                assert resp.status in (404, 405), (method, odd)  # the route is exact
+    lines = [line for line in await gateway.log_lines() if line["endpoint"] != "generations"]
+    assert len(lines) == len(tried)
+    secret = name.rsplit("-", 1)[0]  # the upstream id in it; its first 8 characters may show
+    assert [line["path"] for line in lines if secret in json.dumps(line)] == []
     await books_balance(gateway, upstream)
 
 

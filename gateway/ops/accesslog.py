@@ -36,6 +36,7 @@ MAX_CLIENT_CHARS = 200
 ROTATION_CHECK_S = 1.0
 SHORT_ID_CHARS = 8
 FILES_PATH = "/v1/images/files/"
+LONG_SEGMENT = 24  # longer than any route's own segment: an id, logged short
 TASK_PATHS = ("/v1/images/tasks/", "/images/tasks/")
 
 log = logging.getLogger("gateway")
@@ -78,13 +79,17 @@ def short_id(value: str | None) -> str | None:
 
 
 def redact_path(path: str) -> str:
-    """A request path fit for a log: result-file paths are credentials, task ids shortened."""
+    """A request path fit for a log: result-file paths are credentials, task ids shortened, and
+    so is any long segment of another path (a mistyped result path is a credential too)."""
     if path.startswith(FILES_PATH):
         return FILES_PATH + "…"
     for prefix in TASK_PATHS:
         if path.startswith(prefix) and len(path) > len(prefix):
             return prefix + (short_id(path[len(prefix) :]) or "")
-    return safe_text(path, 256)
+    return "/".join(
+        (short_id(part) or "") if len(part) > LONG_SEGMENT else part
+        for part in safe_text(path, 256).split("/")
+    )
 
 
 def safe_text(value: str, limit: int) -> str:
