@@ -208,6 +208,19 @@ def test_a_read_only_directory_fails_the_write_only(tmp_path: Path) -> None:
     assert blocked.read_text() == "in the way"
 
 
+async def test_unstored_lists_live_images_never_stored_oldest_first(index: ResultIndex) -> None:
+    await index.add([image("r2", created_at=3000.0), image("r1", 0, images=2, created_at=2000.0),
+                     image("r1", 1, images=2, created_at=2000.0), image("r0", created_at=10.0)])  # fmt: skip
+    await index.stored("r1", 0, blob("a"), 2001.0)
+    assert [(i.request_id, i.position) for i in await index.unstored(1000.0, 10)] == [
+        ("r1", 1),
+        ("r2", 0),
+    ]
+    await index.delete(Deletion(request_id="r2"), 3001.0)
+    assert [i.request_id for i in await index.unstored(1000.0, 10)] == ["r1"]
+    assert await index.unstored(1000.0, 0) == []
+
+
 async def test_deleted_since_names_the_files_to_remove(index: ResultIndex) -> None:
     await index.add([image("a"), image("b"), image("c")])
     for name in "abc":

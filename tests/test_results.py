@@ -248,6 +248,42 @@ async def test_an_instance_removes_its_copies_of_images_deleted_elsewhere(
     await books_balance(first, upstream)
 
 
+async def test_images_a_stop_left_unstored_are_fetched_at_the_next_start(
+    start_gateway: Any, upstream: Upstream
+) -> None:
+    """Stopped (or killed) while its file host was slow: the image is indexed, never stored.
+    The next start fetches it, so a reuse request is a hit rather than a second purchase."""
+    hold, arrived = asyncio.Event(), asyncio.Event()
+
+    async def slow_file(request: Any, handler: Any) -> Any:
+        arrived.set()
+        await hold.wait()
+        return await handler(request)
+
+    upstream.faults.add(slow_file, kind="GET")
+    reuse = {"X-Gateway-Cache": "reuse"}
+    gateway = await start_gateway(**PROXY)
+    status, first, _ = await generate(gateway, headers=reuse)
+    assert status == 200
+    await arrived.wait()
+    await gateway.settled()
+    await gateway.server.close()  # its fetch is cancelled with it
+    hold.set()
+    again = await start_gateway(**PROXY)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    while metric(again, "gateway_results_images") < 1:
+        assert loop.time() < deadline, "the image was never fetched again"
+        await asyncio.sleep(0.01)
+    assert len(stored_files(again)) == 1
+    status, second, headers = await generate(again, headers=reuse)
+    assert (status, headers["X-Gateway-Cache-Status"]) == (200, "hit")
+    paths = [[item["url"].split(FILES)[1] for item in a["data"]] for a in (first, second)]
+    assert paths[0] == paths[1]  # the same image (through another gateway's address)
+    assert len(upstream.sim.generation_requests()) == 1
+    await books_balance(again, upstream)
+
+
 async def test_keep_days_and_max_gb_evict_with_the_clock(
     start_gateway: Any, upstream: Upstream
 ) -> None:

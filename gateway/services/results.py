@@ -20,10 +20,11 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from gateway.core.config import Settings
 from gateway.core.errors import StorageUnavailable
@@ -40,6 +41,7 @@ FETCH_CONCURRENCY = 4  # background downloads at once (a b64_json answer does no
 FETCH_ATTEMPTS = 3
 BACKOFF_S = (1.0, 4.0)  # before the second and third attempt
 EVICT_BATCH = 100
+RESUME_AT_MOST = 1000  # images fetched again at start (the newest day's, oldest first)
 SWEEP_OVERLAP_S = 3600.0  # deletions are looked at again for this long (clocks of a fleet differ)
 DAY_S = 86400.0
 WARN_EVERY_S = 60.0  # a full disk fails every image: one warning a minute says so
@@ -108,23 +110,44 @@ class Results:
 
     def paid(self, paid: Paid) -> None:
         """Index the result's images and fetch them in the background."""
-        if self._blobs is None or not paid.urls or paid.request_id in self._jobs:
+        if self._blobs is None or not paid.urls:
             return
-        keys = [url_key(url) for url in paid.urls]
-        self._wanted.update(dict.fromkeys(keys, paid.request_id))
-        task = asyncio.create_task(self._keep(paid), name=f"keeping {paid.request_id}")
-        self._jobs[paid.request_id] = task
+        self._start(paid.request_id, [url_key(url) for url in paid.urls], self._keep(paid))
+
+    def _start(self, request_id: str, keys: list[str], job: Coroutine[Any, Any, None]) -> None:
+        """Run ``job``, keeping the request's images (one job per request at a time)."""
+        if request_id in self._jobs:
+            job.close()
+            return
+        self._wanted.update(dict.fromkeys(keys, request_id))
+        task = asyncio.create_task(job, name=f"keeping {request_id}")
+        self._jobs[request_id] = task
 
         def done(_: object) -> None:
-            self._jobs.pop(paid.request_id, None)
+            self._jobs.pop(request_id, None)
             for key in keys:
-                if self._wanted.get(key) == paid.request_id:
+                if self._wanted.get(key) == request_id:
                     del self._wanted[key]
                     download = self._downloads.get(key)
                     if download is not None and download.done():
                         del self._downloads[key]
 
         task.add_done_callback(done)
+
+    async def _resume(self) -> None:
+        """Fetch again the images of the last day that were indexed and never stored: a
+        process stopped (or killed) while keeping them. Once per start: an image whose URL no
+        longer answers is not asked for every minute."""
+        rows = await self._index.unstored(self._now() - DAY_S, RESUME_AT_MOST)
+        by_request: dict[str, list[ResultImage]] = {}
+        for row in rows:
+            by_request.setdefault(row.request_id, []).append(row)
+        for request_id, images in by_request.items():
+            self._start(request_id, [r.url_sha256 for r in images], self._keep_again(images))
+
+    async def _keep_again(self, rows: list[ResultImage]) -> None:
+        await asyncio.gather(*(self._keep_one(row, urgent=False) for row in rows))
+        await self.count()
 
     async def kept(self, request_id: str) -> None:
         """Wait until the request's images are stored (or given up on)."""
@@ -312,6 +335,8 @@ class Results:
         settings = self._settings()
         config = settings.results
         now = self._now()
+        if not self._swept_at and self._blobs is not None:  # the first pass, at start
+            await self._resume()
         elsewhere = await self._index.deleted_since(self._swept_at)  # by other instances too
         await self._forget(elsewhere)
         self._swept_at = now - SWEEP_OVERLAP_S

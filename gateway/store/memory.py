@@ -651,6 +651,14 @@ class MemoryDatabase:
         sizes = {r["digest"]: r["bytes"] or 0 for r in stored}
         return [{"images": len(stored), "bytes": sum(sizes.values())}]
 
+    def result_unstored(self, *, since: float, limit: int) -> list[Row]:
+        found = self._result_rows(
+            lambda r: r["deleted_at"] is None and r["digest"] is None and r["created_at"] >= since
+        )
+        return sorted(found, key=lambda r: (r["created_at"], r["request_id"], r["position"]))[
+            :limit
+        ]
+
     def result_oldest(self, *, limit: int) -> list[Row]:
         order = sorted(
             self._result_stored_live(),

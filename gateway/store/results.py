@@ -157,6 +157,12 @@ class ResultIndex:
         assert row is not None  # an aggregate always has its row
         return Totals(int(row["images"]), int(row["bytes"]))
 
+    async def unstored(self, since: float, limit: int) -> list[ResultImage]:
+        """Live images indexed at ``since`` or later whose bytes were never stored, oldest
+        first."""
+        step = every("result_unstored", since=float(since), limit=limit)
+        return [_image(row) for row in await self._engine.read(only(step))]
+
     async def oldest(self, limit: int) -> list[ResultImage]:
         """Live stored images, oldest first (what goes first beyond ``max_gb``)."""
         rows = await self._engine.read(only(every("result_oldest", limit=limit)))

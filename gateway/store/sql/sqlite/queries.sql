@@ -360,3 +360,11 @@ SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images,
        digest, bytes, kind, stored_at, deleted_at
   FROM result_images WHERE deleted_at IS NULL AND digest IS NOT NULL
  ORDER BY created_at, request_id, position LIMIT :limit
+
+-- result_unstored --
+-- Live images indexed since :since whose bytes were never stored (a process stopped while
+-- keeping them), oldest first.
+SELECT request_id, position, team, upstream, url, url_sha256, reuse_key, images, created_at,
+       digest, bytes, kind, stored_at, deleted_at
+  FROM result_images WHERE deleted_at IS NULL AND digest IS NULL AND created_at >= :since
+ ORDER BY created_at, request_id, position LIMIT :limit
