@@ -20,7 +20,7 @@ from gateway.core.errors import InvalidRequest, StorageUnavailable
 from gateway.core.money import units_to_cny
 from gateway.core.results import result_urls
 from gateway.ops.metrics import Metrics
-from gateway.services.generation import Outcome
+from gateway.services.outcomes import Answer, Outcome, Reused, Trace
 from gateway.store.manager import Store
 
 log = logging.getLogger("gateway.reuse")
@@ -92,7 +92,7 @@ class Reuse:
                 del self._in_flight[team, key]
             done.set_result(request_id)
 
-    async def _hit(self, team: str, request_id: str) -> Outcome | None:
+    async def _hit(self, team: str, request_id: str) -> Reused | None:
         """The captured answer of ``request_id`` (of ``team``), as a hit; None if it has none."""
         try:
             stored = (await self._db.stored_results([request_id])).get(request_id)
@@ -104,7 +104,7 @@ class Reuse:
         if payload is None or entry is None or entry.team != team or entry.state != "captured":
             return None
         self._metrics.cache_saved.labels(team).inc(units_to_cny(entry.charged))
-        return Outcome(200, request_id, payload=payload, upstream_id=entry.upstream_id)
+        return Reused(Answer(Trace(request_id), payload, upstream_id=entry.upstream_id))
 
 
 def _answer(stored: str | None) -> dict[str, Any] | None:
