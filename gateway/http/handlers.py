@@ -11,7 +11,6 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from datetime import datetime
 from typing import Any, Literal
 
 import aiohttp
@@ -27,7 +26,6 @@ from gateway.core.errors import (
 )
 from gateway.core.limits import Scope, scopes
 from gateway.core.live import Snapshot
-from gateway.core.money import decimal_cny, units_to_cny
 from gateway.core.normalize import (
     UPSTREAM_MODEL,
     Endpoint,
@@ -37,10 +35,10 @@ from gateway.core.normalize import (
     sdk_client,
 )
 from gateway.core.periods import period_at
-from gateway.core.pricing import remaining
 from gateway.core.results import result_urls
 from gateway.core.wire import fingerprint, reuse_key
 from gateway.http.admission import body_cost
+from gateway.http.answers import respond, respond_task
 from gateway.http.body import BodyLimits, read_body
 from gateway.http.keys import (
     BODIES,
@@ -52,7 +50,6 @@ from gateway.http.keys import (
     GENERATIONS,
     IDEMPOTENCY,
     LEDGER_ID,
-    METRICS,
     RECORD,
     RESULTS,
     REUSE,
@@ -61,15 +58,15 @@ from gateway.http.keys import (
     SLOT,
     TASKS,
 )
-from gateway.http.responses import error_response, json_response
-from gateway.http.results import as_b64_json, file_query, is_result_path, through_gateway
+from gateway.http.responses import json_response
+from gateway.http.results import file_query, is_result_path
 from gateway.ops.accesslog import FILES_PATH, result_id, short_id
-from gateway.services.generation import Job, Outcome
+from gateway.services.generation import Job
 from gateway.services.idempotency import HEADER as IDEMPOTENCY_HEADER
 from gateway.services.idempotency import check_key
+from gateway.services.outcomes import Outcome, Replay
 from gateway.services.results import Expired, Found
 from gateway.services.reuse import HEADER as CACHE_HEADER
-from gateway.services.reuse import STATUS_HEADER as CACHE_STATUS_HEADER
 from gateway.services.reuse import choose
 from gateway.services.usage import standing
 from gateway.upstream.base import DownloadError
@@ -81,7 +78,6 @@ MAX_ID_CHARS = 200
 ASYNC_VALUES = ("1", "true", "yes")
 RETRY_HEADER = "x-stainless-retry-count"
 END_USER_HEADER = "X-Gateway-End-User"
-BUDGET_HEADER = "X-Gateway-Budget-Remaining"
 FILE_CHUNK = 64 * 1024
 
 
@@ -137,6 +133,7 @@ async def create_image(request: web.Request) -> web.Response:
             slot=request[SLOT],
             key=key,
             reuse_key=reuse_key(image_request, team.name),
+            retry_count=retry_count,
         )
         record["ledger_id"] = job.request_id
         window_s = choose(
@@ -146,13 +143,11 @@ async def create_image(request: web.Request) -> web.Response:
         )
         if window_s is not None:
             record["cache"] = "bypass"  # until the store is asked
-        outcome = await _dispatch(
-            request, job, idempotency_key, retry_count, settings, window_s=window_s
-        )
-    settling = app[GENERATIONS].settling(job.request_id)
-    if settling is not None and outcome.dedupe_of is None:
+        outcome = await _dispatch(request, job, idempotency_key, settings, window_s=window_s)
+    settling = app[GENERATIONS].settling(job.request_id)  # None unless it ran a generation
+    if settling is not None:
         request[SETTLING] = settling  # the log line waits for the money
-    return await _respond(request, outcome, image_request, team, settings, now=job.now)
+    return await respond(request, outcome, image_request, team, settings, now=job.now)
 
 
 async def get_task(request: web.Request) -> web.Response:
@@ -163,11 +158,7 @@ async def get_task(request: web.Request) -> web.Response:
     task_id = path_id(request, "task_id", "No task with that id was found.")
     record["task_id"] = record["upstream_id"] = short_id(task_id)
     answer = await request.app[TASKS].poll(team.name, task_id, request[SLOT])
-    record["result_ids"] = _result_ids(answer)
-    configs = list(request.app[ROUTING].known_configs())
-    if any(c.proxy_results for c in configs):
-        answer = through_gateway(answer, _origin(request), configs)
-    return json_response(answer)
+    return respond_task(request, answer)
 
 
 async def result_file(request: web.Request) -> web.StreamResponse:
@@ -255,10 +246,6 @@ async def delete_result(request: web.Request) -> web.Response:
         raise _gone()
     record["images"] = deleted
     return json_response({"object": "result.deleted", "request_id": request_id, "deleted": deleted})
-
-
-def _origin(request: web.Request) -> str:
-    return f"{request.scheme}://{request.host}"
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -367,16 +354,10 @@ def _describe(record: dict[str, Any], req: ImageRequest, log_prompts: bool) -> N
 
 
 async def _dispatch(
-    request: web.Request,
-    job: Job,
-    key: str | None,
-    retry_count: int,
-    settings: Settings,
-    *,
-    window_s: float | None,
+    request: web.Request, job: Job, key: str | None, settings: Settings, *, window_s: float | None
 ) -> Outcome:
     app = request.app
-    generations = app[GENERATIONS]
+    dedupe_s = settings.idempotency.retry_dedupe_minutes * 60
 
     async def fresh() -> Outcome:
         if not window_s or job.reuse_key is None:
@@ -397,13 +378,7 @@ async def _dispatch(
         return outcome
 
     async def generate() -> Outcome:
-        if retry_count >= 1:
-            window_s = settings.idempotency.retry_dedupe_minutes * 60
-            since = job.now.timestamp() - window_s
-            attached = await generations.attach(job.team.name, job.fingerprint, since)
-            if attached is not None:
-                return attached
-        return await generations.run(job)
+        return await app[GENERATIONS].answer(job, dedupe_window_s=dedupe_s)
 
     if key is None:
         return await fresh()
@@ -412,7 +387,7 @@ async def _dispatch(
     outcome = await app[IDEMPOTENCY].run(
         job.team.name, scoped, job.fingerprint, job.request_id, fresh
     )
-    if outcome.replayed:
+    if isinstance(outcome, Replay):
         request[RECORD]["idempotency"] = "replayed"
     return outcome
 
@@ -423,81 +398,3 @@ async def _settled(app: web.Application, request_id: str) -> None:
     settling = app[GENERATIONS].settling(request_id)
     if settling is not None:
         await asyncio.wait([settling])
-
-
-async def _respond(
-    request: web.Request,
-    outcome: Outcome,
-    req: ImageRequest,
-    team: TeamConfig,
-    settings: Settings,
-    *,
-    now: datetime,
-) -> web.Response:
-    record = request[RECORD]
-    if outcome.usage is not None:
-        record["budget_remaining_cny"] = units_to_cny(remaining(team, outcome.usage))
-    record.update(
-        upstream_status=outcome.upstream_status,
-        upstream_ms=round(outcome.upstream_ms, 2) if outcome.upstream_ms is not None else None,
-        reserved_cny=units_to_cny(outcome.reserved),
-        upstream_id=short_id(outcome.upstream_id),
-        task_id=short_id(outcome.task_id),
-        attempts=outcome.attempts or None,
-        dedupe_of=outcome.dedupe_of,
-        upstream=outcome.upstream,
-        failovers=list(outcome.failovers) if outcome.upstream is not None else None,
-    )
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else {}
-    if record["cache"] is not None:
-        headers[CACHE_STATUS_HEADER] = record["cache"]
-    if req.ignored:
-        headers["X-Gateway-Ignored-Params"] = ", ".join(req.ignored)
-    if outcome.dedupe_of is not None:
-        headers["X-Gateway-Deduplicated"] = outcome.dedupe_of
-        request.app[METRICS].deduped.labels(team.name).inc()
-    if outcome.error is not None:
-        return error_response(outcome.error, record, headers)
-    headers.update(await _budget_header(request, team, settings, now, outcome))
-    payload = outcome.payload or {}
-    record["result_ids"] = _result_ids(payload)
-    if outcome.status == 200 and req.response_format != "url" and "task_id" not in payload:
-        keep_url = req.response_format == "both"
-        payload, warning = await as_b64_json(payload, request.app[RESULTS].image, keep_url=keep_url)
-        headers.update(warning)
-    configs = list(request.app[ROUTING].known_configs())
-    if any(c.proxy_results for c in configs):
-        payload = through_gateway(payload, _origin(request), configs)
-    elif outcome.raw is not None and req.response_format == "url":
-        # the upstream's own bytes: no need to serialize them again
-        return web.Response(
-            body=outcome.raw,
-            status=outcome.status,
-            content_type="application/json",
-            headers=headers,
-        )
-    return json_response(payload, outcome.status, headers)
-
-
-async def _budget_header(
-    request: web.Request, team: TeamConfig, settings: Settings, now: datetime, outcome: Outcome
-) -> dict[str, str]:
-    """The team's remaining budget once this request's hold was placed (for an answer that
-    placed none, a replay, as it stands now). Never costs a paid answer: a ledger that cannot
-    be read just leaves the header out."""
-    try:
-        figures = await standing(request.app[DB], settings, team, now, usage=outcome.usage)
-    except StorageUnavailable:
-        log.warning("%s left out: the ledger cannot be read", BUDGET_HEADER)
-        return {}
-    return {BUDGET_HEADER: decimal_cny(figures.remaining)}
-
-
-def _result_ids(payload: dict[str, Any]) -> list[str] | None:
-    """A short hash of each result URL an answer carries (``data[].url``)."""
-    items = payload.get("data")
-    return [
-        result_id(item["url"])
-        for item in (items if isinstance(items, list) else [])
-        if isinstance(item, dict) and isinstance(item.get("url"), str)
-    ] or None

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from gateway.core.config import KeyConfig, TeamConfig
 from gateway.core.errors import (
-    Conflict,
     GatewayError,
     StorageUnavailable,
     UpstreamFailure,
@@ -41,10 +39,21 @@ from gateway.ops.metrics import Metrics
 from gateway.services import late
 from gateway.services.books import Books, LogSlot, MoneyMoved
 from gateway.services.durable import Durable
+from gateway.services.outcomes import (
+    Answer,
+    Dedupe,
+    Failed,
+    Fresh,
+    Retryable,
+    Task,
+    Trace,
+    from_attempt,
+    still_running,
+)
 from gateway.services.results import Paid
 from gateway.services.routing import Plan, Routed, Routing
 from gateway.services.tasks import TaskTracker
-from gateway.store.base import Attempt, Closed, DuplicateTask
+from gateway.store.base import Closed, DuplicateTask
 from gateway.store.manager import Store
 from gateway.upstream.base import Reply, SendState
 
@@ -69,30 +78,7 @@ class Job:
     slot: LogSlot | None = None  # the request's access-log line, while money can join it
     key: KeyConfig | None = None
     reuse_key: str | None = None  # what the opt-in cache finds its result by (core.wire)
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a generation came to. ``final``: the upstream took the request, so the answer is
-    stored and replayed rather than tried again."""
-
-    status: int
-    request_id: str
-    payload: dict[str, Any] | None = None
-    raw: bytes | None = None  # the upstream's body as received, when it can be passed on as is
-    error: GatewayError | None = None
-    reserved: int = 0
-    upstream_id: str | None = None
-    task_id: str | None = None
-    upstream_status: int | None = None
-    upstream_ms: float | None = None
-    attempts: int = 0
-    final: bool = False
-    dedupe_of: str | None = None
-    usage: Usage | None = None  # the team's usage once this request's hold was placed
-    replayed: bool = False  # an Idempotency-Key's earlier outcome, answered again
-    upstream: str | None = None  # the upstream that answered (or was last tried)
-    failovers: tuple[str, ...] = ()  # the upstreams tried before it
+    retry_count: int = 0  # x-stainless-retry-count: the OpenAI SDK's retries of one request
 
 
 @dataclass(slots=True)
@@ -101,7 +87,7 @@ class _Running:
     once its settlement is committed too."""
 
     task: asyncio.Task[None]
-    ready: asyncio.Future[Outcome]
+    ready: asyncio.Future[Fresh]
 
 
 class Generations:
@@ -139,7 +125,18 @@ class Generations:
         running = self._by_request.get(request_id)
         return running.task if running is not None else None
 
-    async def run(self, job: Job) -> Outcome:
+    async def answer(self, job: Job, *, dedupe_window_s: float) -> Fresh | Dedupe:
+        """The request's outcome. An SDK retry (``job.retry_count`` >= 1) gets the outcome of
+        the attempt it repeats, if one of the last ``dedupe_window_s`` seconds did not fail for
+        sure (see ``attach``); any other request runs a generation of its own."""
+        if job.retry_count >= 1:
+            since = job.now.timestamp() - dedupe_window_s
+            attached = await self.attach(job.team.name, job.fingerprint, since)
+            if attached is not None:
+                return attached
+        return await self.run(job)
+
+    async def run(self, job: Job) -> Fresh:
         """Start the generation and wait for its answer (the wait may be cancelled, not the work).
 
         The answer comes as soon as the upstream's reply is in; its settlement is committed
@@ -148,7 +145,7 @@ class Generations:
         amount from reserved to spent), so if the process dies before it commits, the hold
         recovers as uncertain: still counted, never lost. Retries and drains wait for it.
         """
-        ready: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+        ready: asyncio.Future[Fresh] = asyncio.get_running_loop().create_future()
         task = asyncio.create_task(self._generate(job, ready), name=f"generation {job.request_id}")
         running = _Running(task, ready)
         key = (job.team.name, job.fingerprint)
@@ -157,7 +154,7 @@ class Generations:
         task.add_done_callback(lambda done: self._forget(key, job.request_id, running))
         return await asyncio.shield(ready)
 
-    async def attach(self, team: str, fingerprint: str, since: float) -> Outcome | None:
+    async def attach(self, team: str, fingerprint: str, since: float) -> Dedupe | Failed | None:
         """For a client retry: the outcome of the attempt it repeats, wherever it ran.
 
         Running here: its answer. Running on another live instance: waited for (a bounded
@@ -167,18 +164,18 @@ class Generations:
         running = self._latest.get((team, fingerprint))
         if running is not None:
             outcome = await asyncio.shield(running.ready)
-            if outcome.error is None or outcome.final:
-                return _as_dedupe(outcome)  # its image, or its unknown outcome: never buy again
-            return None  # it failed for sure and cost nothing: the retry may try again
+            if isinstance(outcome, Retryable):
+                return None  # it failed for sure and cost nothing: the retry may try again
+            return Dedupe(outcome)  # its image, or its unknown outcome: never buy again
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._attach_timeout_s
         attempt = await self._db.latest_attempt(team, fingerprint, since)
         while attempt is not None and attempt.state == "held" and attempt.live:
             if loop.time() >= deadline:
-                return Outcome(409, attempt.request_id, error=_still_running(), final=True)
+                return still_running(attempt.request_id)
             await asyncio.sleep(ATTACH_POLL_S)
             attempt = await self._db.latest_attempt(team, fingerprint, since)
-        return _from_attempt(attempt)
+        return from_attempt(attempt)
 
     async def settled(self) -> None:
         """Wait until every generation started so far has committed its settlement."""
@@ -220,11 +217,12 @@ class Generations:
             else:
                 running.ready.set_exception(failure)
 
-    async def _generate(self, job: Job, ready: asyncio.Future[Outcome]) -> None:
+    async def _generate(self, job: Job, ready: asyncio.Future[Fresh]) -> None:
+        refused = Trace(job.request_id)
         try:
             plan = self._routing.plan(job.request.quality)
         except UpstreamUnavailable as exc:  # nothing is reserved
-            ready.set_result(Outcome(exc.status, job.request_id, error=exc))
+            ready.set_result(Retryable(refused, exc))
             return
         hold = hold_for(
             request_id=job.request_id,
@@ -240,12 +238,10 @@ class Generations:
         started = time.perf_counter()
         try:
             usage = await self._reserve(hold)
-        except BudgetRefused as refused:
-            key = job.key if refused.scope == "key" else None
-            error = budget_refusal(job.team, job.period, refused.usage, hold.amount, key)
-            ready.set_result(
-                Outcome(error.status, job.request_id, error=error, usage=refused.usage)
-            )
+        except BudgetRefused as budget:
+            key = job.key if budget.scope == "key" else None
+            error = budget_refusal(job.team, job.period, budget.usage, hold.amount, key)
+            ready.set_result(Retryable(replace(refused, usage=budget.usage), error))
             return
         except StorageUnavailable as exc:  # nothing is sent
             # The hold may have committed all the same (its acknowledgement lost): release it,
@@ -260,7 +256,7 @@ class Generations:
                 await release_unsent()
             except StorageUnavailable:
                 self._durable.later(f"release of {hold.request_id}", release_unsent)
-            ready.set_result(Outcome(exc.status, job.request_id, error=exc))
+            ready.set_result(Retryable(refused, exc))
             return
         self._metrics.reserve_seconds.observe(time.perf_counter() - started)
         state = SendState()
@@ -273,20 +269,20 @@ class Generations:
             cut = interrupted(hold, sent=state.whole, upstream=state.upstream, price=price)
             await asyncio.shield(self._commit(job, hold, cut))
             raise
-        if outcome.status == 200 and outcome.error is None:
+        if isinstance(outcome, Answer):
             self._kept(job, outcome, hold.created_at)
         ready.set_result(outcome)
         if settlement is not None:
             await self._commit(job, hold, settlement)
 
-    def _kept(self, job: Job, outcome: Outcome, created_at: float) -> None:
+    def _kept(self, job: Job, outcome: Answer, created_at: float) -> None:
         """Hand a paid result's images to the result store (it fetches them in the background)."""
         urls = tuple(payload_urls(outcome.payload))
         sync = job.mode == "sync"
         paid = Paid(
             job.request_id,
             job.team.name,
-            outcome.upstream,
+            outcome.trace.upstream,
             urls,
             job.reuse_key if sync else None,
             created_at,
@@ -312,28 +308,29 @@ class Generations:
 
     async def _forward(
         self, job: Job, hold: Hold, usage: Usage, plan: Plan, state: SendState
-    ) -> tuple[Outcome, Settlement | None]:
+    ) -> tuple[Fresh, Settlement | None]:
         """Send the request: its outcome, and the settlement it calls for (None: a task, which
         the tracker settles when it ends)."""
         body = upstream_body(job.request)
         routed = await self._routing.submit(plan, job.path, body, dict(job.query), state)
-        base: dict[str, Any] = {"request_id": job.request_id, "reserved": hold.amount}
-        base.update(usage=usage, upstream=routed.upstream, failovers=routed.failovers)
+        sent = Trace(
+            job.request_id, reserved=hold.amount, usage=usage, upstream=routed.upstream,
+            failovers=routed.failovers,
+        )  # fmt: skip
         result, upstream = routed.result, routed.upstream
         if isinstance(result, UpstreamUnavailable):  # every upstream went away meanwhile
-            outcome = Outcome(result.status, error=result, **base)
-            return outcome, release("not sent: no upstream could take it")
+            return Retryable(sent, result), release("not sent: no upstream could take it")
         if isinstance(result, UpstreamRejected):  # the upstream said no: nothing was generated
             final = (
                 result.status < 500 and result.status != 429
                 and result.code != "upstream_auth_failed"
             )  # fmt: skip
-            outcome = _failed(result, routed, final=final, **base)
+            outcome = _failed(result, sent, routed, final=final)
             return outcome, release(result.message, upstream=upstream)
         if isinstance(result, UpstreamFailure):  # never sent (released) or the answer was lost
             if result.uncertain:  # the id an admin needs to resolve it
                 result.message = f"{result.message} (ledger id {job.request_id})"
-            outcome = _failed(result, routed, final=result.uncertain, **base)
+            outcome = _failed(result, sent, routed, final=result.uncertain)
             reason = result.code or "upstream_error"
             if result.uncertain:
                 return outcome, uncertain(hold, reason, upstream=upstream, price=routed.price)
@@ -342,15 +339,13 @@ class Generations:
         self._metrics.upstream_seconds.labels(job.request.endpoint, job.mode).observe(
             reply.upstream_ms / 1000
         )
-        base.update(
-            upstream_status=reply.status,
-            upstream_ms=reply.upstream_ms,
+        trace = replace(
+            sent, upstream_status=reply.status, upstream_ms=reply.upstream_ms,
             attempts=routed.attempts,
-            final=True,
-        )
+        )  # fmt: skip
         if reply.status == 202:
             try:
-                return await self._task_reply(job, hold, reply, routed, base), None
+                return await self._task_reply(job, hold, reply, routed, trace), None
             except DuplicateTask:
                 error = UpstreamFailure(
                     "The upstream answered with the id of an earlier task; the image may have "
@@ -360,9 +355,9 @@ class Generations:
                     uncertain=True,
                 )
                 log.error("the upstream reused a task id for %s", job.request_id)
-                outcome = Outcome(error.status, error=error, **base)
                 reason = "the upstream reused a task id"
-                return outcome, uncertain(hold, reason, upstream=upstream, price=routed.price)
+                settlement = uncertain(hold, reason, upstream=upstream, price=routed.price)
+                return Failed(trace, error), settlement
         upstream_id = reply.payload.get("id")
         captured = capture_reply(
             hold,
@@ -380,17 +375,12 @@ class Generations:
                     job.team.name, hold, reply.payload, captured, slot=job.slot, now=now
                 ),
             )
-            return Outcome(200, payload=answer, task_id=answer["task_id"], **base), None
-        return (
-            Outcome(
-                200, payload=reply.payload, raw=reply.raw, upstream_id=captured.upstream_id, **base
-            ),
-            captured,
-        )
+            return Answer(trace, answer, task_id=answer["task_id"]), None
+        return Answer(trace, reply.payload, reply.raw, captured.upstream_id), captured
 
     async def _task_reply(
-        self, job: Job, hold: Hold, reply: Reply, routed: Routed, base: dict[str, Any]
-    ) -> Outcome:
+        self, job: Job, hold: Hold, reply: Reply, routed: Routed, trace: Trace
+    ) -> Answer | Task | Failed:
         """A 202: recorded before anyone hears of it; a sync caller waits for it to end."""
         task_id = str(reply.payload["task_id"])
         await self._durable.write(
@@ -405,7 +395,7 @@ class Generations:
             ),
         )
         if job.mode == "async":
-            return Outcome(202, payload=reply.payload, raw=reply.raw, task_id=task_id, **base)
+            return Task(trace, reply.payload, task_id, reply.raw)
         config = self._routing.config(routed.upstream)
         assert config is not None  # the upstream that just answered
         answer = await self._tasks.follow(task_id, job.team.name, job.slot, config.timeout_s)
@@ -417,7 +407,7 @@ class Generations:
                 code="upstream_timeout",
                 uncertain=True,
             )
-            return Outcome(504, error=error, task_id=task_id, **base)
+            return Failed(trace, error, task_id)
         if answer.get("status") != "completed":
             error = UpstreamRejected(
                 502,
@@ -426,13 +416,13 @@ class Generations:
                 "charged.",
                 code="upstream_task_failed",
             )
-            return Outcome(502, error=error, task_id=task_id, **base)
+            return Failed(trace, error, task_id)
         payload = {
             "created": int(self._clock().timestamp()),
             "data": answer.get("data") or [{"url": answer.get("result_url")}],
             "id": task_id,
         }
-        return Outcome(200, payload=payload, upstream_id=task_id, **base)
+        return Answer(trace, payload, upstream_id=task_id)
 
     async def _commit(self, job: Job, hold: Hold, settlement: Settlement) -> None:
         now = self._clock().timestamp()
@@ -455,59 +445,10 @@ class Generations:
 
 
 def _failed(
-    error: UpstreamFailure | UpstreamRejected, routed: Routed, *, final: bool, **base: Any
-) -> Outcome:
-    return Outcome(
-        error.status,
-        error=error,
-        upstream_status=error.upstream_status,
-        upstream_ms=error.upstream_ms,
+    error: UpstreamFailure | UpstreamRejected, sent: Trace, routed: Routed, *, final: bool
+) -> Failed | Retryable:
+    trace = replace(
+        sent, upstream_status=error.upstream_status, upstream_ms=error.upstream_ms,
         attempts=routed.attempts,
-        final=final,
-        **base,
-    )
-
-
-def _from_attempt(attempt: Attempt | None) -> Outcome | None:
-    """A retry's answer from the ledger's record of the request it repeats."""
-    if attempt is None or attempt.state == "released":
-        return None
-    request_id = attempt.request_id
-    if attempt.task_id is not None:  # an async submit: its task, whatever came of it
-        payload = {"status": "pending", "task_id": attempt.task_id}
-        return Outcome(202, request_id, payload=payload, task_id=attempt.task_id, final=True,
-                       dedupe_of=request_id)  # fmt: skip
-    if attempt.state == "captured" and attempt.result is not None:
-        payload = json.loads(attempt.result)
-        return Outcome(200, request_id, payload=payload, upstream_id=payload.get("id"),
-                       final=True, dedupe_of=request_id)  # fmt: skip
-    error = UpstreamFailure(
-        "The request this retry repeats reached the upstream and its outcome is not known; "
-        "it may have been generated. Ask your admin about ledger id " + request_id + ".",
-        code="outcome_unknown",
-        uncertain=True,
-    )
-    return Outcome(error.status, request_id, error=error, final=True, dedupe_of=request_id)
-
-
-def _still_running() -> GatewayError:
-    return Conflict(
-        "The request this retry repeats is still running on another gateway instance; retry "
-        "after it finishes.",
-        code="original_in_progress",
-        headers={"Retry-After": "5"},
-    )
-
-
-def _as_dedupe(outcome: Outcome) -> Outcome:
-    """The same answer for a retry, which itself holds, costs and sends nothing."""
-    return replace(
-        outcome,
-        raw=None,
-        reserved=0,
-        attempts=0,
-        usage=None,
-        dedupe_of=outcome.request_id,
-        upstream=None,
-        failovers=(),
-    )
+    )  # fmt: skip
+    return Failed(trace, error) if final else Retryable(trace, error)

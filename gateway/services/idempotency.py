@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, assert_never
 
 from gateway.core.errors import (
     GatewayError,
@@ -26,7 +26,19 @@ from gateway.core.errors import (
     UpstreamFailure,
 )
 from gateway.services.durable import Durable
-from gateway.services.generation import Outcome
+from gateway.services.outcomes import (
+    Answer,
+    Dedupe,
+    Failed,
+    Outcome,
+    Replay,
+    Retryable,
+    Reused,
+    Standing,
+    Task,
+    Trace,
+    replayed,
+)
 from gateway.store.base import StoredOutcome
 from gateway.store.manager import Store
 
@@ -100,7 +112,7 @@ class Idempotency:
             local.answer.cancel()
             raise
         local.answer.set_result(outcome)
-        if local.original.result() and outcome.final:
+        if local.original.result() and not isinstance(outcome, Retryable | Reused):
             await self._store(slot, outcome, local)
         else:
             self._forget(slot, local)
@@ -133,9 +145,9 @@ class Idempotency:
             if local.answer.cancelled():  # it was interrupted: what it came to is not known here
                 raise _in_flight() from None
             raise
-        if not outcome.final:
+        if isinstance(outcome, Retryable | Reused):
             raise _in_flight()
-        return _replay_of(outcome)
+        return replayed(outcome)
 
     async def _run(
         self,
@@ -171,11 +183,11 @@ class Idempotency:
                 raise _in_flight()
         local.original.set_result(True)
         outcome = await generate()
-        if not outcome.final:
+        if isinstance(outcome, Retryable | Reused):  # nothing stands: the key is free again
             await self._db.release_idempotency_key(team, key)
         return outcome
 
-    async def _store(self, slot: Slot, outcome: Outcome, local: _Local) -> None:
+    async def _store(self, slot: Slot, outcome: Standing, local: _Local) -> None:
         """Store the outcome before it is answered (so it survives a crash right after); if the
         database cannot take it now, retry in the background and replay from memory meanwhile."""
         status, body, headers = _stored_form(outcome)
@@ -206,7 +218,7 @@ class Idempotency:
         if self._local.get(slot) is local:
             del self._local[slot]
 
-    async def _replay(self, earlier: StoredOutcome) -> Outcome | None:
+    async def _replay(self, earlier: StoredOutcome) -> Replay | None:
         """The stored outcome; for a claim left by a stopped process, what its ledger says."""
         if earlier.status is not None and earlier.body is not None:
             return _replayed(
@@ -227,7 +239,7 @@ class Idempotency:
             code="outcome_unknown",
             uncertain=True,
         )
-        return Outcome(error.status, earlier.request_id, error=error, final=True, replayed=True)
+        return Replay(Failed(Trace(earlier.request_id), error))
 
 
 def _in_flight() -> IdempotencyConflict:
@@ -244,40 +256,30 @@ def _mismatch() -> IdempotencyMismatch:
     )
 
 
-def _replay_of(outcome: Outcome) -> Outcome:
-    return replace(outcome, raw=None, reserved=0, attempts=0, usage=None, replayed=True)
-
-
-def _stored_form(outcome: Outcome) -> tuple[int, str, dict[str, str]]:
-    if outcome.error is not None:
-        return (
-            outcome.status,
-            json.dumps(outcome.error.body()),
-            outcome.error.response_headers(),
-        )
-    return outcome.status, json.dumps(outcome.payload), {}
+def _stored_form(outcome: Standing) -> tuple[int, str, dict[str, str]]:
+    """The status, body and headers an outcome is stored as, to be answered again."""
+    match outcome:
+        case Answer(payload=payload) | Task(payload=payload):
+            return outcome.status, json.dumps(payload), {}
+        case Failed(error=error):
+            return error.status, json.dumps(error.body()), error.response_headers()
+        case Dedupe(of=of) | Replay(of=of):
+            return _stored_form(of)
+        case _:
+            assert_never(outcome)
 
 
 def _replayed(
     request_id: str, status: int, body: dict[str, Any], headers: dict[str, str]
-) -> Outcome:
+) -> Replay:
+    """An outcome stored as ``_stored_form`` made it, answered again."""
+    trace = Trace(request_id)
     if status >= 400:
-        return Outcome(
-            status,
-            request_id,
-            error=StoredError(status, body, headers),
-            final=True,
-            replayed=True,
-        )
-    return Outcome(
-        status,
-        request_id,
-        payload=body,
-        upstream_id=body.get("id"),
-        task_id=body.get("task_id"),
-        final=True,
-        replayed=True,
-    )
+        return Replay(Failed(trace, StoredError(status, body, headers)))
+    if status == Task.status:
+        task = Task(trace, body, body["task_id"], upstream_id=body.get("id"))  # as stored
+        return Replay(task)
+    return Replay(Answer(trace, body, upstream_id=body.get("id"), task_id=body.get("task_id")))
 
 
 class StoredError(GatewayError):

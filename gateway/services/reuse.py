@@ -19,11 +19,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from gateway.core.errors import InvalidRequest, StorageUnavailable
+from gateway.core.errors import GatewayError, InvalidRequest, StorageUnavailable
 from gateway.core.money import units_to_cny
 from gateway.core.results import result_urls
 from gateway.ops.metrics import Metrics
-from gateway.services.generation import Outcome
+from gateway.services.outcomes import (
+    Answer,
+    Dedupe,
+    Failed,
+    Outcome,
+    Replay,
+    Retryable,
+    Reused,
+    Trace,
+)
 from gateway.store.manager import Store
 
 log = logging.getLogger("gateway.reuse")
@@ -76,8 +85,9 @@ class Reuse:
                 if not waiting.cancelled():
                     raise  # this request itself was cancelled
                 continue  # the first was cancelled (a shutdown): nothing came of it
-            if first.error is not None:
-                return Outcome(first.status, request_id, error=first.error), "miss"
+            failure = _failure(first)
+            if failure is not None:  # not this request's own: it may be sent again
+                return Retryable(Trace(request_id), failure), "miss"
             shared = await self._hit(team, first.request_id)
             if shared is not None:
                 return shared, "hit"
@@ -112,7 +122,7 @@ class Reuse:
                 await settled(outcome)
             finally:
                 done.set_result(outcome)
-            if outcome.error is None:
+            if _failure(outcome) is None:
                 await kept(outcome)
         except Exception:
             log.exception("waiting for a settlement or a result to be stored failed")
@@ -129,7 +139,7 @@ class Reuse:
         else:
             done.cancel()
 
-    async def _hit(self, team: str, request_id: str) -> Outcome | None:
+    async def _hit(self, team: str, request_id: str) -> Reused | None:
         """The captured answer of ``request_id`` (of ``team``), as a hit; None if it has none."""
         try:
             stored = (await self._db.stored_results([request_id])).get(request_id)
@@ -141,7 +151,14 @@ class Reuse:
         if payload is None or entry is None or entry.team != team or entry.state != "captured":
             return None
         self._metrics.cache_saved.labels(team).inc(units_to_cny(entry.charged))
-        return Outcome(200, request_id, payload=payload, upstream_id=entry.upstream_id)
+        return Reused(Answer(Trace(request_id), payload, upstream_id=entry.upstream_id))
+
+
+def _failure(outcome: Outcome) -> GatewayError | None:
+    """The error an outcome came to (None for images)."""
+    own = outcome.of if isinstance(outcome, Dedupe | Replay) else outcome
+    own = own.of if isinstance(own, Dedupe) else own
+    return own.error if isinstance(own, Failed | Retryable) else None
 
 
 def _answer(stored: str | None) -> dict[str, Any] | None:
