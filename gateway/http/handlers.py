@@ -377,6 +377,8 @@ async def _dispatch(
 ) -> Outcome:
     app = request.app
     generations = app[GENERATIONS]
+    if key is None and retry_count < 1 and (not window_s or job.reuse_key is None):
+        return await generations.run(job)  # the common case: no closures held for its wait
 
     async def fresh() -> Outcome:
         if not window_s or job.reuse_key is None:
