@@ -130,11 +130,11 @@ class Writer:
                     outcomes = _commit_batch(
                         connection, [(op, atomic) for op, atomic, _, _ in batch]
                     )
+                    commits += 1
                 except Exception as exc:  # the whole transaction failed (disk full, I/O error)
                     outcomes = [(False, exc)] * len(batch)
                 futures = [future for _, _, future, _ in batch]
                 self._loop.call_soon_threadsafe(_deliver, futures, outcomes)
-                commits += 1
             if stop:
                 return
             if commits >= CHECKPOINT_EVERY:
