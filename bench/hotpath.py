@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import procs
+from bench import procs, profile
 from bench.cpu import machine_busy_seconds, process_seconds, tree_seconds
 from bench.load import LoadRunner
 from bench.procs import PYTHON, REPO, Proc
@@ -201,6 +201,17 @@ async def measure(
     return machine
 
 
+async def profile_now(load: LoadRunner, target: Target, seconds: float, work: Path) -> str:
+    """py-spy on the work tree's gateway during one more c=32 run of ``seconds``."""
+    body = generation_body()
+    sampling = asyncio.create_task(profile.record(target.pids[0], seconds, work, rate=250))
+    run = await load.rate(target.url, target.headers, body, concurrency=CONCURRENCY,
+                          duration_s=seconds, warmup_s=0)  # fmt: skip
+    raw = await sampling
+    summary = profile.summarize(raw, slots=round(seconds) * 250, top=30)
+    return f"raw stacks: {raw}\n" + profile.format_summary(summary, run["rps"])
+
+
 def fsync_ms(directory: Path, count: int = 50) -> float:
     """Median time of one fdatasync of a 4 KiB append on ``directory``'s disk (where the
     gateways' databases are): the c=1 target allows one of these over the passthrough."""
@@ -327,6 +338,8 @@ async def main(args: argparse.Namespace) -> None:
         load = LoadRunner(work, "wrk")
         machine = await measure(load, targets, args.rounds, args.seconds)
         print(report(targets, machine, fsync_ms(work)))
+        if args.profile:
+            print(await profile_now(load, targets[-1], args.profile, work))
     finally:
         for proc in reversed(started):
             await proc.stop()
@@ -349,6 +362,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--gateways-only", dest="side_by_side", action="store_false",
         help="only direct and the two gateways (more rounds in the same time)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", type=float, default=0.0, metavar="SECONDS",
+        help="then py-spy the work tree's gateway for one more c=32 run of SECONDS",
     )  # fmt: skip
     parser.add_argument("--keep", action="store_true")
     asyncio.run(main(parser.parse_args()))

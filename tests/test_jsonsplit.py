@@ -14,7 +14,13 @@ from gateway.core.dataurls import DataUrl
 from gateway.core.errors import InvalidRequest, PayloadTooLarge
 from gateway.core.normalize import Rules, normalize
 from gateway.core.wire import fingerprint, upstream_body
-from gateway.http.jsonsplit import MAX_TOKENS, Splitter, TooManyReferences, resolve
+from gateway.http.jsonsplit import (
+    MAX_TOKENS,
+    Splitter,
+    TooManyReferences,
+    may_hold_references,
+    resolve,
+)
 from tests.conftest import PNG
 
 RULES = Rules(max_image_bytes=64, model_aliases={})
@@ -85,6 +91,25 @@ def test_same_outcome_as_parsing_the_whole_body(raw: bytes, cuts: list[int]) -> 
         assert "larger than" in exc.message and expected[0] == "refused"
         return
     assert got == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    raw=st.one_of(
+        bodies(),
+        st.builds(lambda key, value: json.dumps({key: value}, ensure_ascii=False).encode(),
+                  st.text(max_size=12), st.lists(st.text(max_size=30), max_size=3)),
+    ),
+)  # fmt: skip
+def test_a_body_without_a_reference_key_is_its_own_skeleton(raw: bytes) -> None:
+    """What lets a small body skip the scan (``gateway.http.body``): wherever a reference
+    could be found, ``may_hold_references`` says so."""
+    assert may_hold_references(b'{"\\u0069mages": []}')  # an escaped key counts
+    if may_hold_references(raw):
+        return
+    splitter = Splitter(64)
+    splitter.feed(raw)
+    assert splitter.finish() == raw and splitter.references == {}
 
 
 def test_data_urls_are_kept_as_sent_even_with_escaped_slashes() -> None:

@@ -653,6 +653,22 @@ async def test_tools_never_migrate(tmp_path: Path) -> None:
         assert db.execute("SELECT value FROM meta").fetchall() == [("1",)]
 
 
+async def test_a_settlement_queued_before_a_reservation_frees_its_budget_first(
+    local_db: Store,
+) -> None:
+    """SQLite defers a settlement to the next batch a caller waits for (issue 26): it must still
+    run before a reservation queued after it (a failed request's retry finds its budget back),
+    and commit on its own when nothing follows."""
+    first = hold("req_first", budget=2000)  # one image
+    await local_db.reserve(first)
+    settling = asyncio.ensure_future(local_db.settle("req_first", Release("failed"), 1.0))
+    retrying = asyncio.ensure_future(local_db.reserve(hold("req_retry", budget=2000)))
+    assert await settling is True
+    assert (await retrying).reserved == 2000  # not BudgetRefused: the release ran first
+    assert await asyncio.wait_for(local_db.settle("req_retry", Release("failed"), 2.0), 30)
+    assert await local_db.usage("t", PERIOD) == Usage()
+
+
 async def test_a_second_gateway_on_the_same_file_is_refused(tmp_path: Path) -> None:
     first = await SQLiteEngine.open(tmp_path / "gateway.db")
     with pytest.raises(StoreLocked, match="in use by another gateway process"):

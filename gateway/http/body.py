@@ -25,7 +25,7 @@ from gateway.core.errors import (
 )
 from gateway.core.images import sniff_image_type
 from gateway.core.normalize import MAX_REFERENCES, REFERENCE_FIELDS, Upload
-from gateway.http.jsonsplit import Splitter, resolve
+from gateway.http.jsonsplit import Splitter, may_hold_references, resolve
 from gateway.http.offload import digest
 from gateway.upstream.streams import TooLarge, read_capped
 
@@ -33,6 +33,7 @@ FILE_FIELDS = ("image", "image[]", "mask", "mask[]")
 MAX_FIELD_BYTES = 1024 * 1024
 PART_CHUNK = 256 * 1024  # aiohttp's default of 8 KiB costs ~9,000 loop steps per 72 MB
 LIST_FIELD_SUFFIX = "[]"
+SMALL_JSON = 64 * 1024  # a JSON body is kept whole up to this, unscanned while it needs no scan
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,21 +84,36 @@ async def _read_body(request: web.Request, limits: BodyLimits) -> Body:
 
 
 async def _read_json(request: web.Request, limits: BodyLimits) -> dict[str, Any]:
-    """The JSON body's fields, its data URL references as ``DataUrl`` values."""
-    splitter = Splitter(limits.max_image_bytes)
+    """The JSON body's fields, its data URL references as ``DataUrl`` values.
+
+    A small body with no reference key in it (a generation's, most edits' by URL) is kept
+    whole instead of scanned: the scan's skeleton of it would be the body itself. The first
+    chunk with a reference key in it, or past ``SMALL_JSON``, starts the scan as before.
+    """
+    splitter: Splitter | None = None
+    head = bytearray()
     total = 0
     async for chunk in request.content.iter_any():
         total += len(chunk)
         if total > limits.max_body_bytes:
             raise _too_large(limits.max_body_bytes)
-        splitter.feed(chunk)
-    skeleton = splitter.finish()
+        if splitter is not None:
+            splitter.feed(chunk)
+            continue
+        head += chunk
+        if total > SMALL_JSON or may_hold_references(head):
+            splitter = Splitter(limits.max_image_bytes)
+            splitter.feed(head)
+            head = bytearray()
+    skeleton = head if splitter is None else splitter.finish()
     try:
         text = skeleton.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not UTF-8 text.", code="invalid_json") from None
     del skeleton
     fields = _json_fields(text)
+    if splitter is None:
+        return fields
     references = {
         name: replace(ref, digest=await digest(ref.parts()))
         for name, ref in splitter.references.items()

@@ -357,6 +357,8 @@ async def _dispatch(
     request: web.Request, job: Job, key: str | None, settings: Settings, *, window_s: float | None
 ) -> Outcome:
     app = request.app
+    if key is None and job.retry_count < 1 and (not window_s or job.reuse_key is None):
+        return await app[GENERATIONS].run(job)  # the common case: no closures held for its wait
     dedupe_s = settings.idempotency.retry_dedupe_minutes * 60
 
     async def fresh() -> Outcome:

@@ -12,6 +12,9 @@ reading or decoding the rest, and so is a data URL whose text is already past th
 A body with more than ``MAX_TOKENS`` tokens (never a real request) stops being scanned and is
 copied whole for ``json.loads``; so is any data URL string that is not plain base64 (escapes other
 than ``\\/``, other characters): there the ordinary checks decide, exactly as before.
+
+A body in which no reference key can sit (``may_hold_references`` false: none of their names,
+no escape that could spell one) needs no scan at all: its skeleton is the body itself.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ TOKEN = re.compile(rb'[ \t\r\n,:]*+(?:(")|([\[{])|([\]}])|[^ \t\r\n,:\[\]{}"]++)
 SEPARATORS = re.compile(rb"[ \t\r\n,:]*+")
 STRING_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.S)
 QUOTE, BACKSLASH, SLASH, OBJECT = ord('"'), ord("\\"), ord("/"), ord("{")
+MARKERS = (*(f'"{name}"'.encode() for name in (*REFERENCE_ARRAYS, IMAGES)), b"\\")
 
 
 class TooManyReferences(InvalidRequest):
@@ -78,7 +82,7 @@ class Splitter:
         self._counts: dict[str, int] = {}
         self._tokens = 0
         self._plain = False
-        self._token = secrets.token_hex(8)
+        self._token = ""  # drawn with the first reference: most bodies have none
         self.references: dict[str, DataUrl] = {}
 
     def feed(self, chunk: bytes | bytearray) -> None:
@@ -265,6 +269,7 @@ class Splitter:
         if quote < 0:
             return len(buf)
         reference = builder.finish()
+        self._token = self._token or secrets.token_hex(8)
         name = f"\x00igw:{self._token}:{len(self.references)}"
         self.references[name] = reference
         self._skeleton += json.dumps(name).encode()
@@ -284,6 +289,12 @@ class Splitter:
         self._skeleton += b'"' + string.builder.text
         string.mode, string.builder = "inline", None
         return self._in_inline(string, at)
+
+
+def may_hold_references(body: bytes | bytearray) -> bool:
+    """Whether ``Splitter`` could find a reference in ``body`` (a prefix of it, or the whole):
+    a reference sits under one of the keys, which JSON spells literally or with an escape."""
+    return any(marker in body for marker in MARKERS)
 
 
 def _decode_key(raw: bytearray | None) -> str | None:

@@ -4,6 +4,8 @@ and Prometheus see why."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
 from aiohttp import web
 
 from gateway.core.errors import UpgradeRequired
@@ -14,7 +16,9 @@ ALWAYS_ANSWERED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @web.middleware
-async def release_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+def release_gate(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
+    """Hands back the handler's own awaitable rather than awaiting it: no frame of its own
+    stays alive for as long as a request is held (a refusal raises all the same)."""
     watch = request.app.get(WATCH)
     floor = None if watch is None else watch.upgrade_required
     if floor is not None and request.path not in ALWAYS_ANSWERED:
@@ -24,4 +28,4 @@ async def release_gate(request: web.Request, handler: Handler) -> web.StreamResp
             f"now serves (image-gateway {floor} and newer); nothing was sent or charged. Retry: "
             "another instance can answer, and an administrator must upgrade this one."
         )
-    return await handler(request)
+    return handler(request)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from gateway.core.ledger import GATEWAY_ACTOR, Correction, Hold, LedgerEntry, Resolution, Settlement
 from gateway.core.money import units_to_cny
-from gateway.ops.accesslog import AccessLog, settle_record, short_id, timestamp
+from gateway.ops.accesslog import AccessLog, Record, settle_record, short_id, timestamp
 from gateway.ops.metrics import Metrics
 
 
@@ -85,7 +84,7 @@ class LogSlot:
 
     __slots__ = ("_cost", "_images", "open", "record")
 
-    def __init__(self, record: dict[str, Any]) -> None:
+    def __init__(self, record: Record) -> None:
         self.record = record
         self.open = True
         self._cost = 0

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Literal
 
 from gateway.core.config import KeyConfig, TeamConfig
@@ -151,7 +152,7 @@ class Generations:
         key = (job.team.name, job.fingerprint)
         self._latest[key] = running
         self._by_request[job.request_id] = running
-        task.add_done_callback(lambda done: self._forget(key, job.request_id, running))
+        task.add_done_callback(partial(self._forget, key, job.request_id, running))
         return await asyncio.shield(ready)
 
     async def attach(self, team: str, fingerprint: str, since: float) -> Dedupe | Failed | None:
@@ -203,7 +204,9 @@ class Generations:
             await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
         return len(pending)
 
-    def _forget(self, key: tuple[str, str], request_id: str, running: _Running) -> None:
+    def _forget(
+        self, key: tuple[str, str], request_id: str, running: _Running, _: object = None
+    ) -> None:
         if self._latest.get(key) is running:
             del self._latest[key]
         self._by_request.pop(request_id, None)

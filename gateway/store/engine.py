@@ -61,9 +61,11 @@ class Engine(Protocol):
     async def read(self, script: Script[T]) -> T:
         """Run a script of reads (SQLite: on its read connection, beside the writer)."""
 
-    async def write(self, script: Script[T], *, atomic: bool = False) -> T:
+    async def write(self, script: Script[T], *, atomic: bool = False, defer: bool = False) -> T:
         """Run a script and commit; ``atomic``: all of its statements or none of them (a
-        script of one write need not say so: a failing statement undoes itself)."""
+        script of one write need not say so: a failing statement undoes itself). ``defer``:
+        nobody is held up until it commits (a settlement after the answer), so an engine that
+        commits in batches may hold it briefly for the next batch."""
 
     async def check_ready(self) -> None:
         """Prove the database is the configured one and writable; StorageUnavailable if not."""

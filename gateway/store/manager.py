@@ -150,10 +150,10 @@ class Store:
         return await self.engine.write(reserve())
 
     async def settle(self, request_id: str, settlement: Settlement, now: float) -> bool:
-        """Settle a hold once; False if it was settled before (that settlement stands)."""
-        return bool(
-            await self._write(count("settle", **settlement_params(request_id, settlement, now)))
-        )
+        """Settle a hold once; False if it was settled before (that settlement stands).
+        Deferred: its request has its answer, so it rides the next reservation's commit."""
+        step = count("settle", **settlement_params(request_id, settlement, now))
+        return bool(await self.engine.write(only(step), defer=True))
 
     async def resolve(
         self, entry_id: str, decide: Decide, now: float, *, logged: bool

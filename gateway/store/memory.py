@@ -48,7 +48,7 @@ class MemoryEngine:
         await self.check_ready()
         return await drive(script, self._step)
 
-    async def write(self, script: Script[T], *, atomic: bool = False) -> T:
+    async def write(self, script: Script[T], *, atomic: bool = False, defer: bool = False) -> T:
         await self.check_ready()
         before = self.database.snapshot() if atomic else None
         try:

@@ -147,7 +147,7 @@ class PostgresEngine:
     async def read(self, script: Script[T]) -> T:
         return await self.write(script)
 
-    async def write(self, script: Script[T], *, atomic: bool = False) -> T:
+    async def write(self, script: Script[T], *, atomic: bool = False, defer: bool = False) -> T:
         async with self._connection() as conn:
             execute = partial(self._step, conn)
             if not atomic:

@@ -155,11 +155,12 @@ class SQLiteEngine:
     async def read(self, script: Script[T]) -> T:
         return await drive(script, self._read)
 
-    async def write(self, script: Script[T], *, atomic: bool = False) -> T:
-        """The whole script in the writer thread, inside the next group-commit batch."""
+    async def write(self, script: Script[T], *, atomic: bool = False, defer: bool = False) -> T:
+        """The whole script in the writer thread, inside the next group-commit batch (for a
+        deferred one, the next batch someone waits for: see ``sqlite_writer``)."""
         sql = self._sql
         return await self._run(lambda conn: run_now(drive(script, partial(_step, conn, sql))),
-                               atomic=atomic)  # fmt: skip
+                               atomic=atomic, defer=defer)  # fmt: skip
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -174,12 +175,13 @@ class SQLiteEngine:
             raise self._unavailable(exc) from None
 
     async def _run(
-        self, operation: Callable[[sqlite3.Connection], T], *, atomic: bool = False
-    ) -> T:
+        self, operation: Callable[[sqlite3.Connection], T], *, atomic: bool = False,
+        defer: bool = False,
+    ) -> T:  # fmt: skip
         if self._writer is None:
             raise sqlite3.ProgrammingError("this database was opened read-only")
         try:
-            return await self._writer.run(operation, atomic=atomic)
+            return await self._writer.run(operation, atomic=atomic, defer=defer)
         except sqlite3.IntegrityError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -263,6 +265,8 @@ async def _open_writer(path: Path, *, migrate: bool) -> Writer:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
+        # Statement journals (a trigger's statement inside a batch) in memory, not temp files.
+        conn.execute("PRAGMA temp_store=MEMORY")
         current = _schema_state(conn, path)
         if migrate:
             steps = migrations.load("sqlite")
