@@ -90,7 +90,8 @@ async def serve(key: str, port: int, prices: dict[str, float]) -> None:
 
     app = sim.app(middlewares=[count, plan.middleware])
     control_routes(app, sim, plan, posts)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    # a hung handler (the "hang" fault) must not hold a stop for long: nothing waits on it
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

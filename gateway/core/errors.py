@@ -21,6 +21,7 @@
     ├── StorageUnavailable             503    server_error (the ledger cannot be written)
     ├── UpgradeRequired                503    server_error (the database needs a newer release)
     ├── NoRoom                         503    server_error (the connection cap is reached)
+    ├── ShuttingDown                   503    server_error (stopped before it was sent)
     └── InternalError                  500    server_error
 
 ``should_retry`` becomes the ``x-should-retry`` header that the OpenAI SDKs obey: False where a
@@ -252,6 +253,16 @@ class NoRoom(GatewayError):
     status = 503
     type = "server_error"
     code = "too_many_connections"
+    should_retry = True
+
+
+class ShuttingDown(GatewayError):
+    """The gateway stopped while this request waited for an identical one (the opt-in cache):
+    nothing was reserved or sent for it, so a retry (at another instance) is safe."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
     should_retry = True
 
 

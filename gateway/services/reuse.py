@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from gateway.core.errors import GatewayError, InvalidRequest, StorageUnavailable
+from gateway.core.errors import GatewayError, InvalidRequest, ShuttingDown, StorageUnavailable
 from gateway.core.money import units_to_cny
 from gateway.core.results import result_urls
 from gateway.ops.metrics import Metrics
@@ -82,9 +82,12 @@ class Reuse:
             try:
                 first = await asyncio.shield(waiting)  # its refusal (budget, limits) is ours
             except asyncio.CancelledError:
-                if not waiting.cancelled():
+                this = asyncio.current_task()
+                if not waiting.cancelled() or (this is not None and this.cancelling()):
                     raise  # this request itself was cancelled
-                continue  # the first was cancelled (a shutdown): nothing came of it
+                # The first was cancelled by a shutdown, maybe after it was sent: never send
+                # again (what it came to is for recovery to settle), and start nothing now.
+                return Retryable(Trace(request_id), _stopped()), "miss"
             failure = _failure(first)
             if failure is not None:  # not this request's own: it may be sent again
                 return Retryable(Trace(request_id), failure), "miss"
@@ -152,6 +155,13 @@ class Reuse:
             return None
         self._metrics.cache_saved.labels(team).inc(units_to_cny(entry.charged))
         return Reused(Answer(Trace(request_id), payload, upstream_id=entry.upstream_id))
+
+
+def _stopped() -> ShuttingDown:
+    return ShuttingDown(
+        "The gateway is stopping: the identical request this one waited for was stopped, and "
+        "nothing was reserved or sent for this one. Retry."
+    )
 
 
 def _failure(outcome: Outcome) -> GatewayError | None:
