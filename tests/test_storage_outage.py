@@ -190,6 +190,7 @@ async def test_a_database_outage_is_a_storage_alert_not_a_dead_gateway(
             _, stderr = await process.stop()
             noisy = [line for line in stderr.splitlines() if " INFO " not in line]
             assert len(noisy) < 50, "\n".join(noisy)
+            assert "Traceback" not in stderr, stderr  # an outage is reported, not dumped
             assert any("PostgreSQL cannot be used" in line for line in noisy), stderr
     finally:
         if prometheus is not None:

@@ -96,30 +96,40 @@ class PostgresEngine:
     ) -> PostgresEngine:
         """Connect, migrate (unless a tool), and register this instance in the fleet (its id
         starts with ``name``, the instance's name in the access log, when given)."""
+        # min_size 0: a pool with a floor restores it in the background while the database is
+        # away, logging a warning with a traceback at every try (asyncpg >= 0.31). Connections
+        # are made as requests need them; the first one, here, proves the database is there.
+        pool = asyncpg.create_pool(
+            dsn,
+            min_size=0,
+            max_size=max_connections,
+            timeout=CONNECT_TIMEOUT_S,
+            command_timeout=COMMAND_TIMEOUT_S,
+            server_settings={"application_name": "image-gateway"},
+            reset=_leaves_no_session_state,
+        )
         try:
-            pool = await asyncpg.create_pool(
-                dsn,
-                min_size=1,
-                max_size=max_connections,
-                timeout=CONNECT_TIMEOUT_S,
-                command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "image-gateway"},
-                reset=_leaves_no_session_state,
-            )
-        except (*UNAVAILABLE, asyncpg.PostgresError) as exc:
-            raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
-        except (ValueError, OverflowError):  # its text may quote the URL: not repeated
-            raise PostgresOpenError(
-                "the PostgreSQL URL is malformed (asyncpg cannot parse it)"
-            ) from None
+            await pool
+            conn = await pool.acquire()
+        except BaseException as exc:
+            with contextlib.suppress(asyncpg.InterfaceError):  # a pool that never initialized
+                await pool.close()
+            if isinstance(exc, (*UNAVAILABLE, asyncpg.PostgresError)):
+                raise PostgresOpenError(f"cannot connect to PostgreSQL: {_why(exc)}") from None
+            if isinstance(exc, ValueError | OverflowError):  # it may quote the URL: not repeated
+                raise PostgresOpenError(
+                    "the PostgreSQL URL is malformed (asyncpg cannot parse it)"
+                ) from None
+            raise
         try:
-            async with pool.acquire() as conn:
-                try:
-                    was = await _migrate(conn, migrate=migrate)
-                except asyncpg.PostgresError as exc:  # e.g. a role without CREATE
-                    raise PostgresOpenError(
-                        f"cannot prepare the PostgreSQL database: {_why(exc)}"
-                    ) from None
+            try:
+                was = await _migrate(conn, migrate=migrate)
+            except asyncpg.PostgresError as exc:  # e.g. a role without CREATE
+                raise PostgresOpenError(
+                    f"cannot prepare the PostgreSQL database: {_why(exc)}"
+                ) from None
+            finally:
+                await pool.release(conn)
             instance_id = f"{name or socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
             engine = cls(pool, instance_id, lease_s)
             engine.created = was == 0 and migrate
