@@ -65,6 +65,8 @@ class Gateway:
     clients: list[OpenAI | AsyncOpenAI] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)  # the config it was started with
     env: dict[str, str] = field(default_factory=dict)  # what its config reads (a database URL)
+    # every gateway of the test: they share the access log, each buffering its own lines
+    siblings: list[Gateway] = field(default_factory=list, repr=False, compare=False)
 
     def config_file(self, path: Path) -> Path:
         """This gateway's own config as a TOML file, for the CLI to run against its ledger."""
@@ -105,9 +107,12 @@ class Gateway:
     async def log_lines(self) -> list[dict[str, Any]]:
         """The access log once every line due so far is written: a sync generation's line
         follows its settlement, which follows the answer, and the lines of one loop iteration
-        are written at the start of the next (flushed here rather than waited for)."""
+        are written at the start of the next (flushed here, by every gateway of the test that
+        shares the file, rather than waited for)."""
         await self.settled()
-        self.app[ACCESS_LOG].flush()
+        for gateway in {id(g): g for g in [self, *self.siblings]}.values():
+            if gateway.access_log == self.access_log and not gateway.server.closed:
+                gateway.app[ACCESS_LOG].flush()
         if not self.access_log.exists():
             return []
         return [json.loads(line) for line in self.access_log.read_text().splitlines()]
@@ -348,6 +353,7 @@ async def start_gateway(
             tmp_path / "access.log",
             config=config,
             env=dict(env),
+            siblings=started,
         )
         started.append(gateway)
         return gateway
