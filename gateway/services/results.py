@@ -147,7 +147,6 @@ class Results:
 
     async def _keep_again(self, rows: list[ResultImage]) -> None:
         await asyncio.gather(*(self._keep_one(row, urgent=False) for row in rows))
-        await self.count()
 
     async def kept(self, request_id: str) -> None:
         """Wait until the request's images are stored (or given up on)."""
@@ -186,7 +185,6 @@ class Results:
             self._failed("index", f"result images of {paid.request_id} not indexed: {exc}")
             return
         await asyncio.gather(*(self._keep_one(row, urgent=paid.urgent) for row in rows))
-        await self.count()
 
     async def _keep_one(self, row: ResultImage, *, urgent: bool) -> None:
         try:
@@ -221,6 +219,12 @@ class Results:
         if not kept:  # deleted while it was being fetched: it must not stay
             await self._forget([blob.digest])
             return None
+        # The gauges move with what this instance stores; each retention pass and deletion
+        # recounts them exactly (a count scans the whole index: 0.27 s at 100,000 images).
+        if row.digest is None:  # not counted yet (a refetched copy is)
+            self._metrics.results_images.inc()
+            if blob.written:
+                self._metrics.results_bytes.inc(blob.size)
         return Found(blob.kind, path=self._blobs.path(blob.digest))
 
     async def _download(self, url: str, *, background: bool) -> bytes:

@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.core.images import sniff_image_type
@@ -82,7 +83,7 @@ class Blobs:
             raise
         _fsync_dir(target.parent)
         self._remember(digest, target)
-        return blob
+        return replace(blob, written=True)
 
     def verified(self, digest: str) -> Path | None:
         """The file of ``digest`` if it holds exactly those bytes; a corrupt one is removed."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import astuple, dataclass, field, fields
 from typing import Any
 
 from gateway.store.engine import Engine, Script, count, every, one, only
@@ -53,6 +53,7 @@ class Blob:
     digest: str
     size: int
     kind: str
+    written: bool = field(default=False, compare=False)  # a new file (else it was there)
 
 
 @dataclass(frozen=True, slots=True)
