@@ -53,21 +53,10 @@ def _named_keys(team: Table, team_name: str, team_budget: int) -> tuple[KeyConfi
     keys: list[KeyConfig] = []
     for index, item in enumerate(items):
         entry = Table(item, f"{team.name('keys')}[{index}]", team.errors)
-        name = entry.get("name", str, None)
-        if name is None or not KEY_NAME.fullmatch(name):
-            team.errors.append(
-                f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
-                "letter or digit)"
-            )
-        elif any(k.name == name for k in keys):
+        name = _key_name(entry)
+        if name is not None and any(k.name == name for k in keys):
             team.errors.append(f"{entry.name('name')}: the name {name!r} is used twice")
-        digest = entry.get("sha256", str, None)
-        if digest is None or not SHA256_HEX.fullmatch(digest):
-            team.errors.append(
-                f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
-                "hash-key` prints it)"
-            )
-            digest = None
+        digest = _key_digest(entry)
         budget = None
         if "budget_cny" in entry.data:
             budget = cny_amount(
@@ -137,29 +126,42 @@ def parse_admin_keys(admin: Table) -> tuple[AdminKey, ...]:
     keys: list[AdminKey] = []
     for index, item in enumerate(admin.get("keys", list, [])):
         entry = Table(item, f"{admin.name('keys')}[{index}]", admin.errors)
-        name = entry.get("name", str, None)
-        if name is None or not KEY_NAME.fullmatch(name):
-            admin.errors.append(
-                f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
-                "letter or digit)"
-            )
-            name = None
-        elif name == GATEWAY_ACTOR:
+        name = _key_name(entry)
+        if name == GATEWAY_ACTOR:
             admin.errors.append(
                 f"{entry.name('name')}: {name!r} names the gateway's own resolutions"
             )
-        elif any(k.name == name for k in keys):
+        elif name is not None and any(k.name == name for k in keys):
             admin.errors.append(f"{entry.name('name')}: the name {name!r} is used twice")
-        digest = entry.get("sha256", str, None)
-        if digest is None or not SHA256_HEX.fullmatch(digest):
-            admin.errors.append(
-                f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
-                "hash-key` prints it)"
-            )
-        elif name is not None:
+        digest = _key_digest(entry)
+        if digest is not None and name is not None:
             keys.append(AdminKey(digest, name))
         entry.finish()
     return tuple(keys)
+
+
+def _key_name(entry: Table) -> str | None:
+    """A key's ``name`` (team and admin keys alike), or None with the error said."""
+    name = entry.get("name", str, None)
+    if name is None or not KEY_NAME.fullmatch(name):
+        entry.errors.append(
+            f"{entry.name('name')} is required: 1-63 of a-z 0-9 _ . - (starting with a "
+            "letter or digit)"
+        )
+        return None
+    return name
+
+
+def _key_digest(entry: Table) -> str | None:
+    """A key's ``sha256``, or None with the error said."""
+    digest = entry.get("sha256", str, None)
+    if digest is None or not SHA256_HEX.fullmatch(digest):
+        entry.errors.append(
+            f"{entry.name('sha256')} must be 64 lowercase hex characters (`image-gateway "
+            "hash-key` prints it)"
+        )
+        return None
+    return digest
 
 
 def check_unique_keys(settings: Settings, errors: list[str]) -> None:
