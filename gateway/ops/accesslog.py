@@ -102,9 +102,11 @@ def redact_path(path: str) -> str:
     for prefix in TASK_PATHS:
         if path.startswith(prefix) and len(path) > len(prefix):
             return prefix + (short_id(path[len(prefix) :]) or "")
+    text = safe_text(path, 256)
+    if len(text) <= LONG_SEGMENT:  # every route's path: nothing to shorten
+        return text
     return "/".join(
-        (short_id(part) or "") if len(part) > LONG_SEGMENT else part
-        for part in safe_text(path, 256).split("/")
+        (short_id(part) or "") if len(part) > LONG_SEGMENT else part for part in text.split("/")
     )
 
 
