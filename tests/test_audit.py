@@ -302,7 +302,7 @@ async def test_postgres_accepts_named_actors_and_refuses_an_empty_one(postgres_d
 
 
 def test_os_user_is_the_sudo_user_under_sudo(monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.cli.ledger import os_user
+    from gateway.cli.resolve import os_user
 
     monkeypatch.setenv("SUDO_USER", "dana")
     assert os_user() == "dana"

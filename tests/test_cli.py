@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main as cli
+from gateway.cli.commands import parser as cli_parser
 
 HASH = "a" * 64
 MAIN_COMMANDS = (
@@ -51,7 +51,7 @@ def parsers(
 
 def test_every_command_and_option_says_what_it_is_for() -> None:
     missing = []
-    for path, parser in parsers(cli._parser()):
+    for path, parser in parsers(cli_parser()):
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 missing += [

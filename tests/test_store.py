@@ -39,11 +39,12 @@ from gateway.core.settlement import (
 )
 from gateway.store import migrations, queries
 from gateway.store.base import DuplicateTask, LedgerQuery, Refused, UnknownEntry
+from gateway.store.errors import StoreLocked, StoreOpenError
 from gateway.store.manager import Store
 from gateway.store.memory import MemoryDatabase, MemoryEngine
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
 from gateway.store.postgres import PostgresEngine
-from gateway.store.sqlite import SQLiteEngine, StoreLocked, StoreOpenError
+from gateway.store.sqlite import SQLiteEngine
 from tests.postgres import fresh_database
 
 BUDGET = 10_000

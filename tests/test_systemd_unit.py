@@ -31,7 +31,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.cli.main import _parser
+from gateway.cli.commands import parser
 from gateway.core.auth import key_digest
 from gateway.core.config import ServerConfig, parse_settings
 from tests.conftest import SECRETS, TEAM_KEYS, UPSTREAM_KEY, Upstream
@@ -161,7 +161,7 @@ def test_exec_start_runs_serve_with_the_config_file() -> None:
     assert argv[1:] == ["serve", "--config", "/etc/image-gateway/gateway.toml"]
     scripts = importlib.metadata.entry_points(group="console_scripts", name=Path(argv[0]).name)
     assert [ep.value for ep in scripts] == ["gateway.cli.main:main"]
-    args = _parser().parse_args(argv[1:])  # the real CLI accepts exactly these arguments
+    args = parser().parse_args(argv[1:])  # the real CLI accepts exactly these arguments
     assert args.config == Path("/etc/image-gateway/gateway.toml")
     assert not args.demo
 

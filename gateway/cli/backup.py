@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
-from gateway.cli.support import CONFIG_HELP, examples, fail, offline
+from gateway.cli.commands import fail
+from gateway.cli.support import offline
 from gateway.core.config import Settings
 from gateway.core.restore import Position, when
 from gateway.services.reconcile import mismatch_line
@@ -16,18 +16,8 @@ from gateway.store.manager import Store
 from gateway.store.sqlite import SQLiteEngine
 
 
-def add_backup_command(db: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    backup = db.add_parser(
-        "backup",
-        help="copy the ledger to FILE while the gateway serves",
-        **examples("image-gateway db backup --config gateway.toml --to /backup/gateway.db"),
-    )
-    backup.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
-    backup.add_argument("--to", dest="target", type=Path, required=True, help="the backup file")
-    backup.set_defaults(run=offline(_backup))
-
-
-async def _backup(args: argparse.Namespace, settings: Settings) -> int:
+@offline
+async def backup(args: argparse.Namespace, settings: Settings) -> int:
     if settings.storage.backend == "postgres":
         assert settings.storage.dsn is not None, "validated by the config"
         dsn = settings.storage.dsn.reveal()

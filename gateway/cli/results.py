@@ -12,9 +12,9 @@ import json
 import re
 import time
 from datetime import date, datetime
-from pathlib import Path
 
-from gateway.cli.support import CONFIG_HELP, CommandError, examples, offline
+from gateway.cli.commands import CommandError
+from gateway.cli.support import offline
 from gateway.core.config import Settings
 from gateway.services.results import delete_images, open_blobs
 from gateway.store.factory import open_store
@@ -23,36 +23,8 @@ from gateway.store.results import Deletion
 DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
-def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    results = commands.add_parser(
-        "results",
-        help="the result store: purge stored images",
-        description="The store of paid result images (see README, Results).",
-    )
-    actions = results.add_subparsers(dest="action", required=True, metavar="ACTION")
-    purge = actions.add_parser(
-        "purge",
-        help="delete stored result images now (the ledger keeps its entries)",
-        description="Delete stored result images: all of them, a team's (--team), those made "
-        "before a date (--before), or both narrowed together. Their gateway URLs answer 410 "
-        "from then on; the upstream keeps its own copy; the ledger is not touched.",
-        **examples(
-            "image-gateway results purge --config gateway.toml --team design",
-            "image-gateway results purge --config gateway.toml --before 2026-06-01",
-        ),
-    )
-    purge.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
-    purge.add_argument("--team", help="only this team's images")
-    purge.add_argument(
-        "--before",
-        help="only images made before this: YYYY-MM-DD (midnight, [server] timezone) or an "
-        "ISO 8601 time with its offset",
-    )
-    purge.add_argument("--json", action="store_true", help="print JSON")
-    purge.set_defaults(run=offline(_purge))
-
-
-async def _purge(args: argparse.Namespace, settings: Settings) -> int:
+@offline
+async def purge(args: argparse.Namespace, settings: Settings) -> int:
     which = Deletion(team=args.team, before=_before(args.before, settings))
     if args.team is not None and args.team not in settings.teams:
         print(f"note: {args.team} is not a team of this config; purging its images anyway")

@@ -1,26 +1,21 @@
-"""What every offline command shares: loading the config, running async work, one-line errors."""
+"""What the commands that read a config share: loading it, running async work on the store,
+one-line errors."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from gateway.cli.commands import CommandError
 from gateway.core.config import ConfigError, Settings, load_settings
 from gateway.core.errors import StorageUnavailable
+from gateway.store.errors import PostgresOpenError, StoreLocked, StoreOpenError
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
-from gateway.store.postgres import PostgresOpenError
-from gateway.store.sqlite import StoreLocked, StoreOpenError
 
 Action = Callable[[argparse.Namespace, Settings], Coroutine[Any, Any, int]]
-
-
-class CommandError(Exception):
-    """A command cannot run as asked; the message is the one line to print."""
-
 
 STORE_ERRORS = (
     StoreOpenError,
@@ -62,25 +57,12 @@ def config_problems(path: Path, problems: list[str]) -> str:
     )
 
 
-CONFIG_HELP = "the gateway's TOML config file"
-
-
-class HelpFormatter(argparse.HelpFormatter):
-    """Wraps descriptions as usual, but keeps a block under a heading (``examples:``) as
-    written: command lines must not be re-flowed."""
-
-    def _fill_text(self, text: str, width: int, indent: str) -> str:
-        if text.partition("\n")[0].endswith(":"):
-            return "".join(indent + line for line in text.splitlines(keepends=True))
-        return super()._fill_text(text, width, indent)
-
-
-def examples(*lines: str) -> dict[str, Any]:
-    """``add_parser`` keywords that end a command's ``--help`` with these example lines."""
-    text = "examples:\n" + "\n".join(f"  {line}" for line in lines)
-    return {"epilog": text, "formatter_class": HelpFormatter}
-
-
-def fail(message: str) -> int:
-    print(f"image-gateway: {message}", file=sys.stderr)
-    return 1
+def refuse_fleet_rehearsal(settings: Settings) -> None:
+    """``--simulate-upstream`` is for one process: on PostgreSQL, point at the shared one."""
+    if settings.storage.backend == "postgres":
+        raise CommandError(
+            "--simulate-upstream gives each instance a simulator of its own, so a fleet on "
+            "PostgreSQL would lose its tasks between instances: run `image-gateway "
+            "simulate-upstream --port N` once and point each instance's [upstream] base_url "
+            "at it (with any sk_ key), then `serve --config` as usual"
+        )

@@ -14,39 +14,21 @@ import asyncio
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from gateway.cli.support import CONFIG_HELP, CommandError, examples, load_config
+from gateway.cli.commands import ADMIN_KEY_ENV, CommandError
+from gateway.cli.support import load_config
 from gateway.core.config import ServerConfig, Settings
 from gateway.core.tables import aligned
 
-ADMIN_KEY_ENV = "IMAGE_GATEWAY_ADMIN_KEY"
 ASK_TIMEOUT_S = 10.0
 # A gateway listening on every address is asked on loopback.
 ANY_ADDRESS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # noqa: S104
 
 
-def add_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    upstreams = commands.add_parser(
-        "upstreams",
-        help="each upstream's health, from the running gateway (or the config)",
-        description="Each upstream's state (healthy, cooling, disabled), until when, its last "
-        f"error, priority and weight, as the gateway at the config's [server] address sees it "
-        f"(an admin key in {ADMIN_KEY_ENV}); the configured upstreams when none answers.",
-        **examples(
-            f"{ADMIN_KEY_ENV}=igw_... image-gateway upstreams --config gateway.toml",
-            "image-gateway upstreams --config gateway.toml --json",
-        ),
-    )
-    upstreams.add_argument("--config", type=Path, required=True, help=CONFIG_HELP)
-    upstreams.add_argument("--json", action="store_true", help="print JSON")
-    upstreams.set_defaults(run=_upstreams)
-
-
-def _upstreams(args: argparse.Namespace) -> int:
+def upstreams(args: argparse.Namespace) -> int:
     settings = load_config(args.config, require_central_key=False)
     url = gateway_url(settings.server)
     found = asyncio.run(_ask(url, os.environ.get(ADMIN_KEY_ENV))) if url else None

@@ -17,6 +17,8 @@ HoldState = Literal["held", "captured", "released", "uncertain"]
 SettleState = Literal["captured", "released", "uncertain"]
 ResolvedState = Literal["captured", "released"]
 Mode = Literal["sync", "async"]
+# What a usage report breaks a team down by (`usage --by`).
+Grouping = Literal["key", "end_user", "day", "quality", "upstream"]
 GATEWAY_ACTOR = "gateway"  # the gateway's own resolutions (a task that ended after all)
 ACTOR_CHARS = 64
 

@@ -12,13 +12,13 @@ from datetime import UTC, datetime
 from typing import Any, get_args
 
 from gateway.core.config import KeyConfig, Settings, TeamConfig
-from gateway.core.ledger import Usage
+from gateway.core.ledger import Grouping, Usage
 from gateway.core.money import units_to_cny
 from gateway.core.normalize import QUALITIES
 from gateway.core.periods import Period, period_at, period_label, window
 from gateway.core.pricing import remaining
 from gateway.core.tables import aligned
-from gateway.store.base import Grouping, ReportRow
+from gateway.store.base import ReportRow
 from gateway.store.manager import Store
 
 GROUPINGS: tuple[str, ...] = get_args(Grouping)

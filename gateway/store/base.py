@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 from gateway.core.ledger import LedgerEntry, Mismatch, Resolution, Uncertain
 from gateway.core.settlement import LateDecision
@@ -104,9 +103,6 @@ class LedgerQuery:
     since: float | None = None
     until: float | None = None
     limit: int | None = None
-
-
-Grouping = Literal["key", "end_user", "day", "quality", "upstream"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,6 @@ from typing import Literal
 from gateway.core.config import Settings
 from gateway.store.engine import Engine
 from gateway.store.manager import Store
-from gateway.store.postgres import PostgresEngine
-from gateway.store.sqlite import SQLiteEngine
 
 Role = Literal["gateway", "reader", "writer"]
 
@@ -25,8 +23,11 @@ async def open_store(
 async def open_engine(
     settings: Settings, role: Role = "gateway", *, instance: str | None = None
 ) -> Engine:
+    # Each engine is imported when it is used: a command on SQLite never loads asyncpg.
     storage = settings.storage
     if storage.backend == "postgres":
+        from gateway.store.postgres import PostgresEngine  # noqa: PLC0415
+
         assert storage.dsn is not None, "validated by the config"
         return await PostgresEngine.open(
             storage.dsn.reveal(),
@@ -35,6 +36,8 @@ async def open_engine(
             lease_s=storage.instance_lease_s,
             name=instance,
         )
+    from gateway.store.sqlite import SQLiteEngine  # noqa: PLC0415
+
     if role == "reader":
         return await SQLiteEngine.open_read_only(settings.database)
     if role == "writer":

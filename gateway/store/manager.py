@@ -23,7 +23,15 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from gateway.core.errors import StorageUnavailable
-from gateway.core.ledger import BudgetRefused, Hold, LedgerEntry, Resolution, Settlement, Usage
+from gateway.core.ledger import (
+    BudgetRefused,
+    Grouping,
+    Hold,
+    LedgerEntry,
+    Resolution,
+    Settlement,
+    Usage,
+)
 from gateway.core.limits import WINDOW_S, Limiter, Scope, concurrency_refusal, rate_refusal
 from gateway.core.money import format_cny
 from gateway.core.restore import Position
@@ -39,7 +47,6 @@ from gateway.store.base import (
     DecideLate,
     DuplicateTask,
     Expiry,
-    Grouping,
     InstanceRow,
     LedgerQuery,
     Refused,

@@ -37,6 +37,7 @@ from gateway.store import common, migrations, queries
 from gateway.store.base import Refused, Verification
 from gateway.store.common import verification
 from gateway.store.engine import Script, Step, count, drive, only
+from gateway.store.errors import PostgresOpenError
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.store")
@@ -63,10 +64,6 @@ UNAVAILABLE = (
 # intervention (shutdown), system error (I/O), object not in prerequisite state (connections
 # disallowed).
 UNAVAILABLE_CLASSES = frozenset({"08", "53", "57", "58", "55"})
-
-
-class PostgresOpenError(Exception):
-    """The database cannot be reached or used; the message says which and why (no secrets)."""
 
 
 class PostgresEngine:

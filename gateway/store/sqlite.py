@@ -34,20 +34,13 @@ from gateway.core.periods import local_day
 from gateway.store import migrations, queries
 from gateway.store.base import Refused
 from gateway.store.engine import Script, Step, count, drive, only, run_now
+from gateway.store.errors import StoreLocked, StoreOpenError
 from gateway.store.sqlite_writer import Writer
 
 T = TypeVar("T")
 log = logging.getLogger("gateway.store")
 
 ERROR_LOG_EVERY_S = 10.0
-
-
-class StoreLocked(Exception):
-    """Another gateway process has this database open."""
-
-
-class StoreOpenError(Exception):
-    """The database cannot be opened; the message names the file and why."""
 
 
 class SQLiteEngine:
