@@ -3,7 +3,8 @@
 A team signs in, reads its remaining budget and sees the thumbnail of the request it just made;
 an admin resolves an uncertain entry from the page and ``ledger list`` shows it resolved, with
 the actor; a team session is refused the admin view and another team's data (403); a form
-forged on another site, without its token, is refused. The SQLite runs take the README's
+forged on another site, without its token, is refused; a test's browser keeps nothing of the
+test before it (the tests of a worker share one Chromium). The SQLite runs take the README's
 screenshots; with ``IMAGE_GATEWAY_SCREENSHOTS=1`` they are written to ``docs/``
 (``console-team.png``, ``console-admin.png``), else to the test's own folder, so a plain test
 run leaves the working tree as it found it.
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -25,7 +28,7 @@ from gateway.core.auth import key_digest
 from gateway.http.console.render import cny
 from gateway.services.usage import usage_report
 from gateway.store.base import LedgerQuery
-from tests.browser import WAIT_S, Browser
+from tests.browser import WAIT_S, Browser, worker_chromium
 from tests.conftest import (
     ADMIN_KEY,
     NAMED_ADMIN_KEYS,
@@ -77,6 +80,11 @@ async def sign_in(browser: Browser, gateway: Gateway, key: str) -> None:
     await browser.open(gateway.url + "/console/")
     await browser.type_into("#key", key)
     await browser.submit("button[type=submit]")
+
+
+async def cookies(browser: Browser) -> set[str]:
+    """The names of the cookies the browser would send to the page it shows."""
+    return {cookie["name"] for cookie in await browser.do(lambda d: d.get_cookies())}
 
 
 async def wait_for_image(browser: Browser, css: str) -> int:
@@ -211,3 +219,48 @@ async def test_a_form_forged_on_another_site_is_refused(
     (entry,) = await gateway.db.entries(LedgerQuery())
     assert (entry.request_id, entry.state) == (lost, "uncertain")
     await books_balance(gateway, upstream)
+
+
+@pytest.mark.engines("memory")  # the browser's isolation, not the ledger's
+async def test_a_browser_keeps_nothing_of_the_test_before_it(
+    gateway: Gateway, request: pytest.FixtureRequest
+) -> None:
+    chromium = worker_chromium(request)
+    async with chromium.borrow() as before:
+        await sign_in(before, gateway, TEAM_KEYS["design"])
+        assert (await before.url()).endswith("/console/team")
+        await before.script("localStorage.left = sessionStorage.left = 'behind'")
+        shown = set(await before.do(lambda d: d.window_handles))
+        await before.script("window.open('/console/team')")
+        opened = await before.do(
+            lambda d: WebDriverWait(d, WAIT_S).until(lambda d: set(d.window_handles) - shown)
+        )
+        left = {*opened, await before.do(lambda d: d.current_window_handle)}
+        assert "igw_console" in await cookies(before)  # the session cookie
+        session = before.driver.session_id
+    async with chromium.borrow() as after:
+        assert after.driver.session_id == session  # the same Chromium: not a new one
+        await after.open(gateway.url + "/console/team")
+        assert (await after.url()).endswith("/console/")  # signed out: the sign-in form
+        assert await after.find("#key")
+        assert "igw_console" not in await cookies(after)
+        assert await after.script("return [localStorage.left, sessionStorage.left]") == [None, None]
+        assert left.isdisjoint(await after.do(lambda d: d.window_handles))
+    css = [line for line in await gateway.log_lines() if line["path"].endswith("/console.css")]
+    assert len(css) == 2  # the stylesheet (max-age=3600) again: no cache of the test before
+
+
+async def test_a_browser_that_died_is_replaced_before_it_is_lent(
+    request: pytest.FixtureRequest,
+) -> None:
+    chromium = worker_chromium(request)
+    async with chromium.borrow() as before:
+        session = before.driver.session_id
+        driver_pid = before.driver.service.process.pid
+    threads = Path(f"/proc/{driver_pid}/task").glob("*/children")  # any of its threads forks
+    (browser_pid,) = [pid for thread in threads for pid in thread.read_text().split()]
+    os.kill(int(browser_pid), signal.SIGKILL)  # a crash: chromedriver still answers
+    async with chromium.borrow() as after:
+        assert after.driver.session_id != session
+        await after.open("data:text/html,<h1>alive</h1>")
+        assert await after.text("h1") == "alive"
