@@ -31,6 +31,13 @@ from gateway.store.memory import MemoryDatabase, MemoryEngine
 from gateway.upstream.simulator import Simulator
 from tests.browser import browser  # noqa: F401 (fixture)
 from tests.fakes import FakeClock, FaultPlan
+from tests.ledgers import (  # noqa: F401 (fixtures)
+    migrated_postgres_dsn,
+    migrated_sqlite,
+    postgres_template,
+    sqlite_template,
+    wants_new_ledger,
+)
 from tests.postgres import fresh_database, postgres_dsn, postgres_server  # noqa: F401 (fixtures)
 
 UPSTREAM_KEY = "sk_test_central_0123456789abcdef"
@@ -311,6 +318,10 @@ async def start_gateway(
 ) -> AsyncIterator[Callable[..., Awaitable[Gateway]]]:
     """Start a gateway (config overrides as keyword tables) in front of the fake upstream.
 
+    The first gateway finds a ledger already migrated (a copy of the session's: see
+    tests/ledgers.py) where the fixture chooses the ledger (the default SQLite file, the test's
+    PostgreSQL database); a test marked ``new_ledger`` starts with none, as a first start does.
+
     At teardown every response, access-log line and diagnostic log record of the test is
     checked for keys and (in logs) base64 data: none may appear.
     """
@@ -319,9 +330,14 @@ async def start_gateway(
     console: list[tuple[str, str]] = []
     stack = contextlib.AsyncExitStack()
     env: dict[str, str] = {}
+    new_ledger = wants_new_ledger(request)
     if backend == "postgres":  # one database for the test, shared by its gateways
         server = request.getfixturevalue("postgres_server")
-        env[PG_URL_ENV] = await stack.enter_async_context(fresh_database(server))
+        template = None if new_ledger else request.getfixturevalue("postgres_template")
+        env[PG_URL_ENV] = await stack.enter_async_context(fresh_database(server, template))
+    sqlite_ledger: Path | None = None  # the session's migrated file, to copy
+    if backend == "sqlite" and not new_ledger:
+        sqlite_ledger = request.getfixturevalue("sqlite_template")
     in_memory: dict[Path, MemoryDatabase] = {}  # by file: a gateway restarted finds its ledger
 
     async def open_in_memory(settings: Settings, *, instance: str | None = None) -> Store:
@@ -335,6 +351,13 @@ async def start_gateway(
         elif running and "storage" not in overrides:  # one gateway process per SQLite file
             overrides["storage"] = {"database": f"gateway-{len(started)}.db"}
         settings = build_settings(tmp_path, upstream.url, env, **overrides)
+        if (
+            sqlite_ledger is not None
+            and not started
+            and "storage" not in overrides  # the fixture's file, not one the test chose
+            and not settings.database.exists()
+        ):
+            migrated_sqlite(sqlite_ledger, settings.database)
         config = merge(base_config(tmp_path, upstream.url), overrides)
         if backend == "postgres":
             config["storage"].pop("database", None)

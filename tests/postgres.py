@@ -6,7 +6,8 @@ the PostgreSQL 16 binaries that the ``pgserver`` wheel ships, in a temporary fol
 on 127.0.0.1 (a free port) and on a unix socket in that folder; it is stopped, and the folder
 removed, at the end of the session.
 
-Either way ``postgres_dsn`` hands each test a fresh empty database, dropped afterwards.
+Either way ``postgres_dsn`` hands each test a fresh empty database, dropped afterwards (one
+already migrated: ``migrated_postgres_dsn`` in ``tests/ledgers.py``).
 
 pgserver's own ``get_server()`` is not used: it listens on a unix socket only (``-h ""``), has no
 way to pass server settings, daemonizes the server (an orphan outlives a killed pytest), and as
@@ -103,7 +104,7 @@ def with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path="/" + quote(database), query=urlencode(query)))
 
 
-def _quote_ident(name: str) -> str:
+def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
@@ -111,9 +112,9 @@ async def create_database(maintenance_dsn: str, name: str, template: str | None 
     """CREATE DATABASE ``name`` (optionally from ``template``); returns its DSN."""
     conn = await asyncpg.connect(maintenance_dsn, timeout=CONNECT_TIMEOUT)
     try:
-        sql = f"CREATE DATABASE {_quote_ident(name)}"
+        sql = f"CREATE DATABASE {quote_ident(name)}"
         if template is not None:
-            sql += f" TEMPLATE {_quote_ident(template)}"
+            sql += f" TEMPLATE {quote_ident(template)}"
         await conn.execute(sql, timeout=60)
     finally:
         await conn.close()
@@ -124,7 +125,7 @@ async def drop_database(maintenance_dsn: str, name: str) -> None:
     """DROP DATABASE ``name``, disconnecting whoever is still in it (PostgreSQL 13+)."""
     conn = await asyncpg.connect(maintenance_dsn, timeout=CONNECT_TIMEOUT)
     try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {_quote_ident(name)} WITH (FORCE)", timeout=60)
+        await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)", timeout=60)
     finally:
         await conn.close()
 
@@ -468,10 +469,10 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @contextlib.asynccontextmanager
-async def fresh_database(server: PostgresServer) -> AsyncIterator[str]:
-    """A fresh empty database on ``server``, dropped afterwards."""
+async def fresh_database(server: PostgresServer, template: str | None = None) -> AsyncIterator[str]:
+    """A fresh database on ``server``, empty or a copy of ``template``, dropped afterwards."""
     name = f"test_{secrets.token_hex(6)}"
-    dsn = await create_database(server.dsn, name)
+    dsn = await create_database(server.dsn, name, template)
     try:
         yield dsn
     finally:

@@ -32,7 +32,10 @@ from tests.conftest import (
 from tests.fakes import hang, json_error, respond
 from tests.process import to_toml
 
-pytestmark = pytest.mark.sqlite_only  # the history is written on SQLite, whichever the param
+pytestmark = [
+    pytest.mark.sqlite_only,  # the history is written on SQLite, whichever the param
+    pytest.mark.new_ledger,  # the file copied is one a gateway made from nothing
+]
 
 KEYS = {"teams": {"design": {"keys": [
     {"name": "web-app", "sha256": key_digest(NAMED_KEYS["web-app"]), "budget_cny": 5.0},

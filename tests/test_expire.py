@@ -6,7 +6,6 @@ writes its access-log line."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 from collections.abc import AsyncIterator
@@ -22,30 +21,19 @@ from gateway.core.settlement import ExpiryRefused, admin_expiry
 from gateway.http.keys import DB
 from gateway.store.base import Expiry, LedgerQuery, UnknownEntry
 from gateway.store.manager import Store
-from gateway.store.memory import MemoryEngine
 from gateway.store.postgres import PostgresEngine
-from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import TEAM_KEYS, Gateway, Upstream, books_balance
 from tests.fakes import gate
-from tests.postgres import fresh_database
+from tests.ledgers import migrated_store
 
 MAX_AGE_S = 3600.0
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    async with contextlib.AsyncExitStack() as stack:
-        if request.param == "memory":
-            store = Store(MemoryEngine())
-        elif request.param == "sqlite":
-            store = Store(await SQLiteEngine.open(tmp_path / "ledger.db"))
-        else:
-            server = request.getfixturevalue("postgres_server")
-            dsn = await stack.enter_async_context(fresh_database(server))
-            store = Store(await PostgresEngine.open(dsn))
+    async with migrated_store(request.param, request, tmp_path / "ledger.db") as store:
         yield store
         assert (await store.verify()).mismatches == ()
-        await store.close()
 
 
 def hold(request_id: str, created_at: float) -> Hold:

@@ -12,29 +12,15 @@ from pathlib import Path
 import pytest
 
 from gateway.store.blobs import Blobs, NotAnImage
-from gateway.store.manager import Store
-from gateway.store.memory import MemoryEngine
-from gateway.store.postgres import PostgresEngine
 from gateway.store.results import Blob, Deletion, ResultImage, ResultIndex
-from gateway.store.sqlite import SQLiteEngine
 from tests.conftest import GIF, JPEG, PNG, WEBP
-from tests.postgres import fresh_database
+from tests.ledgers import migrated_store
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 async def index(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ResultIndex]:
-    if request.param == "memory":
-        yield Store(MemoryEngine()).results
-    elif request.param == "sqlite":
-        store = Store(await SQLiteEngine.open(tmp_path / "gateway.db"))
+    async with migrated_store(request.param, request, tmp_path / "gateway.db") as store:
         yield store.results
-        await store.close()
-    else:
-        server = request.getfixturevalue("postgres_server")
-        async with fresh_database(server) as dsn:
-            pg = Store(await PostgresEngine.open(dsn))
-            yield pg.results
-            await pg.close()
 
 
 def image(request_id: str, position: int = 0, *, team: str = "design", images: int = 1,

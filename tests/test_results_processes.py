@@ -182,9 +182,9 @@ async def test_deleted_by_the_owner_or_by_purge_is_gone(
 
 
 async def test_a_fleet_answers_a_result_made_on_the_other_instance(
-    gateways: Start, fake: UpstreamProcess, postgres_dsn: str, tmp_path: Path
+    gateways: Start, fake: UpstreamProcess, migrated_postgres_dsn: str, tmp_path: Path
 ) -> None:
-    env = {PG_URL_ENV: postgres_dsn}
+    env = {PG_URL_ENV: migrated_postgres_dsn}
     storage = {"backend": "postgres", "dsn_env": PG_URL_ENV}
     first = await gateways("a", env, storage=storage, results={"directory": "results-a"}, **PROXY)
     second = await gateways("b", env, storage=storage, results={"directory": "results-b"}, **PROXY)

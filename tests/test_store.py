@@ -41,11 +41,11 @@ from gateway.store import migrations, queries
 from gateway.store.base import DuplicateTask, LedgerQuery, Refused, UnknownEntry
 from gateway.store.errors import StoreLocked, StoreOpenError
 from gateway.store.manager import Store
-from gateway.store.memory import MemoryDatabase, MemoryEngine
+from gateway.store.memory import MemoryDatabase
 from gateway.store.migrations import SchemaTooNew, SchemaTooOld
 from gateway.store.postgres import PostgresEngine
 from gateway.store.sqlite import SQLiteEngine
-from tests.postgres import fresh_database
+from tests.ledgers import migrated_sqlite, migrated_store
 
 BUDGET = 10_000
 PERIOD = "monthly:2026-11"
@@ -68,20 +68,11 @@ def hold(
 
 @contextlib.asynccontextmanager
 async def opened(engine: str, request: pytest.FixtureRequest, tmp_path: Path):
-    """A store on ``engine`` (PostgreSQL: a fresh database of the test server), its books
-    checked when the test is done."""
-    async with contextlib.AsyncExitStack() as stack:
-        if engine == "memory":
-            store = Store(MemoryEngine())
-        elif engine == "sqlite":
-            store = Store(await SQLiteEngine.open(tmp_path / "ledger.db"))
-        else:
-            server = request.getfixturevalue("postgres_server")
-            dsn = await stack.enter_async_context(fresh_database(server))
-            store = Store(await PostgresEngine.open(dsn))
+    """A store on ``engine`` (its ledger a copy of the session's migrated one: see
+    tests/ledgers.py), its books checked when the test is done."""
+    async with migrated_store(engine, request, tmp_path / "ledger.db") as store:
         yield store
         assert (await store.verify()).mismatches == ()
-        await store.close()
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
@@ -712,13 +703,15 @@ operation = st.one_of(
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches=st.lists(st.lists(operation, min_size=1, max_size=8), min_size=1, max_size=8))
-def test_books_balance_for_any_interleaving(batches: list[list[tuple[str, int, int]]]) -> None:
-    asyncio.run(_run_batches(batches))
+def test_books_balance_for_any_interleaving(
+    batches: list[list[tuple[str, int, int]]], sqlite_template: Path
+) -> None:
+    asyncio.run(_run_batches(batches, sqlite_template))
 
 
-async def _run_batches(batches: list[list[tuple[str, int, int]]]) -> None:
+async def _run_batches(batches: list[list[tuple[str, int, int]]], template: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        db = Store(await SQLiteEngine.open(Path(tmp) / "ledger.db"))
+        db = Store(await SQLiteEngine.open(migrated_sqlite(template, Path(tmp) / "ledger.db")))
         holds: list[Hold] = []
         settled: dict[str, str] = {}
         ids = itertools.count()

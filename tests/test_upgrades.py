@@ -25,6 +25,9 @@ from gateway.store.migrations import Migration, SchemaState, SchemaTooNew, Schem
 from tests.conftest import ADMIN_KEY, PG_URL_ENV, Gateway, books_balance
 from tests.process import GatewayProcess
 
+# Each gateway here migrates its own ledger from nothing, as an upgraded or first start does.
+pytestmark = pytest.mark.new_ledger
+
 ROOT = Path(__file__).resolve().parent.parent
 PREVIOUS_RELEASE = ("0.1.0", "ac151ab")  # its version and commit
 
