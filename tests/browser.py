@@ -138,25 +138,29 @@ class Chromium:
             try:
                 await promptly(driver.browser.remove_user_context, context)
             except (TimeoutError, *BROKEN):
-                self.stop(gracefully=False)
+                self.stop()
 
-    def stop(self, *, gracefully: bool = True) -> None:
-        """Quit the browser and its driver; any of their processes still there is killed."""
+    def stop(self) -> None:
+        """Kill the browser's process group and reap its chromedriver.
+
+        Not selenium's ``quit``: it closes its BiDi socket first, racing the socket's own thread,
+        and often waits out the socket's timeout (10 s); the thread ends with the killed driver.
+        """
         driver, self.driver = self.driver, None
         if driver is None:
             return
-        if not gracefully:
-            kill_group(driver)
-        with contextlib.suppress(*BROKEN):
-            driver.quit()  # also closes selenium's side: its BiDi socket, the driver's pipes
-        kill_group(driver)
+        process = driver.service.process
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # before the reap: its id is not reused yet
+        process.wait()
+        driver.service.stop()  # closes its pipes
 
     async def _answering(self) -> WebDriver:
         if self.driver is not None:
             try:
                 await promptly(is_idle, self.driver)
             except (TimeoutError, *BROKEN):
-                self.stop(gracefully=False)
+                self.stop()
         if self.driver is None:
             self.driver = await asyncio.to_thread(start, self.profiles.mktemp("chromium"))
         return self.driver
@@ -196,11 +200,6 @@ def open_context(driver: WebDriver) -> str:
 async def promptly(call: Callable[..., T], *args: Any) -> T:
     """``call(*args)`` in a thread, or TimeoutError after PROBE_S (a hung browser never answers)."""
     return await asyncio.wait_for(asyncio.to_thread(call, *args), PROBE_S)
-
-
-def kill_group(driver: WebDriver) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(driver.service.process.pid, signal.SIGKILL)
 
 
 WORKER_CHROMIUM = pytest.StashKey[Chromium]()
