@@ -284,6 +284,7 @@ async def test_the_resolve_form_does_what_the_admin_api_does(
     upstream.faults.add(lost_answer(served))  # generated, the answer lost
     lost = await generate(gateway, quality="high", n=2)
     await served.wait()
+    await gateway.settled()  # the answer goes out before its uncertain settlement is stored
     async with ConsoleUser(gateway) as admin:
         await admin.sign_in(ADMIN_KEY)
         token = await admin.token("/console/admin")
