@@ -11,7 +11,7 @@ import argparse
 import getpass
 import os
 
-from gateway.cli.commands import fail
+from gateway.cli.commands import CommandError, fail
 from gateway.cli.support import offline
 from gateway.core.config import Settings
 from gateway.core.ledger import actor_problem
@@ -31,14 +31,20 @@ def os_user() -> str:
         return f"uid-{os.getuid()}"
 
 
+def _actor(args: argparse.Namespace) -> str:
+    """``--actor``, or the OS user; refused when it could not be recorded as given."""
+    actor: str = args.actor if args.actor is not None else os_user()
+    problem = actor_problem(actor)
+    if problem:
+        raise CommandError(f"--actor: {problem}")
+    return actor
+
+
 @offline
 async def resolve_entry(args: argparse.Namespace, settings: Settings) -> int:
     if args.images is not None and not args.captured:
         return fail("--images goes with --captured")
-    actor = args.actor if args.actor is not None else os_user()
-    problem = actor_problem(actor)
-    if problem:
-        return fail(f"--actor: {problem}")
+    actor = _actor(args)
     db = await open_store(settings, "writer")
     try:
         entry = await resolve(
@@ -63,10 +69,7 @@ async def resolve_entry(args: argparse.Namespace, settings: Settings) -> int:
 
 @offline
 async def expire_entry(args: argparse.Namespace, settings: Settings) -> int:
-    actor = args.actor if args.actor is not None else os_user()
-    problem = actor_problem(actor)
-    if problem:
-        return fail(f"--actor: {problem}")
+    actor = _actor(args)
     db = await open_store(settings, "writer")
     try:
         entry = await expire(
